@@ -1,0 +1,3 @@
+from transfusion.layout import AttentionLayout
+
+__all__ = ["AttentionLayout"]
