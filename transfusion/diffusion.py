@@ -1,0 +1,124 @@
+"""DDPM training pieces: the cosine noise schedule, noising, epsilon targets, timestep sampling, loss.
+
+The schedule is the "squaredcos_cap_v2" (improved-DDPM / GLIDE) cosine schedule with T = 1000 training
+steps; its betas and cumulative alphas equal diffusers' ``DDPMScheduler(beta_schedule="squaredcos_cap_v2")``
+(tested), so diffusers schedulers can sample from a model trained with it.
+
+    alpha_bar(s) = cos^2(((s + 0.008) / 1.008) * pi / 2),   s = t / T
+    beta_t      = min(1 - alpha_bar((t + 1) / T) / alpha_bar(t / T), 0.999)
+    x_t         = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,   abar_t = prod_{s <= t} (1 - beta_s)
+
+The model predicts eps; the loss is the MSE between predicted and true eps, averaged over each image's
+elements, then over images (paper: "diffusion loss per image").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_alpha_bar(s: float) -> float:
+    """Continuous-time cumulative signal level at s in [0, 1]."""
+    return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
+    """(T,) float32 betas of the capped cosine schedule (computed in float64, then rounded like diffusers)."""
+    T = num_timesteps
+    betas = [min(1 - cosine_alpha_bar((i + 1) / T) / cosine_alpha_bar(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+class NoiseSchedule:
+    """The discrete cosine schedule: betas, alphas, alphas_cumprod (all float32, shape (T,))."""
+
+    def __init__(self, num_timesteps: int = 1000) -> None:
+        if num_timesteps <= 0:
+            raise ValueError(f"num_timesteps = {num_timesteps} must be positive")
+        self.num_timesteps = num_timesteps
+        self.betas = cosine_betas(num_timesteps)
+        self.alphas = 1.0 - self.betas
+        # float32 cumulative product, as diffusers does, so the two agree bit for bit.
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar_t broadcast to ``like``'s rank: (N,) -> (N, 1, 1, ...)."""
+        t = torch.as_tensor(t, device=like.device)
+        if t.dim() != 1 or t.shape[0] != like.shape[0]:
+            raise ValueError(f"timesteps must be (N,) with N = {like.shape[0]}; got shape {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(
+                f"timesteps must lie in [0, {self.num_timesteps}); got range [{int(t.min())}, {int(t.max())}]"
+            )
+        abar = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.long()]
+        return abar.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0 and noise (N, ...), t (N,) integer."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+        abar = self._abar(t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Invert add_noise given a (predicted) eps."""
+        abar = self._abar(t, x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[torch.as_tensor(t).long()]
+        return abar / (1 - abar)
+
+
+def epsilon_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The regression target of epsilon prediction: the noise itself (x0 and t kept for a uniform API)."""
+    del x0, t
+    return noise
+
+
+def sample_timesteps(
+    n: int,
+    image_first: torch.Tensor | None = None,
+    num_timesteps: int = 1000,
+    noise_limit_t: int | None = 500,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(n,) int64 timesteps, uniform on [0, T); image-first images uniform on [0, noise_limit_t].
+
+    Noise limiting (paper section 4.1): when an image precedes its caption, the caption is conditioned
+    on the image, so the image is kept fairly clean (t <= 500) during training. ``noise_limit_t=None``
+    turns it off.
+    """
+    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    if noise_limit_t is not None and image_first is not None and n:
+        image_first = torch.as_tensor(image_first, dtype=torch.bool, device=device)
+        if image_first.shape != (n,):
+            raise ValueError(f"image_first must have shape ({n},); got {tuple(image_first.shape)}")
+        limited = torch.randint(0, noise_limit_t + 1, (n,), generator=generator, device=device)
+        t = torch.where(image_first, limited, t)
+    return t
+
+
+def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """MSE per image (mean over its C, H, W), then mean over images; 0 when there are no images."""
+    if eps_pred.shape != eps.shape:
+        raise ValueError(
+            f"eps_pred shape {tuple(eps_pred.shape)} does not match eps shape {tuple(eps.shape)}"
+        )
+    if eps.shape[0] == 0:
+        return eps_pred.sum() * 0.0  # keeps the graph (and dtype/device) without dividing by zero
+    per_image = (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
+    return per_image.mean()
+
+
+__all__ = [
+    "NoiseSchedule",
+    "cosine_alpha_bar",
+    "cosine_betas",
+    "diffusion_loss",
+    "epsilon_target",
+    "sample_timesteps",
+]
