@@ -103,6 +103,7 @@ def flex_attention_interval(
 register_backend(
     Backend(
         name="flex",
+        prepare=interval_block_mask,
         fn=flex_attention_interval,
         devices=("cpu", "cuda"),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),

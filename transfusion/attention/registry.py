@@ -28,6 +28,9 @@ class Backend:
     description: str = ""
     # Returns why the backend cannot run in this process (missing library), or None.
     unavailable_reason: Callable[[], str | None] = lambda: None
+    # Builds and caches on the layout whatever the backend derives from it (mask, BlockMask, plan), so a
+    # benchmark can time that step apart from the attention itself.
+    prepare: Callable[[AttentionLayout], object] | None = None
 
     def why_not(
         self, device: str, dtype: torch.dtype, requires_grad: bool, head_dim: int | None

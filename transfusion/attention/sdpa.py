@@ -32,6 +32,7 @@ def sdpa_attention(
 register_backend(
     Backend(
         name="sdpa",
+        prepare=_sdpa_mask,
         fn=sdpa_attention,
         devices=("cpu", "cuda"),
         dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),

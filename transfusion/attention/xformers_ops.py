@@ -139,6 +139,7 @@ _XF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 register_backend(
     Backend(
         name="xformers",
+        prepare=xformers_plan,
         fn=xformers_attention,
         devices=("cuda",),
         dtypes=_XF_DTYPES,

@@ -1,0 +1,70 @@
+"""Benchmark suites: ``python -m bench <suite> --profile <name>``.
+
+Suites:
+  attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
+              attention_provenance.json and plots/attention_*.png
+  plots       redraw the plots of a results folder from its files
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="suite", required=True)
+    att = sub.add_parser("attention", help="attention backend sweep (TFLOP/s, memory, tiles)")
+    att.add_argument(
+        "--profile", default="cpu", help="cpu (2k tokens, minutes on a laptop) or gpu (32k tokens)"
+    )
+    att.add_argument("--out", type=Path, default=None, help="results folder (default: results/<profile>)")
+    att.add_argument("--seed", type=int, default=0)
+    att.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting new configurations after this"
+    )
+    att.add_argument("--backends", default=None, help="comma-separated subset of the profile's backends")
+    att.add_argument("--seq-lens", default=None, help="comma-separated subset of lengths, e.g. 1024,4096")
+    pl = sub.add_parser("plots", help="redraw plots from a results folder")
+    pl.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.suite == "attention":
+        from bench.attention import PROFILES, run_sweep
+        from bench.plots import plot_attention
+
+        if args.profile not in PROFILES:
+            parser.error(f"--profile {args.profile!r} is not one of {sorted(PROFILES)}")
+        import dataclasses
+
+        profile = PROFILES[args.profile]
+        if args.budget_s is not None:
+            profile = dataclasses.replace(profile, time_budget_s=args.budget_s)
+        if args.backends:
+            wanted = args.backends.split(",")
+            unknown = sorted(set(wanted) - set(profile.backends))
+            if unknown:
+                parser.error(f"--backends {unknown} not in the profile's {profile.backends}")
+            profile = dataclasses.replace(profile, backends=wanted)
+        if args.seq_lens:
+            profile = dataclasses.replace(profile, seq_lens=[int(x) for x in args.seq_lens.split(",")])
+        out = args.out or Path("results") / args.profile
+        rows = run_sweep(profile, out, seed=args.seed)
+        for p in plot_attention(out):
+            print(f"wrote {p}")
+        bad = [r for r in rows if r["status"] != "ok"]
+        print(f"{len(rows) - len(bad)} measured, {len(bad)} oom/unsupported/skipped; see {out}/attention.csv")
+    elif args.suite == "plots":
+        from bench.plots import plot_attention
+
+        for p in plot_attention(args.results):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

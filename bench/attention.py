@@ -1,0 +1,269 @@
+"""Attention benchmark: every backend on the Transfusion mask, swept over length, images, head dim, dtype.
+
+Each row of the CSV is one (backend, shape, mode) measurement: median milliseconds over repeated runs
+after warm-up (with device synchronization), TFLOP/s counted on allowed (query, key) pairs only
+(forward 4*D per pair per head, backward 2.5x forward), peak memory, the time to build the backend's
+mask structure from the layout, and the tiles computed. Two ceilings are measured in the same run: the
+device's matmul peak and plain causal SDPA (``is_causal=True``) at the same shape. A configuration that
+runs out of memory or is unsupported is recorded as such and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bench.workloads import benchmark_layout
+from transfusion.attention import attend, get_backend
+from transfusion.layout import AttentionLayout
+from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+
+BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (DESIGN section 6)
+
+
+@dataclass
+class SweepProfile:
+    name: str
+    device: str
+    backends: list[str]
+    seq_lens: list[int]
+    head_dims: list[int]
+    dtypes: list[str]
+    image_tokens: list[int]
+    image_fractions: list[float]
+    heads: int = 8
+    tokens_per_batch: int = 8192  # batch = max(1, tokens_per_batch // seq_len)
+    modes: tuple[str, ...] = ("fwd", "fwd_bwd")
+    warmup: int = 2
+    reps: int = 5
+    # The base grid is backends x seq_lens at the first value of every other axis; at pivot_len each other
+    # axis is also varied alone (the full product would not fit a GPU session of minutes).
+    pivot_len: int = 1024
+    time_budget_s: float = 600.0
+    skip: dict[str, int] = field(default_factory=dict)  # backend -> largest seq_len to try
+
+    def configs(self) -> list[dict]:
+        base = dict(
+            head_dim=self.head_dims[0],
+            dtype=self.dtypes[0],
+            image_tokens=self.image_tokens[0],
+            image_fraction=self.image_fractions[0],
+        )
+        shapes = [dict(base, seq_len=L) for L in self.seq_lens]
+        for key, values in (
+            ("head_dim", self.head_dims),
+            ("dtype", self.dtypes),
+            ("image_tokens", self.image_tokens),
+            ("image_fraction", self.image_fractions),
+        ):
+            shapes += [dict(base, seq_len=self.pivot_len, **{key: v}) for v in values[1:]]
+        return [dict(s, backend=b, mode=m) for s in shapes for m in self.modes for b in self.backends]
+
+
+PROFILES = {
+    "cpu": SweepProfile(
+        name="cpu",
+        device="cpu",
+        backends=["naive", "sdpa", "flex"],
+        seq_lens=[256, 512, 1024, 2048],
+        head_dims=[64, 32],
+        dtypes=["float32"],
+        image_tokens=[64, 256],
+        image_fractions=[0.5, 0.0, 0.25],
+        heads=4,
+        tokens_per_batch=2048,
+        pivot_len=1024,
+        reps=3,
+        time_budget_s=420.0,
+    ),
+    "gpu": SweepProfile(
+        name="gpu",
+        device="cuda",
+        backends=["naive", "sdpa", "flex", "xformers", "xformers-dense", "triton"],
+        seq_lens=[1024, 4096, 8192, 16384, 32768],
+        head_dims=[128, 64],
+        dtypes=["bfloat16", "float16"],
+        image_tokens=[256, 1024],
+        image_fractions=[0.5, 0.0],
+        heads=16,
+        tokens_per_batch=32768,
+        pivot_len=8192,
+        warmup=3,
+        reps=10,
+        time_budget_s=240.0,
+        skip={"naive": 16384, "xformers-dense": 16384},
+    ),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _fresh(layout: AttentionLayout) -> AttentionLayout:
+    return dataclasses.replace(layout, cache={})
+
+
+def _tiles(backend: str, layout: AttentionLayout, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles computed by the backend where it can say, and what dense / causal kernels would compute."""
+    try:
+        import kernels
+
+        bm, bn = kernels.kernel_block_sizes(head_dim, dtype, layout.device, layout.q_len, layout.kv_len)
+        plan = kernels.plan_tiles(layout.lo, layout.hi, layout.kv_len, bm, bn)
+    except Exception:
+        return {}
+    out = {"tiles_dense": plan["dense"], "tiles_causal": plan["causal"], "tile_shape": f"{bm}x{bn}"}
+    if backend == "triton":
+        out["tiles_computed"] = plan["computed"]
+        out["tiles_full"] = plan["full"]
+    elif backend == "flex":
+        from transfusion.attention.flex import FLEX_BLOCK, interval_block_mask
+
+        bmask = interval_block_mask(layout)
+        out["tiles_computed"] = int(bmask.kv_num_blocks.sum() + bmask.full_kv_num_blocks.sum())
+        out["tiles_full"] = int(bmask.full_kv_num_blocks.sum())
+        out["tile_shape"] = f"{FLEX_BLOCK}x{FLEX_BLOCK}"
+    return out
+
+
+def measure(cfg: dict, profile: SweepProfile) -> dict:
+    device = torch.device(profile.device)
+    dtype = getattr(torch, cfg["dtype"])
+    L, D, H = cfg["seq_len"], cfg["head_dim"], profile.heads
+    B = max(1, profile.tokens_per_batch // L)
+    row = dict(cfg, batch=B, heads=H, status="ok")
+    layout = benchmark_layout(B, L, cfg["image_tokens"], cfg["image_fraction"], device=device)
+    backend = cfg["backend"]
+    causal = backend == "causal-sdpa"
+    pairs = B * L * (L + 1) // 2 if causal else int(layout.allowed_pairs().sum())
+    fwd_flops = 4 * D * pairs * H
+    flops = fwd_flops * (1 + BWD_FACTOR) if cfg["mode"] == "fwd_bwd" else fwd_flops
+    row.update(allowed_pairs=pairs, density=pairs / (B * L * L), gflop=flops / 1e9)
+
+    if not causal:
+        spec = get_backend(backend)
+        reason = spec.why_not(device.type, dtype, cfg["mode"] == "fwd_bwd", D)
+        if reason:
+            return dict(row, status="unsupported", error=reason)
+        if L > profile.skip.get(backend, L):
+            return dict(row, status="skipped", error=f"L > {profile.skip[backend]} (O(L^2) memory)")
+        if spec.prepare is not None:
+            probe = _fresh(layout)
+            _sync(device)
+            t0 = time.perf_counter()
+            spec.prepare(probe)
+            _sync(device)
+            row["mask_build_ms"] = (time.perf_counter() - t0) * 1e3
+
+    backward = cfg["mode"] == "fwd_bwd"
+    # Kept in a dict so the tensors can be freed before the next configuration.
+    t = {n: torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=backward) for n in "qkvg"}
+
+    def call() -> torch.Tensor:
+        if causal:
+            return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True)
+        return attend(t["q"], t["k"], t["v"], layout, backend=backend)
+
+    def step() -> None:
+        if not backward:
+            with torch.no_grad():
+                call()
+            return
+        call().backward(t["g"])
+        for n in "qkv":
+            t[n].grad = None
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        t0 = time.perf_counter()
+        step()  # first call: compilation / autotuning, reported apart from the timing
+        _sync(device)
+        row["first_call_s"] = time.perf_counter() - t0
+        ms = median_ms(step, device, profile.warmup, profile.reps)
+    except torch.OutOfMemoryError as e:
+        return dict(row, status="oom", error=str(e).splitlines()[0][:200])
+    except Exception as e:  # an unsupported shape inside a library: record it and go on
+        return dict(row, status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        t.clear()
+        gc.collect()
+    if device.type == "cuda":
+        row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
+    else:  # high-water mark of the process: grows only when this config needed more than any before
+        row["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    row.update(_tiles(backend, layout, D, dtype) if not causal else {})
+    return row
+
+
+def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]:
+    import pandas as pd
+
+    torch.manual_seed(seed)
+    device = torch.device(profile.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peaks = {}
+    for dt in ("bfloat16", "float32"):
+        if device.type == "cpu" and dt == "bfloat16":
+            continue
+        peaks[dt] = matmul_peak_tflops(device, getattr(torch, dt))
+    meta = provenance(device, seed=seed, profile=dataclasses.asdict(profile), matmul_peak_tflops=peaks)
+    atomic_write_json(out_dir / "attention_provenance.json", meta)
+
+    configs = profile.configs()
+    # One causal-SDPA ceiling per shape and mode.
+    seen = set()
+    for c in list(configs):
+        key = (c["seq_len"], c["head_dim"], c["dtype"], c["image_tokens"], c["image_fraction"], c["mode"])
+        if key not in seen:
+            seen.add(key)
+            configs.append(dict(c, backend="causal-sdpa"))
+    configs.sort(key=lambda c: (c["seq_len"], c["head_dim"], c["dtype"], c["image_tokens"], c["mode"]))
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for cfg in tqdm(configs, desc=f"attention sweep ({profile.name})", unit="cfg"):
+        if time.perf_counter() - start > profile.time_budget_s:
+            rows.append(dict(cfg, status="skipped", error=f"time budget {profile.time_budget_s:.0f} s spent"))
+            continue
+        rows.append(measure(cfg, profile))
+        # Rewrite the CSV after every row: an interrupted sweep still leaves everything measured so far.
+        atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
+    atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
+    return rows

@@ -1,0 +1,96 @@
+"""Plots of the attention sweep, made only from the CSV and provenance files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+MODES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
+
+
+def _base(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows on the base grid (first head dim / dtype / image setting of the profile), measured ok."""
+    ok = df[df.status == "ok"]
+    first = df.iloc[0]
+    sel = (
+        (ok.head_dim == first.head_dim) & (ok.dtype == first.dtype) & (ok.image_tokens == first.image_tokens)
+    )
+    return ok[sel & (ok.image_fraction == first.image_fraction)]
+
+
+def _title(df: pd.DataFrame, meta: dict) -> str:
+    f = df.iloc[0]
+    return (
+        f"{meta.get('device', '?')}: D={f.head_dim}, {f.dtype}, {f.heads} heads, images of {f.image_tokens} "
+        f"tokens, {f.image_fraction:.0%} image tokens"
+    )
+
+
+def plot_attention(results_dir: Path) -> list[Path]:
+    df = pd.read_csv(results_dir / "attention.csv")
+    meta = json.loads((results_dir / "attention_provenance.json").read_text())
+    plots = results_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    base = _base(df)
+    made = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (mode, label) in zip(axes, MODES.items()):
+        for backend, g in base[base["mode"] == mode].groupby("backend"):
+            g = g.sort_values("seq_len")
+            style = "--" if backend == "causal-sdpa" else "-"
+            ax.plot(g.seq_len, g.tflops, style, marker="o", label=backend)
+        peak = meta.get("matmul_peak_tflops", {}).get(base.iloc[0].dtype if len(base) else "", None)
+        if peak:
+            ax.axhline(peak, color="grey", lw=1, ls=":", label=f"matmul peak {peak:.0f}")
+        ax.set(xscale="log", xlabel="sequence length", title=label)
+        ax.set_xticks(sorted(base.seq_len.unique()), [str(x) for x in sorted(base.seq_len.unique())])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s on allowed pairs")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(_title(df, meta), fontsize=9)
+    fig.tight_layout()
+    made.append(plots / "attention_tflops.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for backend, g in base[base["mode"] == "fwd_bwd"].groupby("backend"):
+        g = g.sort_values("seq_len")
+        ax.plot(g.seq_len, g.peak_mem_mb, marker="o", label=backend)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory (MiB), fwd+bwd")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(df, meta), fontsize=7)
+    fig.tight_layout()
+    made.append(plots / "attention_memory.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (mode, label) in zip(axes, MODES.items()):
+        sub = base[base["mode"] == mode]
+        ref_name = "naive" if "naive" in set(sub.backend) else "sdpa"
+        ref = sub[sub.backend == ref_name].set_index("seq_len").ms
+        for backend, g in sub.groupby("backend"):
+            g = g.set_index("seq_len").sort_index()
+            common = g.index.intersection(ref.index)
+            if len(common):
+                ax.plot(common, ref[common] / g.ms[common], marker="o", label=backend)
+        ax.set(
+            xscale="log", yscale="log", xlabel="sequence length", title=f"{label}: speedup over {ref_name}"
+        )
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(_title(df, meta), fontsize=9)
+    fig.tight_layout()
+    made.append(plots / "attention_speedup.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    return made
