@@ -4,6 +4,7 @@ Suites:
   attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
               attention_provenance.json and plots/attention_*.png
   plots       redraw the plots of a results folder from its files
+  summary     headline table of a results folder (writes attention_summary.md)
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--seq-lens", default=None, help="comma-separated subset of lengths, e.g. 1024,4096")
     pl = sub.add_parser("plots", help="redraw plots from a results folder")
     pl.add_argument("results", type=Path)
+    sm = sub.add_parser("summary", help="headline table of an attention results folder")
+    sm.add_argument("results", type=Path)
+    sm.add_argument("--seq-len", type=int, default=8192)
     args = parser.parse_args(argv)
 
     if args.suite == "attention":
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for p in plot_attention(args.results):
             print(f"wrote {p}")
+    elif args.suite == "summary":
+        from bench.summary import summarize
+
+        print(summarize(args.results, args.seq_len))
     return 0
 
 

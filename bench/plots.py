@@ -19,7 +19,9 @@ def _base(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[df.status == "ok"]
     first = df.iloc[0]
     sel = (
-        (ok.head_dim == first.head_dim) & (ok.dtype == first.dtype) & (ok.image_tokens == first.image_tokens)
+        (ok.head_dim == first.head_dim)
+        & (ok["dtype"] == first["dtype"])
+        & (ok.image_tokens == first.image_tokens)
     )
     return ok[sel & (ok.image_fraction == first.image_fraction)]
 
@@ -27,8 +29,8 @@ def _base(df: pd.DataFrame) -> pd.DataFrame:
 def _title(df: pd.DataFrame, meta: dict) -> str:
     f = df.iloc[0]
     return (
-        f"{meta.get('device', '?')}: D={f.head_dim}, {f.dtype}, {f.heads} heads, images of {f.image_tokens} "
-        f"tokens, {f.image_fraction:.0%} image tokens"
+        f"{meta.get('device', '?')}: D={f.head_dim}, {f['dtype']}, {f.heads} heads, "
+        f"images of {f.image_tokens} tokens, {f.image_fraction:.0%} image tokens"
     )
 
 
@@ -46,7 +48,7 @@ def plot_attention(results_dir: Path) -> list[Path]:
             g = g.sort_values("seq_len")
             style = "--" if backend == "causal-sdpa" else "-"
             ax.plot(g.seq_len, g.tflops, style, marker="o", label=backend)
-        peak = meta.get("matmul_peak_tflops", {}).get(base.iloc[0].dtype if len(base) else "", None)
+        peak = meta.get("matmul_peak_tflops", {}).get(base.iloc[0]["dtype"] if len(base) else "", None)
         if peak:
             ax.axhline(peak, color="grey", lw=1, ls=":", label=f"matmul peak {peak:.0f}")
         ax.set(xscale="log", xlabel="sequence length", title=label)

@@ -25,14 +25,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(floor))
 
 
-def check_backend(backend: str, device: str, dtype: torch.dtype, backward: bool, trials: int, seq_lens, tol):
+def check_backend(
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    backward: bool,
+    trials: int,
+    seq_lens,
+    tol,
+    head_dims=(16, 32),
+):
     rng = random.Random()  # fresh layouts every run; the seed is printed on failure
     seed = random.randrange(2**32)
     rng.seed(seed)
     torch.manual_seed(seed)
     for trial in range(trials):
         L = rng.choice(seq_lens)
-        B, H, D = rng.randint(1, 3), rng.randint(1, 2), rng.choice([16, 32])
+        B, H, D = rng.randint(1, 3), rng.randint(1, 2), rng.choice(head_dims)
         layout, mask = random_batch(rng, B, L, device)
         q, k, v = (
             torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=backward) for _ in range(3)
@@ -63,12 +72,28 @@ def test_flex_forward_on_cpu():
     check_backend("flex", "cpu", torch.float32, backward=False, trials=12, seq_lens=[64, 200], tol=1e-5)
 
 
+def test_triton_backend_through_attend_on_cpu_interpreter():
+    pytest.importorskip("triton")
+    check_backend(
+        "triton",
+        "cpu",
+        torch.float32,
+        backward=True,
+        trials=4,
+        seq_lens=range(1, 40),
+        tol=1e-4,
+        head_dims=(32,),
+    )
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["naive", "sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flex", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backends_on_cuda(backend, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    check_backend(backend, "cuda", dtype, backward=True, trials=8, seq_lens=[256, 1000], tol=tol)
+    check_backend(
+        backend, "cuda", dtype, backward=True, trials=8, seq_lens=[256, 1000], tol=tol, head_dims=(32, 64)
+    )
 
 
 def test_suffix_queries_match_full_attention():

@@ -1,6 +1,6 @@
 """Interval-masked attention backends behind one call: ``attend(q, k, v, layout, backend=...)``."""
 
-from transfusion.attention import flex, naive, sdpa, xformers_ops  # noqa: F401  (registration side effects)
+from transfusion.attention import flex, naive, sdpa, triton_backend, xformers_ops  # noqa: F401  (registration)
 from transfusion.attention.registry import (
     Backend,
     all_backends,

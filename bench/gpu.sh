@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (about 8 minutes on one H100/H200, no network needed):
+#   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
+#   2. checks every attention backend on CUDA, forward and backward, against a float64 reference
+#      (pytest -m gpu), log in results/gpu/gpu_tests.txt;
+#   3. runs the GPU attention sweep into results/gpu/ (CSV, provenance, plots).
+# Prepare the wheel folder on a machine with PyPI access (see README, "GPU run").
+# Set TRANSFUSION_COMMIT to the commit being measured when the tree travels without .git.
+set -uo pipefail
+WHEELS=${WHEELS:-.whl}
+RESULTS=${RESULTS:-results/gpu}
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-240}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-200}
+export PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --find-links "$WHEELS" --no-deps --target /tmp/tfb-site \
+    xformers diffusers torch-fidelity importlib_metadata || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/tfb-site:$PWD
+else
+  echo "no wheels in $WHEELS: xformers/diffusers must already be installed"
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+start=$(date +%s)
+timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/ 2>&1 \
+  | tee "$RESULTS/gpu_tests.txt"
+test_rc=${PIPESTATUS[0]}
+echo "gpu tests: exit $test_rc after $(( $(date +%s) - start )) s"
+
+python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUDGET_S" 2>&1 \
+  | grep -v "it/s\]$" | tail -n 40
+sweep_rc=${PIPESTATUS[0]}
+echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"
+python3 -m bench summary "$RESULTS" || true
+
+if [ -n "${OUT:-}" ]; then  # the device tool brings back what lands in $OUT
+  cp "$RESULTS"/attention.csv "$RESULTS"/attention_provenance.json "$RESULTS"/attention_summary.md \
+     "$RESULTS"/gpu_tests.txt "$OUT"/ 2>/dev/null
+  cp "$RESULTS"/plots/*.png "$OUT"/ 2>/dev/null
+fi
+exit $(( test_rc != 0 || sweep_rc != 0 ))

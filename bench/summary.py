@@ -1,0 +1,81 @@
+"""The attention sweep's headline: our Triton kernel against FlexAttention and the device ceilings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from transfusion.provenance import atomic_write_text
+
+GOALS = {"fwd_vs_flex": 1.1, "fwd_bwd_vs_flex": 1.0, "fwd_frac_of_peak": 0.6}
+
+
+def summarize(results_dir: Path, seq_len: int = 8192) -> str:
+    df = pd.read_csv(results_dir / "attention.csv")
+    meta = json.loads((results_dir / "attention_provenance.json").read_text())
+    first = df.iloc[0]
+    base = df[
+        (df.head_dim == first.head_dim)
+        & (df["dtype"] == first["dtype"])
+        & (df.image_tokens == first.image_tokens)
+        & (df.image_fraction == first.image_fraction)
+    ]
+    if seq_len not in set(base.seq_len):
+        seq_len = int(base.seq_len.max())
+    at = base[base.seq_len == seq_len].set_index(["backend", "mode"])
+    lines = [
+        f"# Attention at L = {seq_len}, D = {first.head_dim}, {first['dtype']}, "
+        f"images of {first.image_tokens} tokens, {first.image_fraction:.0%} of tokens in images",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, "
+        f"xformers {meta['xformers']}; commit {meta['commit']}; {meta['date']}.",
+        "",
+        "| backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB (fwd+bwd) | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend in dict.fromkeys(b for b, _ in at.index):
+        cells = []
+        status = []
+        for mode in ("fwd", "fwd_bwd"):
+            r = at.loc[(backend, mode)] if (backend, mode) in at.index else None
+            if r is None or r.status != "ok":
+                cells += ["-", "-"]
+                status.append(f"{mode}: {r.status if r is not None else 'absent'}")
+            else:
+                cells += [f"{r.ms:.3g}", f"{r.tflops:.3g}"]
+        mem = at.loc[(backend, "fwd_bwd")].peak_mem_mb if (backend, "fwd_bwd") in at.index else float("nan")
+        lines.append(f"| {backend} | {' | '.join(cells)} | {mem:.0f} | {'; '.join(status) or 'ok'} |")
+    peak = meta.get("matmul_peak_tflops", {}).get(first["dtype"])
+    lines += ["", f"Measured {first['dtype']} matmul peak: {peak:.3g} TFLOP/s." if peak else "", ""]
+
+    def ms(b: str, m: str) -> float | None:
+        r = at.loc[(b, m)] if (b, m) in at.index else None
+        return float(r.ms) if r is not None and r.status == "ok" else None
+
+    checks = []
+    f_t, f_f, fb_t, fb_f = (
+        ms("triton", "fwd"),
+        ms("flex", "fwd"),
+        ms("triton", "fwd_bwd"),
+        ms("flex", "fwd_bwd"),
+    )
+    if f_t and f_f:
+        checks.append(("triton fwd speed / flex", f_f / f_t, GOALS["fwd_vs_flex"]))
+    if fb_t and fb_f:
+        checks.append(("triton fwd+bwd speed / flex", fb_f / fb_t, GOALS["fwd_bwd_vs_flex"]))
+    if f_t and peak:
+        checks.append(
+            (
+                "triton fwd TFLOP/s / matmul peak",
+                float(at.loc[("triton", "fwd")].tflops) / peak,
+                GOALS["fwd_frac_of_peak"],
+            )
+        )
+    if checks:
+        lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
+        lines += [f"| {n} | {v:.2f} | {t:.2f} | {'yes' if v >= t else 'no'} |" for n, v, t in checks]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(results_dir / "attention_summary.md", text)
+    return text

@@ -1,0 +1,33 @@
+"""Sessions: tests, lint, gpu (the prepared GPU run), attention (CPU sweep).
+
+Sessions run in the current environment (``python -m pip install -e ".[dev]"`` first): a fresh virtualenv
+per session would copy several GB of torch for nothing.
+"""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The README's test command: every CPU test (GPU tests skip without CUDA)."""
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=False)
+def attention(session: nox.Session) -> None:
+    """CPU attention sweep into results/cpu/."""
+    session.run("python", "-m", "bench", "attention", "--profile", "cpu", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """The prepared single-GPU run (about 8 minutes): GPU tests, then the GPU sweep into results/gpu/."""
+    session.run("bash", "bench/gpu.sh", external=True)

@@ -1,0 +1,48 @@
+"""Backend ``triton``: our interval flash-attention kernel (kernels/interval_attention.py).
+
+On CUDA it is the fused kernel (forward and backward). Without CUDA it runs only under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, set by ``kernels`` when no GPU is present): correct but slow, meant
+for tests, so the backend declares CPU support only in that mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from transfusion.attention.registry import Backend, register_backend
+from transfusion.layout import AttentionLayout
+
+
+@functools.cache
+def _triton_unavailable() -> str | None:
+    try:
+        import kernels
+    except Exception as e:  # pragma: no cover - the package ships with the repo
+        return f"needs the kernels package ({e})"
+    if not kernels.HAS_TRITON:
+        return "needs triton (pip install triton)"
+    return None
+
+
+def triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    from kernels import interval_attention
+
+    return interval_attention(q, k, v, layout.lo, layout.hi, scale=scale)
+
+
+_devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+register_backend(
+    Backend(
+        name="triton",
+        fn=triton_attention,
+        devices=_devices,
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        backward_devices=_devices,
+        head_dims=(32, 64, 128),
+        description="our Triton interval flash attention (fwd+bwd); CPU only under TRITON_INTERPRET=1",
+        unavailable_reason=_triton_unavailable,
+    )
+)
