@@ -69,4 +69,6 @@ def test_fused_path_refuses_cpu_clearly():
 def test_xformers_on_cuda(backend, dtype):
     from tests.test_attention import check_backend
 
-    check_backend(backend, "cuda", dtype, backward=True, trials=6, seq_lens=[256, 999], tol=2e-2)
+    check_backend(
+        backend, "cuda", dtype, backward=True, trials=6, seq_lens=[256, 999], tol=2e-2, head_dims=(32, 64)
+    )
