@@ -11,6 +11,8 @@ WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-240}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-200}
+GPU_TESTS=${GPU_TESTS:-tests/test_attention.py tests/test_xformers_decomposition.py tests/test_triton_kernel.py}
+SEQ_LENS=${SEQ_LENS:-}  # e.g. 2048,8192,32768 to shorten the sweep
 export PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -25,12 +27,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 start=$(date +%s)
-timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/ 2>&1 \
+# shellcheck disable=SC2086
+timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -rfEs $GPU_TESTS 2>&1 \
   | tee "$RESULTS/gpu_tests.txt"
 test_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $test_rc after $(( $(date +%s) - start )) s"
 
-python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUDGET_S" 2>&1 \
+python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUDGET_S" \
+  ${SEQ_LENS:+--seq-lens "$SEQ_LENS"} 2>&1 \
   | grep -v "it/s\]$" | tail -n 40
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"

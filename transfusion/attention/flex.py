@@ -31,6 +31,9 @@ def _flex_unavailable() -> str | None:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compiled graph per shape; a sweep over lengths, head dims and dtypes needs more than the default
+    # 8 before dynamo would silently fall back to the (slow) eager path.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 

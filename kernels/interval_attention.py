@@ -1,0 +1,904 @@
+"""Interval attention: a flash-attention kernel for the Transfusion mask, driven by per-query key intervals.
+
+The mask
+========
+Transfusion packs several mixed-modal documents into one row. A query may attend a key when both lie in
+the same document and the key is not in the future, except that the patches of one image see each other
+in both directions. Documents and images are contiguous spans, so the keys a query ``i`` may attend form a
+single interval::
+
+    allowed(i, j)  <=>  lo[i] <= j <= hi[i]          (absolute key indices, 0 <= j < Lk)
+
+``hi[i] < lo[i]`` is the empty interval (a padding token): its output row is exactly zero, and so are its
+gradients. When decoding, the queries are the last ``Lq`` of ``Lk`` positions; ``lo``/``hi`` keep absolute
+key indices, so nothing changes but ``Lq != Lk``.
+
+The algorithm
+=============
+The kernel is the usual flash attention (tiles of ``BLOCK_M`` queries by ``BLOCK_N`` keys, an online
+softmax in fp32, the log-sum-exp saved for the backward pass), plus a *tile plan* that decides which tiles
+to visit and which of them need the mask at all. For one query block, with its rows' intervals clipped to
+``[0, Lk)`` and the empty rows ignored::
+
+    kmin  = min lo     kmax  = max hi       every key any row may see lies in [kmin, kmax]
+    maxlo = max lo     minhi = min hi       every row sees all of [maxlo, minhi]
+
+    key blocks   [kmin // BN, kmax // BN]                   the only ones that can hold an allowed pair
+    full blocks  [ceil(maxlo / BN), floor((minhi + 1) / BN))  inside every row's interval (and inside Lk)
+
+so the key loop is three loops: masked tiles on the left edge, *full* tiles in the middle, masked tiles
+on the right edge. What is skipped, and why it is safe:
+
+* Key blocks outside ``[kmin, kmax]``: no row of the block may see them, so they would only add
+  ``exp(-inf) = 0``. For documents of length ``S`` this turns the ``O(L^2)`` dense cost into ``O(L * S)``.
+* Mask arithmetic in full tiles: every (row, key) pair there is allowed, so the tile runs the plain,
+  pipelined flash-attention step with no compares, no ``where`` and no bounds checks on the keys.
+* Masked tiles with no allowed pair: a block that straddles a document boundary can have a gap between
+  its rows' intervals (``[0, 5]`` and ``[40, 40]``, say). Each edge tile first checks whether any row's
+  interval meets it (a reduction over ``BLOCK_M`` integers) and skips it otherwise.
+
+Empty rows and rows past ``Lq`` still ride along in full tiles (their values are never stored): the
+forward writes zeros and a log-sum-exp of ``+inf`` for them, so in the backward their probabilities
+``exp2(s - lse)`` are exactly zero without any mask.
+
+The backward pass is the standard one: ``delta = rowsum(dO * O)``, then one kernel per key block that
+loops over query blocks and accumulates dK and dV, and one kernel per query block that loops over key
+blocks and accumulates dQ (no atomics, so the gradients are deterministic). The dQ kernel uses the same
+tile plan as the forward. The dK/dV kernel needs the transpose, the query blocks that see a key block.
+Because ``lo`` and ``hi`` are non-decreasing along the queries, those form one contiguous range, and so
+do the query blocks for which the key block is full. We find them with monotone *envelopes* of the
+per-query-block statistics (a running max of ``kmax`` and ``maxlo`` from the left, a running min of
+``kmin`` and ``minhi`` from the right) and binary searches over them. The envelopes only widen the
+visited range and only shrink the full range, so even intervals that are not monotone stay correct (the
+edge tiles' liveness check then skips what the envelope over-covers). The searches are done once on the
+host for every 16-key boundary, over 16-query chunks, so any block size that is a multiple of 16 can read
+its ranges from the same small table and the block sizes can be autotuned freely.
+
+The kernel, the dQ kernel and :func:`plan_tiles` all call the same ``_query_block_plan`` and
+``_tile_live`` Triton functions, so the tile counts that the planner reports are the tiles that the
+kernel computes (the tests check this with an in-kernel counter).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "CHUNK",
+    "INTERPRET",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "count_tiles",
+    "interval_attention",
+    "kernel_block_sizes",
+    "plan_tiles",
+    "poison_outputs",
+]
+
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = (32, 64, 128)
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+# Granularity of the host-side key-major table; every block size must be a multiple of it.
+CHUNK = 16
+_MAX_BLOCK = 256
+_BIG = 1 << 30
+_LOG2E = 1.4426950408889634  # log2(e)
+# fp32 inputs: "ieee" keeps fp32 accuracy; "tf32" is faster on tensor cores but only ~1e-3 accurate.
+FP32_DOT_PRECISION = "ieee"
+# True when Triton runs its CPU interpreter (set by kernels/__init__.py when there is no CUDA).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# INTERVAL_ATTENTION_AUTOTUNE=0 pins the first (default) config of each kernel: no tuning, fixed blocks.
+_AUTOTUNE: bool = os.environ.get("INTERVAL_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always counts queries and BLOCK_N keys; the forward
+# and dQ kernels loop over key blocks, the dK/dV kernel over query blocks. The first entry is the default.
+_GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        ("half", 32): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        ("half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        ("half", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        ("fp32", 32): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        ("fp32", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        ("fp32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+    },
+    "dkdv": {
+        ("half", 32): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        ("half", 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        ("half", 128): [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+        ("fp32", 32): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+        ("fp32", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+        ("fp32", 128): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    },
+    "dq": {
+        ("half", 32): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("half", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("half", 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+        ("fp32", 32): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+        ("fp32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+        ("fp32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    },
+}
+# The interpreter runs every tile in numpy: small tiles keep it quick and exercise the edge cases.
+_INTERPRETER_BLOCKS = (16, 16)
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _config_key(cfg: triton.Config) -> tuple[int, int, int, int]:
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _make_configs(kernel: str) -> list[triton.Config]:
+    if INTERPRET:
+        bm, bn = _INTERPRETER_BLOCKS
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    seen: dict[tuple[int, int, int, int], triton.Config] = {}
+    for cands in _GPU_CANDIDATES[kernel].values():
+        for bm, bn, warps, stages in cands:
+            if (bm, bn, warps, stages) not in seen:
+                seen[(bm, bn, warps, stages)] = triton.Config(
+                    {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages
+                )
+    return list(seen.values())
+
+
+def _make_pruner(kernel: str):
+    """Keep the candidates for this head dim and dtype class (only the default when autotuning is off)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if INTERPRET:
+            return configs[:1]
+        args = {**named_args, **kwargs}
+        cands = _GPU_CANDIDATES[kernel][(_dtype_class(args["Q"].dtype), args["HEAD_DIM"])]
+        wanted = cands if _AUTOTUNE else cands[:1]
+        by_key = {_config_key(c): c for c in configs}
+        return [by_key[w] for w in wanted]
+
+    return prune
+
+
+def _autotune(kernel: str):
+    """`triton.autotune` keyed on the head dim and the (power-of-two bucketed) lengths; dtype is added by
+    Triton itself. Benchmarks are kept short: the GPU sessions that run this are minutes long."""
+    kwargs = {
+        "configs": _make_configs(kernel),
+        "key": ["HEAD_DIM", "LQ_KEY", "LK_KEY"],
+        # Benchmark runs must not add up in the tile counter (testing hook).
+        "reset_to_zero": ["COUNTER"],
+        "prune_configs_by": {"early_config_prune": _make_pruner(kernel)},
+    }
+    if "do_bench" in inspect.signature(triton.autotune).parameters and not INTERPRET:
+
+        def _bench(fn, quantiles=None):
+            return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+        kwargs["do_bench"] = _bench
+    return triton.autotune(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tile plan, shared by the forward kernel, the dQ kernel and plan_tiles
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b in fp32 (acc may be None). "upcast" multiplies in fp32: Triton's CPU interpreter
+    mishandles bf16 operands (it hands their raw bits to numpy), and bf16 values are exact in fp32."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_intervals(LO, HI, b, offs_m, LQ, LK):
+    """The rows' intervals clipped to [0, LK); rows past LQ get the empty interval [1, 0]."""
+    in_q = offs_m < LQ
+    lo = tl.load(LO + b * LQ + offs_m, mask=in_q, other=1)
+    hi = tl.load(HI + b * LQ + offs_m, mask=in_q, other=0)
+    return tl.maximum(lo, 0), tl.minimum(hi, LK - 1)
+
+
+@triton.jit
+def _query_block_plan(lo_c, hi_c, BLOCK_N: tl.constexpr):
+    """Key-block ranges of one query block: [n_lo, n_hi) to visit, [f_lo, f_hi) of it needing no mask."""
+    valid = lo_c <= hi_c
+    kmin = tl.min(tl.where(valid, lo_c, 1073741824), 0)
+    kmax = tl.max(tl.where(valid, hi_c, -1), 0)
+    maxlo = tl.max(tl.where(valid, lo_c, -1), 0)
+    minhi = tl.min(tl.where(valid, hi_c, 1073741824), 0)
+    some = kmax >= 0  # clipped intervals are inside [0, LK), so this is "some row is not empty"
+    n_lo = tl.where(some, kmin // BLOCK_N, 0)
+    n_hi = tl.where(some, kmax // BLOCK_N + 1, 0)
+    # Full: the whole block [n * BN, (n + 1) * BN - 1] lies in [maxlo, minhi] (and so inside [0, LK)).
+    f_lo = tl.minimum(tl.maximum((maxlo + BLOCK_N - 1) // BLOCK_N, n_lo), n_hi)
+    f_hi = tl.minimum(tl.maximum((minhi + 1) // BLOCK_N, f_lo), n_hi)
+    return n_lo, f_lo, f_hi, n_hi
+
+
+@triton.jit
+def _tile_live(lo_c, hi_c, blk, LK, BLOCK_N: tl.constexpr):
+    """Does any row's interval meet key block ``blk``? (Edge tiles only; full tiles always do.)"""
+    first = blk * BLOCK_N
+    last = tl.minimum(first + BLOCK_N, LK) - 1
+    hit = (lo_c <= last) & (hi_c >= first) & (lo_c <= hi_c)
+    return tl.max(hit.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _plan_kernel(LO, HI, COUNTS, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per query block: number of computed tiles and number of full tiles, exactly as _fwd_kernel."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo_c, hi_c = _load_intervals(LO, HI, b, offs_m, LQ, LK)
+    n_lo, f_lo, f_hi, n_hi = _query_block_plan(lo_c, hi_c, BLOCK_N)
+    live = n_lo * 0
+    for blk in range(n_lo, f_lo):
+        live += _tile_live(lo_c, hi_c, blk, LK, BLOCK_N).to(tl.int32)
+    for blk in range(f_hi, n_hi):
+        live += _tile_live(lo_c, hi_c, blk, LK, BLOCK_N).to(tl.int32)
+    out = COUNTS + (b * tl.num_programs(0) + pid_m) * 2
+    tl.store(out, live + (f_hi - f_lo))
+    tl.store(out + 1, f_hi - f_lo)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over key block ``blk`` (log2 domain: exp2 with log2(e) folded in)."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASKED:
+        in_k = offs_n < LK
+        k = tl.load(k_base + kv_off, mask=in_k[:, None], other=0.0)
+        v = tl.load(v_base + kv_off, mask=in_k[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kv_off)
+        v = tl.load(v_base + kv_off)
+    s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = (offs_n[None, :] >= lo_c[:, None]) & (offs_n[None, :] <= hi_c[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@_autotune("fwd")
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY"])
+def _fwd_kernel(
+    Q, K, V, O, LSE, LO, HI, COUNTER, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < LQ
+    lo_c, hi_c = _load_intervals(LO, HI, b, offs_m, LQ, LK)
+    n_lo, f_lo, f_hi, n_hi = _query_block_plan(lo_c, hi_c, BLOCK_N)
+
+    q_off = bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=in_q[:, None], other=0.0)
+    k_base = K + bh * LK * HEAD_DIM
+    v_base = V + bh * LK * HEAD_DIM
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # fmt: off
+    # Left edge: masked tiles, skipped when no row's interval meets them.
+    for blk in range(n_lo, f_lo):
+        if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                                      HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    # Middle: tiles inside every row's interval, no mask arithmetic.
+    for blk in range(f_lo, f_hi):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                                  HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+    # Right edge: masked again (the diagonal of causal text, the ends of images).
+    for blk in range(f_hi, n_hi):
+        if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                                      HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    if COUNT_TILES:
+        tl.atomic_add(COUNTER, f_hi - f_lo)
+        tl.atomic_add(COUNTER + 1, f_hi - f_lo)
+
+    # fmt: on
+    valid = lo_c <= hi_c
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+    # Empty rows get lse = +inf, which makes their backward probabilities exp2(s - lse) exactly 0.
+    lse = tl.where(valid, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(O + q_off, out.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=in_q)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, LQ, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d O[i, d] * dO[i, d] (the softmax-Jacobian correction term)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < LQ
+    off = bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + off, mask=in_q[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=in_q[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * LQ + offs_m, tl.sum(o * do, 1), mask=in_q)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV of one key block over query block ``blk`` (computed transposed: keys x queries)."""
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < LQ
+    q_off = bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh * LQ + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + offs_m, mask=in_q, other=0.0)
+    s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = (offs_n[:, None] >= lo_c[None, :]) & (offs_n[:, None] <= hi_c[None, :])
+        s_t = tl.where(allowed, s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    dv = _mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+    dp_t = _mma(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@_autotune("dkdv")
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "LQ_KEY", "LK_KEY"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, KTAB, COUNTER, sm_scale, qk_scale, H, LQ, LK, NT,
+    LQ_KEY, LK_KEY,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, CHUNK_: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = offs_n < LK
+    kv_off = bh * LK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=in_k[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=in_k[:, None], other=0.0)
+
+    # Query-block ranges from the key-major table (see _key_major_table): chunk counts -> block indices.
+    tab = KTAB + b * NT * 4
+    t0 = start_n // CHUNK_
+    t1 = (start_n + BLOCK_N) // CHUNK_
+    c_first = tl.load(tab + t0 * 4 + 0)
+    c_end = tl.load(tab + t1 * 4 + 1)
+    c_full_first = tl.load(tab + t1 * 4 + 2)
+    c_full_end = tl.load(tab + t0 * 4 + 3)
+    R = BLOCK_M // CHUNK_
+    n_chunks = tl.cdiv(LQ, CHUNK_)
+    n_mblocks = tl.cdiv(LQ, BLOCK_M)
+    m_lo = tl.where(c_first < n_chunks, c_first // R, n_mblocks)
+    m_hi = tl.maximum((c_end + R - 1) // R, m_lo)
+    f_lo = tl.minimum(tl.maximum((c_full_first + R - 1) // R, m_lo), m_hi)
+    f_hi = tl.minimum(tl.maximum(tl.where(c_full_end < n_chunks, c_full_end // R, n_mblocks), f_lo), m_hi)
+
+    # fmt: off
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for blk in range(m_lo, f_lo):
+        lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
+        if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
+                                HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    for blk in range(f_lo, f_hi):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, offs_n, offs_n, qk_scale, LQ,
+                            HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    for blk in range(f_hi, m_hi):
+        lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
+        if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
+                                HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    if COUNT_TILES:
+        tl.atomic_add(COUNTER, f_hi - f_lo)
+        tl.atomic_add(COUNTER + 1, f_hi - f_lo)
+
+    # fmt: on
+    dk = dk * sm_scale
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=in_k[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASKED:
+        in_k = offs_n < LK
+        k = tl.load(k_base + kv_off, mask=in_k[:, None], other=0.0)
+        v = tl.load(v_base + kv_off, mask=in_k[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kv_off)
+        v = tl.load(v_base + kv_off)
+    s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = (offs_n[None, :] >= lo_c[:, None]) & (offs_n[None, :] <= hi_c[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = _mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@_autotune("dq")
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, LO, HI, COUNTER, sm_scale, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < LQ
+    lo_c, hi_c = _load_intervals(LO, HI, b, offs_m, LQ, LK)
+    n_lo, f_lo, f_hi, n_hi = _query_block_plan(lo_c, hi_c, BLOCK_N)
+
+    q_off = bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh * LQ + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + offs_m, mask=in_q, other=0.0)
+    k_base = K + bh * LK * HEAD_DIM
+    v_base = V + bh * LK * HEAD_DIM
+    # fmt: off
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for blk in range(n_lo, f_lo):
+        if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                          HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    for blk in range(f_lo, f_hi):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                      HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+    for blk in range(f_hi, n_hi):
+        if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+                          HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            if COUNT_TILES:
+                tl.atomic_add(COUNTER, 1)
+    if COUNT_TILES:
+        tl.atomic_add(COUNTER, f_hi - f_lo)
+        tl.atomic_add(COUNTER + 1, f_hi - f_lo)
+    # fmt: on
+    dq = dq * sm_scale
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: the key-major table
+# ----------------------------------------------------------------------------------------------------------
+def _key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """For every 16-key boundary ``t`` (key ``16 t``), chunk counts from which the dK/dV kernel derives the
+    query blocks that see a key block ``[16 t0, 16 t1)``. Returns (B, NT, 4) int32 with, per t:
+
+        0: first query chunk whose left-to-right running max of ``hi`` reaches key 16 t
+        1: number of chunks whose right-to-left running min of ``lo`` is <= min(16 t, kv_len) - 1
+        2: first chunk whose right-to-left running min of ``hi`` reaches key 16 t - 1
+        3: number of chunks whose left-to-right running max of ``lo`` is <= 16 t
+
+    (intervals clipped to [0, kv_len), empty rows ignored). With ``R = BLOCK_M / 16`` the kernel visits
+    query blocks [c0 // R, ceil(c1 / R)) and treats [ceil(c2 / R), c3 // R) as full; see the module doc.
+    """
+    bsz, q_len = lo.shape
+    n_chunks = triton.cdiv(q_len, CHUNK)
+    pad = n_chunks * CHUNK - q_len
+    lo_c = lo.clamp(min=0)
+    hi_c = hi.clamp(max=kv_len - 1)
+    if pad:
+        lo_c = torch.nn.functional.pad(lo_c, (0, pad), value=1)
+        hi_c = torch.nn.functional.pad(hi_c, (0, pad), value=0)
+    lo_c = lo_c.view(bsz, n_chunks, CHUNK)
+    hi_c = hi_c.view(bsz, n_chunks, CHUNK)
+    valid = lo_c <= hi_c
+    big = torch.full_like(lo_c, _BIG)
+    neg = torch.full_like(lo_c, -1)
+    kmin = torch.where(valid, lo_c, big).amin(-1)
+    kmax = torch.where(valid, hi_c, neg).amax(-1)
+    maxlo = torch.where(valid, lo_c, neg).amax(-1)
+    minhi = torch.where(valid, hi_c, big).amin(-1)
+    env_kmax = kmax.cummax(-1).values.contiguous()
+    env_maxlo = maxlo.cummax(-1).values.contiguous()
+    env_kmin = kmin.flip(-1).cummin(-1).values.flip(-1).contiguous()
+    env_minhi = minhi.flip(-1).cummin(-1).values.flip(-1).contiguous()
+
+    n_t = triton.cdiv(kv_len, CHUNK) + 1 + _MAX_BLOCK // CHUNK
+    keys = (torch.arange(n_t, device=lo.device, dtype=torch.int32) * CHUNK).expand(bsz, n_t).contiguous()
+    ends = keys.clamp(max=kv_len) - 1
+    cols = [
+        torch.searchsorted(env_kmax, keys, side="left", out_int32=True),
+        torch.searchsorted(env_kmin, ends.contiguous(), side="right", out_int32=True),
+        torch.searchsorted(env_minhi, (keys - 1).contiguous(), side="left", out_int32=True),
+        torch.searchsorted(env_maxlo, keys, side="right", out_int32=True),
+    ]
+    return torch.stack(cols, -1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Testing hooks
+# ----------------------------------------------------------------------------------------------------------
+_POISON = False
+_COUNTS: dict[str, list[int]] | None = None
+_DUMMY_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_TUNED_BLOCKS: dict[tuple, tuple[int, int]] = {}
+
+
+@contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Inside this context every buffer the kernels write (O, LSE, delta, dQ, dK, dV) starts out NaN, so a
+    test can check that the kernels write every element."""
+    global _POISON
+    old, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+@contextmanager
+def count_tiles() -> Iterator[dict[str, list[int]]]:
+    """Inside this context the kernels count the tiles they compute (summed over batch rows and heads):
+    ``{"fwd": [computed, full], "dkdv": [...], "dq": [...]}``. Testing only (atomics, recompiles)."""
+    global _COUNTS
+    old = _COUNTS
+    _COUNTS = {"fwd": [0, 0], "dkdv": [0, 0], "dq": [0, 0]}
+    try:
+        yield _COUNTS
+    finally:
+        _COUNTS = old
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    if _COUNTS is not None:
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    if device not in _DUMMY_COUNTERS:
+        _DUMMY_COUNTERS[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _DUMMY_COUNTERS[device]
+
+
+def _record_count(name: str, counter: torch.Tensor) -> None:
+    if _COUNTS is not None:
+        got = counter.tolist()
+        _COUNTS[name][0] += int(got[0])
+        _COUNTS[name][1] += int(got[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: the next power of two (at least 16)."""
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if INTERPRET and dtype == torch.bfloat16:
+        return "upcast"
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _remember_blocks(kernel, head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int) -> None:
+    cfg = getattr(kernel, "best_config", None)
+    if cfg is not None and "BLOCK_M" in cfg.kwargs:
+        blocks = (int(cfg.kwargs["BLOCK_M"]), int(cfg.kwargs["BLOCK_N"]))
+        _TUNED_BLOCKS[(head_dim, dtype, _bucket(q_len), _bucket(kv_len))] = blocks
+        _TUNED_BLOCKS[(head_dim, dtype)] = blocks
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, n_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    o = _empty(tuple(q.shape), q.dtype, q.device)
+    lse = _empty((bsz, n_heads, q_len), torch.float32, q.device)
+    counter = _counter(q.device)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
+
+    _fwd_kernel[grid](
+        q, k, v, o, lse, lo, hi, counter, scale * _LOG2E, n_heads, q_len, kv_len,
+        _bucket(q_len), _bucket(kv_len),
+        HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype), COUNT_TILES=_COUNTS is not None,
+    )  # fmt: skip
+    _remember_blocks(_fwd_kernel, head_dim, q.dtype, q_len, kv_len)
+    _record_count("fwd", counter)
+    return o, lse
+
+
+def _backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bsz, n_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    dev = q.device
+    prec = _dot_precision(q.dtype)
+    counting = _COUNTS is not None
+
+    delta = _empty((bsz, n_heads, q_len), torch.float32, dev)
+    block = 16 if INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(q_len, block), bsz * n_heads)](
+        o, do, delta, q_len, HEAD_DIM=head_dim, BLOCK_M=block
+    )
+
+    dk = _empty(tuple(k.shape), k.dtype, dev)
+    dv = _empty(tuple(v.shape), v.dtype, dev)
+    table = _key_major_table(lo, hi, kv_len)
+    counter = _counter(dev)
+
+    def grid_kv(meta):
+        return (triton.cdiv(kv_len, meta["BLOCK_N"]), bsz * n_heads)
+
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, dk, dv, lse, delta, lo, hi, table, counter, scale, scale * _LOG2E,
+        n_heads, q_len, kv_len, table.shape[1], _bucket(q_len), _bucket(kv_len),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK,
+    )  # fmt: skip
+    _record_count("dkdv", counter)
+
+    dq = _empty(tuple(q.shape), q.dtype, dev)
+    counter = _counter(dev)
+
+    def grid_q(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
+
+    _bwd_dq_kernel[grid_q](
+        q, k, v, do, dq, lse, delta, lo, hi, counter, scale, scale * _LOG2E,
+        n_heads, q_len, kv_len, _bucket(q_len), _bucket(kv_len),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting,
+    )  # fmt: skip
+    _record_count("dq", counter)
+    return dq, dk, dv
+
+
+class _IntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lo, hi, scale):  # type: ignore[override]
+        o, lse = _forward(q, k, v, lo, hi, scale)
+        ctx.save_for_backward(q, k, v, o, lse, lo, hi)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse, lo, hi = ctx.saved_tensors
+        dq, dk, dv = _backward(do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("lo", lo), ("hi", hi)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (B, H, L, D) tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype = {t.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    bsz, n_heads, q_len, head_dim = q.shape
+    if k.shape[0] != bsz or k.shape[1] != n_heads or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k.shape = {tuple(k.shape)} does not match q.shape = {tuple(q.shape)} in (B, H, ., D)"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v.shape = {tuple(v.shape)} must equal k.shape = {tuple(k.shape)}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D = {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    for name, t in (("lo", lo), ("hi", hi)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}.dtype = {t.dtype}; it must be torch.int32")
+        if tuple(t.shape) != (bsz, q_len):
+            raise ValueError(f"{name}.shape = {tuple(t.shape)}; it must be (B, Lq) = {(bsz, q_len)}")
+    for name, t in (("k", k), ("v", v), ("lo", lo), ("hi", hi)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; inputs must share a device")
+    if not INTERPRET and q.device.type != "cuda":
+        raise ValueError(
+            f"inputs are on {q.device}, but Triton is compiling for the GPU; move them to CUDA or set "
+            "TRITON_INTERPRET=1 before importing kernels (slow, for tests)"
+        )
+
+
+def interval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention where query ``i`` of batch row ``b`` sees keys ``lo[b, i] <= j <= hi[b, i]``.
+
+    Args:
+        q: (B, H, Lq, D) queries; k, v: (B, H, Lk, D). fp32, fp16 or bf16 (one dtype); D in {32, 64, 128}.
+        lo, hi: (B, Lq) int32 inclusive absolute key indices, non-decreasing along the queries for the
+            best tile skipping (any intervals give correct results). ``hi < lo`` marks padding: its output
+            row and gradients are zero.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        (B, H, Lq, D) tensor of q's dtype, differentiable in q, k and v.
+    """
+    _check_inputs(q, k, v, lo, hi)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        # No queries, or no keys (every interval is empty): a zero output with zero gradients.
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0
+    return _IntervalAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), scale
+    )
+
+
+def kernel_block_sizes(
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward kernel, for :func:`plan_tiles`.
+
+    Under the interpreter the blocks are fixed. On CUDA the autotuner picks them per (D, dtype, length
+    buckets) at the first launch: after a warm-up call this returns the tuned choice (for the given
+    lengths, or the latest for this D and dtype), before it the default (first) candidate.
+    """
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim = {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype = {dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if INTERPRET or torch.device(device).type != "cuda":
+        return _INTERPRETER_BLOCKS
+    if q_len is not None and kv_len is not None:
+        tuned = _TUNED_BLOCKS.get((head_dim, dtype, _bucket(q_len), _bucket(kv_len)))
+        if tuned is not None:
+            return tuned
+    tuned = _TUNED_BLOCKS.get((head_dim, dtype))
+    if tuned is not None:
+        return tuned
+    bm, bn, _, _ = _GPU_CANDIDATES["fwd"][(_dtype_class(dtype), head_dim)][0]
+    return bm, bn
+
+
+def plan_tiles(lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block_m: int, block_n: int) -> dict[str, int]:
+    """Count the (query-block, key-block) tiles of the forward kernel with blocks ``block_m x block_n``.
+
+    Summed over batch rows, per head:
+        computed: tiles the kernel computes (exactly the tiles holding at least one allowed pair)
+        full:     computed tiles with no mask arithmetic (inside every non-empty row's interval)
+        masked:   computed - full
+        dense:    tiles of a dense kernel, ceil(Lq / block_m) * ceil(kv_len / block_n) per row
+        causal:   tiles of a causal kernel (key block start <= query block end, queries at kv_len - Lq ..)
+    It runs the same Triton range functions as the kernel (``_query_block_plan``, ``_tile_live``).
+    """
+    if not isinstance(lo, torch.Tensor) or not isinstance(hi, torch.Tensor):
+        raise ValueError("lo and hi must be torch.Tensors")
+    if lo.dtype != torch.int32 or hi.dtype != torch.int32:
+        raise ValueError(f"lo.dtype = {lo.dtype}, hi.dtype = {hi.dtype}; both must be torch.int32")
+    if lo.dim() != 2 or hi.shape != lo.shape:
+        raise ValueError(f"lo.shape = {tuple(lo.shape)}, hi.shape = {tuple(hi.shape)}; need equal (B, Lq)")
+    if int(kv_len) < 0:
+        raise ValueError(f"kv_len = {kv_len} must be >= 0")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < CHUNK or blk > _MAX_BLOCK or blk & (blk - 1):
+            raise ValueError(f"{name} = {blk} must be a power of two in [{CHUNK}, {_MAX_BLOCK}]")
+    kv_len = int(kv_len)
+    bsz, q_len = lo.shape
+    n_mb = triton.cdiv(q_len, block_m)
+    n_nb = triton.cdiv(kv_len, block_n)
+    q_offset = kv_len - q_len
+    causal = 0
+    for m in range(n_mb):
+        q_end = q_offset + min((m + 1) * block_m, q_len) - 1
+        causal += min(max(q_end // block_n + 1, 0), n_nb) if q_end >= 0 else 0
+    result = {
+        "computed": 0,
+        "full": 0,
+        "masked": 0,
+        "dense": bsz * n_mb * n_nb,
+        "causal": bsz * causal,
+        "block_m": block_m,
+        "block_n": block_n,
+    }
+    if bsz == 0 or n_mb == 0 or n_nb == 0:
+        return result
+    device = lo.device
+    if INTERPRET:
+        device = torch.device("cpu")
+    elif device.type != "cuda":
+        device = torch.device("cuda")
+    lo_d = lo.to(device).contiguous()
+    hi_d = hi.to(device).contiguous()
+    counts = torch.zeros((bsz, n_mb, 2), dtype=torch.int32, device=device)
+    _plan_kernel[(n_mb, bsz)](lo_d, hi_d, counts, q_len, kv_len, BLOCK_M=block_m, BLOCK_N=block_n)
+    computed, full = (int(x) for x in counts.sum(dim=(0, 1)).tolist())
+    result.update(computed=computed, full=full, masked=computed - full)
+    return result

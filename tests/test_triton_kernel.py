@@ -1,0 +1,465 @@
+"""Tests of the Triton interval-attention kernel against a float64 dense-softmax reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter (slow), so the CPU cases are tiny. The CUDA
+variants (marked ``gpu``) run the same checks at larger sizes, plus a few long sequences.
+
+Layouts come from a small generator written here, independently of ``transfusion.layout``: a row is cut
+into documents with padding gaps, each document holds 0-4 images; the reference mask is built from the
+document and image ids with the definition ``same doc and (k <= q or same image)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import interval_attention, plan_tiles  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+ia = importlib.import_module("kernels.interval_attention") if kernels.HAS_TRITON else None
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = bool(ia is not None and ia.INTERPRET)
+
+DEVICES = [
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="the CPU path needs TRITON_INTERPRET=1")
+    ),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
+]
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random layouts
+# --------------------------------------------------------------------------------------------------------
+def _randint(lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi] from torch's default generator."""
+    return int(torch.randint(lo, hi + 1, ()).item())
+
+
+@dataclass
+class Row:
+    """One packed row of ``length`` positions (keys); ``doc``/``img`` are -1 outside documents/images."""
+
+    length: int
+    docs: list[tuple[int, int]]
+    images: list[tuple[int, int]]
+    doc: torch.Tensor
+    img: torch.Tensor
+
+    def describe(self) -> str:
+        return f"Row(length={self.length}, docs={self.docs}, images={self.images})"
+
+
+def random_row(length: int, max_doc: int = 40, max_image: int = 12) -> Row:
+    """Documents are contiguous spans separated by optional padding gaps (and a padding tail); each
+    document holds 0-4 images, non-overlapping spans of patches, anywhere in it (first, last, adjacent)."""
+    doc = torch.full((length,), -1, dtype=torch.int64)
+    img = torch.full((length,), -1, dtype=torch.int64)
+    docs: list[tuple[int, int]] = []
+    images: list[tuple[int, int]] = []
+    pos = 0
+    while pos < length:
+        if _randint(0, 3) == 0:  # padding gap
+            pos += _randint(1, 4)
+            continue
+        end = min(length, pos + _randint(1, max_doc))
+        doc[pos:end] = len(docs)
+        docs.append((pos, end))
+        n_images = _randint(0, 4)
+        p = pos
+        while p < end and n_images > 0:
+            p += _randint(0, 5) if _randint(0, 2) else 0  # text before the image, possibly none
+            if p >= end:
+                break
+            img_end = min(end, p + _randint(1, max_image))
+            img[p:img_end] = len(images)
+            images.append((p, img_end))
+            p = img_end
+            n_images -= 1
+        pos = end
+    return Row(length, docs, images, doc, img)
+
+
+def intervals(row: Row) -> tuple[torch.Tensor, torch.Tensor]:
+    """lo/hi over all positions: the doc start, and the query itself (text) or its image's last patch."""
+    pos = torch.arange(row.length)
+    lo = pos.clone()
+    hi = pos - 1  # padding: empty interval [q, q - 1]
+    for start, end in row.docs:
+        lo[start:end] = start
+        hi[start:end] = pos[start:end]
+    for start, end in row.images:
+        hi[start:end] = end - 1
+    return lo, hi
+
+
+def definition_mask(row: Row, q_pos: torch.Tensor) -> torch.Tensor:
+    """(Lq, Lk) bool straight from the definition: same doc and (k <= q or same image)."""
+    k_pos = torch.arange(row.length)
+    dq, dk = row.doc[q_pos][:, None], row.doc[None, :]
+    iq, ik = row.img[q_pos][:, None], row.img[None, :]
+    same_doc = (dq == dk) & (dk >= 0)
+    same_img = (iq == ik) & (ik >= 0)
+    return same_doc & ((k_pos[None, :] <= q_pos[:, None]) | same_img)
+
+
+@dataclass
+class Case:
+    lo: torch.Tensor  # (B, Lq) int32
+    hi: torch.Tensor
+    mask: torch.Tensor  # (B, Lq, Lk) bool
+    kv_len: int
+    text: str
+
+
+def random_case(bsz: int, kv_len: int, q_len: int, **row_kw) -> Case:
+    """Each batch row gets its own layout; the queries are the last q_len positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    los, his, masks, texts = [], [], [], []
+    for _ in range(bsz):
+        row = random_row(kv_len, **row_kw)
+        lo, hi = intervals(row)
+        lo, hi = lo[q_pos], hi[q_pos]
+        k_pos = torch.arange(kv_len)
+        mask = (k_pos[None, :] >= lo[:, None]) & (k_pos[None, :] <= hi[:, None])
+        expect = definition_mask(row, q_pos)
+        assert torch.equal(mask, expect), f"lo/hi mask differs from the definition for {row.describe()}"
+        los.append(lo)
+        his.append(hi)
+        masks.append(mask)
+        texts.append(row.describe())
+    text = f"B={bsz} Lk={kv_len} Lq={q_len} rows=[" + "; ".join(texts) + "]"
+    return Case(
+        torch.stack(los).to(torch.int32), torch.stack(his).to(torch.int32), torch.stack(masks), kv_len, text
+    )
+
+
+def arbitrary_case(bsz: int, kv_len: int, q_len: int) -> Case:
+    """Random intervals with no order at all (some empty, some sticking out of [0, Lk))."""
+    a = torch.randint(-3, kv_len + 3, (bsz, q_len))
+    b = torch.randint(-3, kv_len + 3, (bsz, q_len))
+    empty = torch.rand(bsz, q_len) < 0.2
+    lo = torch.where(empty, torch.maximum(a, b), torch.minimum(a, b))
+    hi = torch.where(empty, torch.minimum(a, b) - 1, torch.maximum(a, b))
+    k_pos = torch.arange(kv_len)
+    mask = (k_pos[None, None, :] >= lo[..., None]) & (k_pos[None, None, :] <= hi[..., None])
+    text = f"arbitrary B={bsz} Lk={kv_len} Lq={q_len} lo={lo.tolist()} hi={hi.tolist()}"
+    return Case(lo.to(torch.int32), hi.to(torch.int32), mask, kv_len, text)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference and checks
+# --------------------------------------------------------------------------------------------------------
+def reference(q, k, v, mask, scale=None):
+    """float64 dense softmax attention; rows with no allowed key give zeros (and zero gradients)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    m = mask[:, None].to(q.device)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = torch.where(m, s, float("-inf"))
+    some = m.any(-1, keepdim=True)
+    s = torch.where(some, s, 0.0)
+    p = torch.softmax(s, dim=-1) * some
+    return p @ v
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    denom = want.norm().item()
+    diff = (got - want).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def check_case(case: Case, heads: int, head_dim: int, dtype: torch.dtype, device: str) -> None:
+    bsz, q_len = case.lo.shape
+    kv_len = case.kv_len
+    ctx = f"{case.text} H={heads} D={head_dim} dtype={dtype}"
+    q = torch.randn(bsz, heads, q_len, head_dim, device=device).to(dtype).requires_grad_()
+    k = torch.randn(bsz, heads, kv_len, head_dim, device=device).to(dtype).requires_grad_()
+    v = torch.randn(bsz, heads, kv_len, head_dim, device=device).to(dtype).requires_grad_()
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    grad_out = torch.randn(bsz, heads, q_len, head_dim, device=device).to(dtype)
+
+    with ia.poison_outputs():  # every buffer starts NaN: the kernels must write all of it
+        out = interval_attention(q, k, v, lo, hi)
+        out.backward(grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, case.mask)
+    ref.backward(grad_out.double())
+
+    tol = TOL[dtype]
+    for name, got, want in (
+        ("out", out, ref),
+        ("dq", q.grad, q64.grad),
+        ("dk", k.grad, k64.grad),
+        ("dv", v.grad, v64.grad),
+    ):
+        assert got.dtype == dtype, f"{name} has dtype {got.dtype}; {ctx}"
+        assert not torch.isnan(got).any(), f"{name} has NaN (unwritten or bad math); {ctx}"
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}; {ctx}"
+
+    # Padding queries: exact zeros. Keys nobody may see: exactly zero gradients.
+    empty_q = ~case.mask.any(-1).to(device)  # (B, Lq)
+    unseen_k = ~case.mask.any(1).to(device)  # (B, Lk)
+    assert (out.detach()[empty_q.unsqueeze(1).expand(-1, heads, -1)] == 0).all(), f"padding out != 0; {ctx}"
+    assert (q.grad[empty_q.unsqueeze(1).expand(-1, heads, -1)] == 0).all(), f"padding dq != 0; {ctx}"
+    sel = unseen_k.unsqueeze(1).expand(-1, heads, -1)
+    assert (k.grad[sel] == 0).all() and (v.grad[sel] == 0).all(), f"unseen keys have grads; {ctx}"
+
+
+def random_sizes(max_len: int, min_len: int = 1) -> tuple[int, int, int, int]:
+    """(B, H, Lk, Lq); a third of the cases decode a suffix of the keys (Lq < Lk)."""
+    bsz, heads = _randint(1, 2), _randint(1, 2)
+    kv_len = _randint(min_len, max_len)
+    q_len = _randint(min_len, kv_len) if _randint(0, 2) == 0 else kv_len
+    return bsz, heads, kv_len, q_len
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------
+def test_layout_generator_matches_definition():
+    """random_case asserts lo/hi == definition internally; also check the invariants kernels rely on."""
+    for _ in range(200):
+        kv_len = _randint(1, 120)
+        q_len = _randint(1, kv_len)
+        case = random_case(1, kv_len, q_len)
+        lo, hi = case.lo[0].long(), case.hi[0].long()
+        assert (lo[1:] >= lo[:-1]).all() and (hi[1:] >= hi[:-1]).all(), case.text
+        q_pos = torch.arange(kv_len - q_len, kv_len)
+        empty = hi < lo
+        assert torch.equal(lo[empty], q_pos[empty]) and torch.equal(hi[empty], q_pos[empty] - 1), case.text
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trial", range(50))
+def test_fp32_random_layouts(device, trial):
+    max_len = 70 if device == "cpu" else 300
+    bsz, heads, kv_len, q_len = random_sizes(max_len)
+    check_case(random_case(bsz, kv_len, q_len), heads, 32, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,head_dim,trial",
+    [(torch.bfloat16, 32, t) for t in range(4)]
+    + [(torch.float16, 32, t) for t in range(2)]
+    + [(torch.float32, 64, 0), (torch.float32, 128, 0), (torch.bfloat16, 64, 0), (torch.bfloat16, 128, 0)],
+)
+def test_dtypes_and_head_dims(device, dtype, head_dim, trial):
+    # At least 16 queries: with only a handful of half-precision values, one unlucky rounding (O is
+    # stored in bf16 before delta = rowsum(dO * O), as in every flash attention) can dominate the norm.
+    max_len = 50 if device == "cpu" else 300
+    bsz, heads, kv_len, q_len = random_sizes(max_len, min_len=16)
+    check_case(random_case(bsz, kv_len, q_len), heads, head_dim, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trial", range(3))
+def test_arbitrary_intervals_are_still_correct(device, trial):
+    """Non-monotone intervals lose tile skipping but must never lose correctness."""
+    max_len = 50 if device == "cpu" else 200
+    bsz, heads, kv_len, q_len = random_sizes(max_len)
+    check_case(arbitrary_case(bsz, kv_len, q_len), heads, 32, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_padding_and_single_tokens(device):
+    # A row that is all padding next to a normal row, and a single query/key.
+    kv_len = 19
+    pos = torch.arange(kv_len)
+    lo = torch.stack([pos, torch.zeros(kv_len, dtype=torch.int64)]).to(torch.int32)
+    hi = torch.stack([pos - 1, pos]).to(torch.int32)
+    k_pos = torch.arange(kv_len)
+    mask = (k_pos[None, None, :] >= lo[..., None]) & (k_pos[None, None, :] <= hi[..., None])
+    check_case(Case(lo, hi, mask, kv_len, "all-padding + causal"), 2, 32, torch.float32, device)
+    one = torch.zeros(1, 1, dtype=torch.int32)
+    check_case(
+        Case(one, one, torch.ones(1, 1, 1, dtype=torch.bool), 1, "single"), 1, 32, torch.float32, device
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    case = random_case(2, 45, 45)
+    q, k, v = (torch.randn(2, 2, 45, 32, device=device, requires_grad=True) for _ in range(3))
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        interval_attention(q, k, v, lo, hi).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_scale_and_noncontiguous_inputs(device):
+    case = random_case(1, 33, 33)
+    base = torch.randn(1, 33, 2, 32, device=device)  # (B, L, H, D) viewed as (B, H, L, D): non-contiguous
+    q = base.transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 2, 33, 32, device=device)
+    v = torch.randn(1, 2, 33, 32, device=device)
+    out = interval_attention(q, k, v, case.lo.to(device), case.hi.to(device), scale=0.3)
+    ref = reference(q.detach(), k, v, case.mask, scale=0.3)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def brute_force_tiles(case: Case, block_m: int, block_n: int) -> dict[str, int]:
+    """Tile counts from the dense mask alone, with the kernel's rules spelled out independently."""
+    mask = case.mask
+    bsz, q_len, kv_len = mask.shape
+    n_mb, n_nb = -(-q_len // block_m), -(-kv_len // block_n)
+    q_offset = kv_len - q_len
+    out = {"computed": 0, "full": 0, "causal": 0, "dense": bsz * n_mb * n_nb}
+    for b in range(bsz):
+        for m in range(n_mb):
+            rows = mask[b, m * block_m : (m + 1) * block_m]
+            nonempty = rows.any(-1)
+            q_end = q_offset + min((m + 1) * block_m, q_len) - 1
+            for n in range(n_nb):
+                tile = rows[:, n * block_n : (n + 1) * block_n]
+                out["computed"] += int(tile.any())
+                # Full: the key block lies entirely inside [0, Lk) and inside every non-empty row's interval.
+                complete = (n + 1) * block_n <= kv_len
+                out["full"] += int(complete and bool(nonempty.any()) and bool(tile[nonempty].all()))
+                out["causal"] += int(n * block_n <= q_end)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_tiles_matches_brute_force(device):
+    blocks = [(16, 16), (16, 32), (32, 16), (32, 64), (64, 32)]
+    for trial in range(12):
+        kv_len = _randint(1, 200)
+        q_len = kv_len if trial % 3 else _randint(1, kv_len)
+        text_only = trial % 4 == 0
+        case = random_case(_randint(1, 3), kv_len, q_len)
+        if text_only:
+            case = _strip_images(case)
+        bm, bn = blocks[trial % len(blocks)]
+        got = plan_tiles(case.lo.to(device), case.hi.to(device), kv_len, bm, bn)
+        want = brute_force_tiles(case, bm, bn)
+        for key in ("computed", "full", "dense", "causal"):
+            assert got[key] == want[key], f"{key}: plan {got[key]} != brute force {want[key]}; {case.text}"
+        assert got["masked"] == got["computed"] - got["full"]
+        assert got["full"] <= got["computed"] <= got["dense"]
+        if text_only:
+            assert got["computed"] <= got["causal"], case.text
+
+
+def _strip_images(case: Case) -> Case:
+    """Text-only variant: every non-empty row sees its doc prefix up to itself."""
+    bsz, q_len = case.lo.shape
+    q_pos = torch.arange(case.kv_len - q_len, case.kv_len)
+    empty = case.hi < case.lo
+    hi = torch.where(empty, case.hi, q_pos.to(torch.int32).expand(bsz, -1))
+    k_pos = torch.arange(case.kv_len)
+    mask = (k_pos[None, None, :] >= case.lo[..., None]) & (k_pos[None, None, :] <= hi[..., None])
+    return Case(case.lo, hi.contiguous(), mask, case.kv_len, case.text + " (images stripped)")
+
+
+def test_plan_tiles_known_layout():
+    # One causal document of 64 tokens, blocks 16x16: 10 tiles on and below the diagonal, 6 of them full.
+    pos = torch.arange(64, dtype=torch.int32)
+    plan = plan_tiles(torch.zeros(1, 64, dtype=torch.int32), pos[None].clone(), 64, 16, 16)
+    assert (plan["computed"], plan["full"], plan["dense"], plan["causal"]) == (10, 6, 16, 10)
+    # Two documents of 32: the cross-document tiles below the diagonal disappear.
+    lo = torch.where(pos < 32, 0, 32).to(torch.int32)[None]
+    plan = plan_tiles(lo, pos[None].clone(), 64, 16, 16)
+    assert (plan["computed"], plan["full"]) == (6, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_compute_exactly_the_planned_tiles(device):
+    """In-kernel counters: forward, dK/dV and dQ visit exactly the tiles plan_tiles reports."""
+    heads = 2
+    for trial in range(3 if device == "cpu" else 6):
+        kv_len = _randint(20, 64 if device == "cpu" else 700)
+        q_len = kv_len if trial % 2 else _randint(1, kv_len)
+        case = random_case(_randint(1, 2), kv_len, q_len)
+        bsz = case.lo.shape[0]
+        lo, hi = case.lo.to(device), case.hi.to(device)
+        q = torch.randn(bsz, heads, q_len, 32, device=device, requires_grad=True)
+        k = torch.randn(bsz, heads, kv_len, 32, device=device, requires_grad=True)
+        v = torch.randn(bsz, heads, kv_len, 32, device=device, requires_grad=True)
+        interval_attention(q, k, v, lo, hi).sum().backward()  # tune first, so counting sees one run
+        with ia.count_tiles() as counts:
+            interval_attention(q, k, v, lo, hi).sum().backward()
+        for name, kernel in (
+            ("fwd", ia._fwd_kernel),
+            ("dkdv", ia._bwd_dkdv_kernel),
+            ("dq", ia._bwd_dq_kernel),
+        ):
+            cfg = kernel.best_config
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            plan = plan_tiles(case.lo, case.hi, kv_len, bm, bn)
+            want = [heads * plan["computed"], heads * plan["full"]]
+            assert counts[name] == want, (
+                f"{name} ({bm}x{bn}) counted {counts[name]}, plan {want}; {case.text}"
+            )
+    if device == "cpu":
+        assert ia.kernel_block_sizes(32, torch.float32, "cpu") == (16, 16)
+
+
+def test_input_validation():
+    dev = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+    q = torch.randn(1, 2, 8, 32, device=dev)
+    lo = torch.zeros(1, 8, dtype=torch.int32, device=dev)
+    hi = torch.arange(8, dtype=torch.int32, device=dev)[None]
+    with pytest.raises(ValueError, match="lo.dtype"):
+        interval_attention(q, q, q, lo.long(), hi)
+    with pytest.raises(ValueError, match="hi.shape"):
+        interval_attention(q, q, q, lo, hi[:, :4])
+    with pytest.raises(ValueError, match="head dim D = 48"):
+        x = torch.randn(1, 2, 8, 48, device=dev)
+        interval_attention(x, x, x, lo, hi)
+    with pytest.raises(ValueError, match="k.shape"):
+        interval_attention(q, torch.randn(1, 3, 8, 32, device=dev), q, lo, hi)
+    with pytest.raises(ValueError, match="v.shape"):
+        interval_attention(q, q, torch.randn(1, 2, 9, 32, device=dev), lo, hi)
+    with pytest.raises(ValueError, match="4-D"):
+        interval_attention(q[0], q, q, lo, hi)
+    with pytest.raises(ValueError, match="dtype"):
+        interval_attention(q.double(), q.double(), q.double(), lo, hi)
+    with pytest.raises(ValueError, match="share a dtype"):
+        interval_attention(q, q.half(), q, lo, hi)
+    if HAS_CUDA and INTERPRET:
+        with pytest.raises(ValueError, match="device"):
+            interval_attention(q, q, q, lo.cuda(), hi)
+    with pytest.raises(ValueError, match="block_m"):
+        plan_tiles(lo, hi, 8, 24, 16)
+    # Empty query set and zero keys are fine.
+    assert interval_attention(q[:, :, :0], q, q, lo[:, :0], hi[:, :0]).shape == (1, 2, 0, 32)
+    out = interval_attention(q, q[:, :, :0], q[:, :, :0], lo, hi)
+    assert out.shape == q.shape and (out == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU only: long sequences
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kv_len,q_len", [(1024, 1024), (4000, 4000), (3001, 517)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_long_sequences(kv_len, q_len, head_dim, dtype):
+    case = random_case(2, kv_len, q_len, max_doc=1500, max_image=300)
+    check_case(case, 2, head_dim, dtype, "cuda")
