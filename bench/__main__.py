@@ -5,6 +5,7 @@ Suites:
               attention_provenance.json and plots/attention_*.png
   plots       redraw the plots of a results folder from its files
   summary     headline table of a results folder (writes attention_summary.md)
+  report      results/REPORT.md from every results folder's files
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     sm = sub.add_parser("summary", help="headline table of an attention results folder")
     sm.add_argument("results", type=Path)
     sm.add_argument("--seq-len", type=int, default=8192)
+    rp = sub.add_parser("report", help="build results/REPORT.md from the result files")
+    rp.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
 
     if args.suite == "attention":
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.summary import summarize
 
         print(summarize(args.results, args.seq_len))
+    elif args.suite == "report":
+        from bench.report import build_report
+
+        print(f"wrote {build_report(args.results)}")
     return 0
 
 

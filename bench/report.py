@@ -1,0 +1,33 @@
+"""Build results/REPORT.md from the result files alone (never from memory or hand-typed numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.plots import plot_attention
+from bench.summary import summarize
+from transfusion.provenance import atomic_write_text
+
+
+def build_report(results_root: Path = Path("results")) -> Path:
+    sections = [
+        "# Transfusion bench report",
+        "",
+        "Built by `python -m bench report` from the files under `results/`; every table below is read from",
+        "a CSV written by the suite, and each folder's provenance file names the commit, device, versions,",
+        "command and seed that produced it.",
+        "",
+    ]
+    for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
+        if (folder / "attention.csv").exists():
+            plot_attention(folder)
+            summary = summarize(folder).replace("# Attention", f"## Attention ({folder.name})", 1)
+            sections += [summary, ""]
+            for png in ("attention_tflops", "attention_speedup", "attention_memory"):
+                sections.append(f"![{png}]({folder.name}/plots/{png}.png)")
+            notes = folder / "NOTES.md"
+            if notes.exists():
+                sections += ["", f"Notes on this run: [{folder.name}/NOTES.md]({folder.name}/NOTES.md).", ""]
+    out = results_root / "REPORT.md"
+    atomic_write_text(out, "\n".join(sections) + "\n")
+    return out
