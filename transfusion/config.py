@@ -1,8 +1,9 @@
 """Model configuration: one dataclass (torchtitan-style model args) plus named size presets.
 
 ``ModelConfig`` holds everything needed to build a Transfusion model (and the shared transformer that
-the discrete baseline reuses). It validates itself on construction, naming the bad field and its value,
-and round-trips through plain JSON-able dicts (``to_dict`` / ``from_dict``).
+the discrete baseline reuses; ``codebook_size`` sizes that baseline's image-code vocabulary). It validates
+itself on construction, naming the bad field and its value, and round-trips through plain JSON-able dicts
+(``to_dict`` / ``from_dict``).
 
 Presets:
     ``tiny`` / ``S`` / ``M`` / ``L``: a toy-scale ladder (about 0.5M .. 100M parameters) for CPU and
@@ -53,6 +54,9 @@ class ModelConfig:
     noise_limit_t: int | None = 500  # image-first images get t <= this; None disables noise limiting
     caption_dropout: float = 0.1  # applied in data prep (transfusion.packing), recorded here
     causal_only_images: bool = False  # ablation: no bidirectional attention inside images
+    # ---- discrete baseline
+    # VQ codebook entries appended after the text vocabulary (discrete baseline only; 0 = none)
+    codebook_size: int = 0
 
     def __post_init__(self) -> None:
         # Tuples arrive as lists from JSON; normalise before checking.
@@ -125,6 +129,12 @@ class ModelConfig:
             )
         if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout <= 1.0):
             raise ValueError(f"ModelConfig.caption_dropout = {self.caption_dropout!r} must be in [0, 1]")
+        if (
+            isinstance(self.codebook_size, bool)
+            or not isinstance(self.codebook_size, int)
+            or self.codebook_size < 0
+        ):
+            raise ValueError(f"ModelConfig.codebook_size = {self.codebook_size!r} must be an integer >= 0")
 
     # ---------------------------------------------------------------- derived sizes
     @property
