@@ -6,6 +6,7 @@ Suites:
   plots       redraw the plots of a results folder from its files
   summary     headline table of a results folder (writes attention_summary.md)
   report      results/REPORT.md from every results folder's files
+  generation  text-to-image wall time with and without prefix KV reuse (python -m bench generation --help)
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generation"]:  # its own option parser
+        from bench.generation import main as generation_main
+
+        return generation_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="suite", required=True)
+    sub.add_parser(
+        "generation", help="text-to-image wall time with and without prefix KV reuse", add_help=False
+    )
     att = sub.add_parser("attention", help="attention backend sweep (TFLOP/s, memory, tiles)")
     att.add_argument(
         "--profile", default="cpu", help="cpu (2k tokens, minutes on a laptop) or gpu (32k tokens)"

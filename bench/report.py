@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from bench.plots import plot_attention
 from bench.summary import summarize
 from transfusion.provenance import atomic_write_text
+
+
+def _csv_table(path: Path, columns: list[str]) -> str:
+    df = pd.read_csv(path)[columns]
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    rows = [
+        "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |" for r in df.values
+    ]
+    return "\n".join([head, *rows])
 
 
 def build_report(results_root: Path = Path("results")) -> Path:
@@ -25,6 +36,17 @@ def build_report(results_root: Path = Path("results")) -> Path:
             sections += [summary, ""]
             for png in ("attention_tflops", "attention_speedup", "attention_memory"):
                 sections.append(f"![{png}]({folder.name}/plots/{png}.png)")
+        if (folder / "generation.csv").exists():
+            sections += [
+                f"## Text-to-image with and without prefix KV reuse ({folder.name})",
+                "",
+                _csv_table(
+                    folder / "generation.csv",
+                    ["prefix_tokens", "image_tokens", "num_steps", "cached_s", "recompute_s", "speedup"],
+                ),
+                "",
+            ]
+        if (folder / "attention.csv").exists() or (folder / "generation.csv").exists():
             notes = folder / "NOTES.md"
             if notes.exists():
                 sections += ["", f"Notes on this run: [{folder.name}/NOTES.md]({folder.name}/NOTES.md).", ""]
