@@ -276,6 +276,26 @@ def test_sampling_is_seeded_and_guidance_uses_the_caption_dropped_prompt():
         assert all(0 <= t < TEXT_V - 10 and t not in (SP.pad, SP.bos, SP.boi, SP.eoi, SP.eos) for t in toks)
 
 
+def test_per_row_generators_make_a_batch_equal_each_row_alone():
+    model = make_model(seed=4)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    caps = [[7, 8, 9], [10], [11, 12]]
+    batch = generate_images(model, caps, special=SP, cfg_scale=2.0, generator=gens(0, 1, 2)).codes
+    for i, c in enumerate(caps):
+        alone = generate_images(model, [c], special=SP, cfg_scale=2.0, generator=gens(i)).codes
+        assert torch.equal(alone[0], batch[i]), i
+    texts = caption_images(
+        model, batch, special=SP, max_new_tokens=4, temperature=1.0, generator=gens(3, 4, 5)
+    )
+    for i in range(3):
+        one = caption_images(
+            model, batch[i : i + 1], special=SP, max_new_tokens=4, temperature=1.0, generator=gens(3 + i)
+        )
+        assert one.tokens[0] == texts.tokens[i]
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        generate_images(model, caps, special=SP, generator=gens(0, 1))
+
+
 def test_sample_token_modes():
     logits = torch.tensor([[0.0, 3.0, 1.0, float("-inf")], [5.0, 0.0, 0.0, 0.0]])
     assert sample_token(logits, temperature=0.0).tolist() == [1, 0]

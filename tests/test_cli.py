@@ -37,6 +37,8 @@ def test_help_lists_commands_and_keys(capsys):
         "--device",
         "--out",
         "--resume",
+        "--model",
+        "discrete",
         "lr = 0.001",
         "patch_size",
     ):
@@ -101,6 +103,16 @@ def test_unknown_preset_and_bad_flag_values(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     code, _, err = run_main(capsys, "train", "--steps", "-3", "--out", str(tmp_path / "r"))
     assert code == 2 and "train.steps" in err
+
+
+def test_model_flag_sets_the_family(tmp_path, capsys):
+    model, train, _ = resolve_train_args("tiny", None, ["train.family=transfusion"], family="discrete")
+    assert train.family == "discrete"  # the flag wins, like --steps / --device
+    code, _, err = run_main(capsys, "train", "--model", "bogus", "--out", str(tmp_path / "r"))
+    assert code == 2 and "train.family" in err and "discrete" in err
+    code, out, _ = run_main(capsys, "train", "--model", "discrete", "--out", str(tmp_path / "r"), "--dry-run")
+    assert code == 0 and json.loads(out)["train"]["family"] == "discrete"
+    assert not (tmp_path / "r").exists()
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):

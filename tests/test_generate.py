@@ -334,7 +334,7 @@ def test_text_to_image_and_caption_with_a_tokenizer():
         text_to_image(m, ["a red circle"])
 
 
-def _write_run(path, model: Transfusion, source: str, ae=None) -> None:
+def _write_run(path, model, source: str, ae=None, family: str = "transfusion") -> None:
     from safetensors.torch import save_file
 
     from transfusion.data import ByteTokenizer
@@ -342,9 +342,9 @@ def _write_run(path, model: Transfusion, source: str, ae=None) -> None:
     (path / "checkpoints").mkdir(parents=True)
     data = {"image_size": [16, 16], "latents": {"source": source}}
     cfg = {
-        "family": "transfusion",
+        "family": family,
         "model": model.cfg.to_dict(),
-        "train": TrainConfig().to_dict(),
+        "train": TrainConfig(family=family).to_dict(),
         "data": data,
     }
     (path / "config.json").write_text(json.dumps(cfg))
@@ -361,25 +361,48 @@ def _write_run(path, model: Transfusion, source: str, ae=None) -> None:
         save_autoencoder(ae, path / "autoencoder")
 
 
-@pytest.mark.parametrize("source", ["auto", "pool"])
+@pytest.mark.parametrize("source", ["auto", "pool", "discrete"])
 def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, source):
+    """``transfusion generate`` on Transfusion runs (VAE or pool latents) and a discrete run (VQ codes)."""
     from PIL import Image
 
     from transfusion.autoencoders import AutoencoderConfig, TrainedAutoencoder, build_autoencoder
+    from transfusion.baseline import DiscreteLM
 
-    m = tiny(vocab_size=272)
+    if source == "discrete":
+        torch.manual_seed(0)
+        cfg = get_preset(
+            "tiny",
+            vocab_size=272,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            latent_size=4,
+            max_seq_len=48,
+            codebook_size=32,
+        )
+        m = DiscreteLM(cfg).eval()
+    else:
+        m = tiny(vocab_size=272)
     ae = None
-    if source == "auto":
+    if source != "pool":
+        kind = "vq" if source == "discrete" else "vae"
         ae_cfg = AutoencoderConfig(
-            image_size=16, downsample=4, latent_channels=4, block_out_channels=(8, 8, 8)
+            kind=kind,
+            image_size=16,
+            downsample=4,
+            latent_channels=4,
+            block_out_channels=(8, 8, 8),
+            codebook_size=32,
         )
         ae = TrainedAutoencoder(build_autoencoder(ae_cfg, seed=0), ae_cfg)
     run = tmp_path / "run"
-    _write_run(run, m, source, ae)
+    _write_run(run, m, source, ae, family="discrete" if source == "discrete" else "transfusion")
     out = tmp_path / "grid.png"
     argv = ["--checkpoint", str(run), "--prompt", "a small red circle", "--n", "3", "--out", str(out)]
     assert generate_main([*argv, "--scheduler", "ddim", "--steps", "2", "--device", "cpu"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and ("VQ codes" in printed) == (source == "discrete")
     with Image.open(out) as im:
         assert im.size == (2 * 18 + 2, 2 * 18 + 2)  # 3 images of 16 px in a 2 x 2 grid, 2 px gaps
     Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "red.png")

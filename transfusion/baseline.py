@@ -30,7 +30,14 @@ positions with a target go through the LM head, and ``discrete_analytic_step_flo
 measures ``model(batch).loss.backward()`` as for Transfusion.
 
 Sampling (text to image with classifier-free guidance, image to text) is in
-``transfusion.baseline_sampling``.
+``transfusion.baseline_sampling``; ``transfusion.generation``'s ``text_to_image`` / ``caption`` and
+``transfusion generate`` dispatch to it for a ``DiscreteLM``.
+
+Training is ``transfusion.train``'s "discrete" family (``transfusion train --model discrete``): a quick VQ
+autoencoder (or a saved one) gives the codes, its codebook size becomes ``ModelConfig.codebook_size``, and
+the loop, optimizer, checkpoints, metrics and FLOPs accounting are Transfusion's. QK-norm
+(``ModelConfig.qk_norm``, Chameleon's stabiliser) is supported but off by default, as for Transfusion, so
+that switching the family changes nothing else in a run's configuration.
 """
 
 from __future__ import annotations
@@ -304,7 +311,8 @@ class DiscreteStream(MixedModalStream):
 
     Example order, caption-first / image-first draws and caption dropout draws are those of a Transfusion
     ``MixedModalStream`` with the same captions, seed and document lengths (``config.patch_size`` must be
-    1: one position per code). ``state_dict`` / ``load_state_dict`` / ``batch_at`` work the same way.
+    1: one position per code): only the ``document`` and ``pack`` hooks differ. ``state_dict`` /
+    ``load_state_dict`` / ``batch_at`` work the same way.
 
     Args:
         captions: token ids of every example's caption (no special tokens), ids in ``[0, text_vocab)``.

@@ -14,9 +14,12 @@ cannot start or continue a caption (pad, bos, boi, eoi), until ``<EOS>`` or ``ma
 
 Prompts of different lengths are left-padded; padding positions are outside every document (empty
 attention intervals) and RoPE positions count from each prompt's first real token, so a padded row
-computes what it would compute alone. Every draw uses the caller's ``torch.Generator``; with
-``temperature = 0`` decoding is greedy. ``recompute_logits`` runs the same rows without the cache (tests
-check it against the cached decode step by step).
+computes what it would compute alone. Every draw uses the caller's ``torch.Generator``, or, when a list
+of generators is given (one per image / caption), row i draws only from generator i, so a row gets the
+same samples alone or in any batch (up to float round-off of the batched matmuls; this is how
+``transfusion generate`` seeds image i with ``--seed + i``). With ``temperature = 0`` decoding is greedy.
+``recompute_logits`` runs the same rows without the cache (tests check it against the cached decode step
+by step).
 """
 
 from __future__ import annotations
@@ -108,6 +111,42 @@ def sample_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_generators(generator: Generators, rows: int) -> list[torch.Generator] | torch.Generator | None:
+    """``generator`` as given (None or one generator for the batch), or as a list of one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (str, bytes)) or not isinstance(generator, Sequence):
+        raise ValueError(
+            f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}"
+        )
+    gens = list(generator)
+    if len(gens) != rows:
+        raise ValueError(f"generator: got {len(gens)} generators for {rows} rows; pass one per row")
+    for i, g in enumerate(gens):
+        if not isinstance(g, torch.Generator):
+            raise ValueError(f"generator[{i}] is a {type(g).__name__}, not a torch.Generator")
+    return gens
+
+
+def draw(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: list[torch.Generator] | torch.Generator | None,
+) -> torch.Tensor:
+    """``sample_token`` on (R, V) logits with one generator for all rows, or row i from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample_token(logits, temperature, top_k, generator)
+    if temperature == 0:
+        return sample_token(logits, 0.0, top_k)
+    return torch.cat(
+        [sample_token(logits[i : i + 1], temperature, top_k, g) for i, g in enumerate(generator)]
+    )
+
+
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +226,7 @@ def generate_images(
     cfg_scale: float = 1.0,
     temperature: float = 1.0,
     top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     grid: tuple[int, int] | None = None,
     return_logits: bool = False,
 ) -> ImageSamples:
@@ -197,7 +236,8 @@ def generate_images(
         captions: per image, the caption's text token ids (no ``<BOS>``/``<BOI>``; may be empty).
         cfg_scale: guidance scale s (guided = u + s (c - u)); 1 turns guidance off (no unconditional rows).
         temperature, top_k: code sampling; ``temperature = 0`` is greedy.
-        generator: drives every draw (seed it for reproducible samples).
+        generator: drives every draw (seed it for reproducible samples); a list of one generator per
+            caption: image i draws from generator i only.
         grid: (h, w) codes per image; default ``(cfg.latent_size, cfg.latent_size)``.
         return_logits: keep the raw logits of every step in the result.
     """
@@ -229,6 +269,7 @@ def generate_images(
         uncond.append([special.bos, *[x for x in ids if x in keep], special.boi])
     guided = cfg_scale != 1.0
     N = len(cond)
+    gens = check_generators(generator, N)
     device = _model_device(model)
     tokens, pads = left_pad(cond + uncond if guided else cond, special.pad, device)
     R, P = tokens.shape
@@ -244,7 +285,7 @@ def generate_images(
         if guided:
             c, u = code_logits[:N], code_logits[N:]
             code_logits = u + cfg_scale * (c - u)
-        codes[:, s] = sample_token(code_logits, temperature, top_k, generator)
+        codes[:, s] = draw(code_logits, temperature, top_k, gens)
         if s + 1 < n_codes:
             nxt = (codes[:, s] + vocab.code_start).repeat(R // N)[:, None]
             logits = _step(model, nxt, pads, P + s, cache)
@@ -270,14 +311,15 @@ def caption_images(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     text_vocab: int | None = None,
     return_logits: bool = False,
 ) -> CaptionSamples:
     """Caption each (h, w) code grid of ``codes`` (N, h, w) (see the module docstring).
 
     ``text_vocab``: draw only ids below it (pass the tokenizer's ``vocab_size`` when the model's text
-    vocabulary is larger); default: the model's whole text vocabulary.
+    vocabulary is larger); default: the model's whole text vocabulary. ``generator``: one for the batch, or
+    a list of one per image (image i draws from generator i only).
     """
     special = special or SpecialTokens()
     cfg, vocab = model.cfg, model.vocab
@@ -297,6 +339,7 @@ def caption_images(
     device = _model_device(model)
     code_tokens = vocab.codes_to_tokens(codes, "codes").to(device).flatten(1)
     N, n_codes = code_tokens.shape
+    gens = check_generators(generator, N)
     P = n_codes + 3
     if P + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -321,7 +364,7 @@ def caption_images(
     for s in range(max_new_tokens):
         if return_logits:
             kept.append(logits.clone())
-        tok = sample_token(logits.masked_fill(banned, float("-inf")), temperature, top_k, generator)
+        tok = draw(logits.masked_fill(banned, float("-inf")), temperature, top_k, gens)
         tok = torch.where(finished, special.pad, tok)
         drawn.append(tok)
         finished |= tok == special.eos
@@ -352,9 +395,11 @@ __all__ = [
     "CaptionSamples",
     "ImageSamples",
     "caption_images",
+    "check_generators",
     "check_sampling",
     "decode_layout",
     "decode_positions",
+    "draw",
     "generate_images",
     "left_pad",
     "recompute_logits",

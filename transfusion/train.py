@@ -809,7 +809,8 @@ class DiscreteFamily(ModelFamily):
         captions, _ = read_captions_and_images(dataset, need_images=False)
         tok = prepare_tokenizer(tc, mc, captions, ctx)
         caption_ids = [tok.encode(c) for c in captions]
-        _check_documents_fit(tc, caption_ids, mc.latent_size**2)  # before any expensive work
+        if tc.autoencoder == "auto":  # before any expensive work (a PATH's code grid is known once loaded)
+            _check_documents_fit(tc, caption_ids, mc.latent_size**2)
         codes, mc, lat_info = prepare_codes(ctx, dataset, H)
         _check_documents_fit(tc, caption_ids, int(codes.shape[1] * codes.shape[2]))
         stream = DiscreteStream(

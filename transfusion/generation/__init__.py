@@ -1,7 +1,9 @@
-"""Inference for Transfusion: one decoder that samples text tokens and diffuses images.
+"""Inference for Transfusion (one decoder that samples text tokens and diffuses images) and the discrete
+baseline's text-to-image / captioning through the same API and command.
 
 * ``generate(model, prompts, ...)``: continue mixed-modal documents (``decoder.py``).
-* ``text_to_image`` / ``caption``: the two directions evaluation needs (``api.py``).
+* ``text_to_image`` / ``caption``: the two directions evaluation needs, for Transfusion and for the
+  discrete baseline (``is_discrete`` tells them apart) (``api.py``).
 * ``SamplingConfig``, ``row_generators``, ``make_scheduler``: settings, seeding, diffusers schedulers
   (``sampling.py``).
 * ``DecodeContext``: the left-padded KV cache (or recompute) context (``context.py``).
@@ -9,7 +11,7 @@
 * ``generate_main`` / ``add_generate_subparser``: the ``transfusion generate`` command (``command.py``).
 """
 
-from transfusion.generation.api import caption, text_to_image
+from transfusion.generation.api import caption, is_discrete, text_to_image
 from transfusion.generation.command import add_generate_subparser, generate_main
 from transfusion.generation.context import DecodeContext
 from transfusion.generation.decoder import Generation, caption_dropped, generate
@@ -34,6 +36,7 @@ __all__ = [
     "caption_dropped",
     "generate",
     "generate_main",
+    "is_discrete",
     "load_image",
     "load_run",
     "make_grid",

@@ -7,6 +7,11 @@ Text-to-image writes a PNG grid of ``--n`` samples (row i seeded with ``--seed +
 latents with the run's autoencoder. ``--image`` encodes the image with that autoencoder and prints the
 caption. Errors in the arguments or the run directory exit with status 2 and a message on stderr.
 
+Both model families work: for a discrete (Chameleon-style) run the images are drawn as VQ codes at
+``--code-temperature`` with ``--guidance`` as the classifier-free guidance scale of the code logits, and
+decoded with the run's VQ autoencoder (``--scheduler`` / ``--steps`` do not apply); captioning encodes the
+image to codes and samples the caption from the tokenizer's vocabulary.
+
 This module imports only argparse at import time, so ``transfusion.cli`` can register it cheaply:
 ``COMMANDS["generate"] = add_generate_subparser``.
 """
@@ -49,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="caption top-k sampling")
+    p.add_argument(
+        "--code-temperature",
+        type=float,
+        default=1.0,
+        help="discrete runs: temperature of the image-code draws (default 1; 0 = greedy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     p.add_argument("--attention", default="sdpa", help="attention backend for decoding (default sdpa)")
@@ -62,7 +73,7 @@ def _fail(message: str) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from transfusion.generation.api import caption, text_to_image
+    from transfusion.generation.api import caption, is_discrete, text_to_image
     from transfusion.generation.run import image_size_of, load_image, load_run, make_grid, save_png
     from transfusion.generation.sampling import SamplingConfig
 
@@ -82,9 +93,13 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
         )
+        discrete = is_discrete(run.model)
         if args.prompt is not None:
             if run.autoencoder is None:
                 raise ValueError(f"{args.checkpoint}: the run has no autoencoder to decode its latents with")
+            image_sampling = sampling
+            if discrete:  # the codes are drawn at --code-temperature; --top-k is for captions
+                image_sampling = sampling.with_options(temperature=args.code_temperature, top_k=None)
             t0 = time.time()
             images = []
             for start in range(0, args.n, args.batch_size):
@@ -97,15 +112,17 @@ def run_generate(args: argparse.Namespace) -> int:
                         tokenizer=run.tokenizer,
                         autoencoder=run.autoencoder,
                         generator=gens,
-                        config=sampling,
+                        config=image_sampling,
                     )
                 )
             grid = make_grid(torch.cat(images), nrow=args.nrow)
             out = save_png(grid, args.out)
-            print(
-                f"wrote {out} ({args.n} images, {args.scheduler} {sampling.steps} steps, "
-                f"guidance {args.guidance}, {time.time() - t0:.1f}s)"
-            )
+            if discrete:
+                h = run.model.cfg.latent_size
+                how = f"{h}x{h} VQ codes each at temperature {args.code_temperature}"
+            else:
+                how = f"{args.scheduler} {sampling.steps} steps"
+            print(f"wrote {out} ({args.n} images, {how}, guidance {args.guidance}, {time.time() - t0:.1f}s)")
             return 0
         if run.autoencoder is None:
             raise ValueError(f"{args.checkpoint}: the run has no autoencoder to encode the image with")

@@ -548,7 +548,18 @@ def generate(
             denoising step ({"kind": "eps", "rows", "t", "x_t", "eps_cond", "eps_uncond", "eps"}).
 
     Returns one ``Generation`` per prompt. Bad prompts or settings raise ValueError before any compute.
+
+    The discrete baseline (``transfusion.baseline.DiscreteLM``) is not decoded here: its two uses are
+    ``text_to_image`` / ``caption`` (which take either family), built on
+    ``transfusion.baseline_sampling.generate_images`` / ``caption_images``.
     """
+    from transfusion.baseline import DiscreteLM
+
+    if isinstance(model, DiscreteLM):
+        raise TypeError(
+            "generate() decodes Transfusion models; for the discrete baseline use text_to_image / caption "
+            "(or transfusion.baseline_sampling.generate_images / caption_images)"
+        )
     cfg = (config or SamplingConfig()).with_options(**options)
     special = special or SpecialTokens()
     mc = model.cfg

@@ -2,12 +2,18 @@
 
 A run directory (written by ``transfusion.train``):
 
-    DIR/config.json             "model": ModelConfig fields, "train": TrainConfig fields, "data": data info
-                                (data.latents.source: "auto" | "path" | "pool", data.image_size: [H, W])
+    DIR/config.json             "family": "transfusion" | "discrete", "model": ModelConfig fields, "train":
+                                TrainConfig fields, "data": data info (data.latents.source: "auto" | "path"
+                                | "pool", data.image_size: [H, W])
     DIR/checkpoints/latest.json {"step", "model": "step_XXXXXXXX.safetensors", ...}
     DIR/checkpoints/step_XXXXXXXX.safetensors   model weights
     DIR/tokenizer.json          the text tokenizer
-    DIR/autoencoder/            the image autoencoder (data.latents.source "auto"; "path": data.latents.path)
+    DIR/autoencoder/            the image autoencoder (data.latents.source "auto"; "path": data.latents.path):
+                                a VAE for Transfusion, a VQ model for the discrete family
+
+``load_run`` rebuilds the run's model family from config.json: ``Transfusion`` or
+``transfusion.baseline.DiscreteLM`` (whose ``model.codebook_size`` config.json records); the
+``text_to_image`` / ``caption`` API and ``transfusion generate`` take either.
 
 A run trained on ``pool`` latents (smoke runs: average pooling + a fixed channel mix, no autoencoder) is
 decoded with the least-squares inverse of that map (``PoolCodec``), so its samples can still be looked at.
@@ -30,11 +36,14 @@ class Run:
     """A trained model with what is needed to talk to it."""
 
     path: Path
-    model: Any  # transfusion.transfusion_model.Transfusion, in eval mode
+    model: Any  # Transfusion, or DiscreteLM for a "discrete" run; in eval mode
     tokenizer: Any  # transfusion.data.TextTokenizer
-    autoencoder: Any | None  # encode(images) / decode(latents) / image_size; None if unavailable
+    autoencoder: (
+        Any | None
+    )  # encode(images) / decode(latents) (+ encode_codes / decode_codes for VQ); or None
     config: dict[str, Any]  # the run's config.json
     step: int
+    family: str = "transfusion"  # the run's model family (config.json "family")
 
 
 class PoolCodec:
@@ -86,6 +95,20 @@ def _autoencoder_for(path: Path, cfg: dict[str, Any], model_cfg, seed: int, devi
     return None
 
 
+# Model class of each family, as "module:Class" (imported when a run of that family is loaded).
+MODEL_CLASSES = {
+    "transfusion": "transfusion.transfusion_model:Transfusion",
+    "discrete": "transfusion.baseline:DiscreteLM",
+}
+
+
+def _model_class(family: str):
+    import importlib
+
+    module, name = MODEL_CLASSES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +133,6 @@ def load_run(
 
     from transfusion.config import ModelConfig
     from transfusion.data import load_tokenizer
-    from transfusion.transfusion_model import Transfusion
 
     path = Path(path)
     dev = resolve_device(device)
@@ -121,8 +143,8 @@ def load_run(
     if "model" not in cfg:
         raise ValueError(f"{cfg_file}: no 'model' section")
     family = cfg.get("family", cfg.get("train", {}).get("family", "transfusion"))
-    if family != "transfusion":
-        raise ValueError(f"{path}: a {family!r} run; generation here is for the 'transfusion' family")
+    if family not in MODEL_CLASSES:
+        raise ValueError(f"{path}: a {family!r} run; generation knows the families {sorted(MODEL_CLASSES)}")
     model_cfg = ModelConfig.from_dict(cfg["model"])
     if attention is not None:
         model_cfg = model_cfg.replace(attention=attention)
@@ -137,14 +159,16 @@ def load_run(
         weights = ckdir / f"step_{step:08d}.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: checkpoint not found")
-    model = Transfusion(model_cfg)
+    model = _model_class(family)(model_cfg)
     model.load_state_dict(load_file(str(weights), device="cpu"))
     model = model.to(dev).eval()
     tok_file = path / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     seed = int(cfg.get("train", {}).get("seed", 0))
     ae = _autoencoder_for(path, cfg, model_cfg, seed, dev)
-    return Run(path=path, model=model, tokenizer=tokenizer, autoencoder=ae, config=cfg, step=int(step))
+    return Run(
+        path=path, model=model, tokenizer=tokenizer, autoencoder=ae, config=cfg, step=int(step), family=family
+    )
 
 
 def image_size_of(autoencoder) -> int:
@@ -218,6 +242,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 __all__ = [
+    "MODEL_CLASSES",
     "PoolCodec",
     "Run",
     "image_size_of",
