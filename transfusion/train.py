@@ -26,6 +26,17 @@ sliced. Each rank scales its losses by its share of the global LM tokens / image
 gradients, so the gradient is exactly that of the global batch's mean losses: two processes match one
 process at the same global batch up to float summation order (tests/test_ddp.py).
 
+``train.parallel`` picks the wrapper under torchrun: "ddp" (default; ``DistributedDataParallel``),
+"fsdp" (FSDP2: ``torch.distributed.fsdp.fully_shard`` on every transformer ``Block``, then on the root
+model, the torchtitan pattern; parameters, gradients and optimizer state are sharded, and the gradient
+reduce-scatter averages like DDP), "auto" (fsdp when the model has more than ``FSDP_AUTO_THRESHOLD``
+parameters, else ddp) or "none" (one process only). The wrapping lives here, not in the model. FSDP
+checkpoints are gathered to full state dicts on rank 0 (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``): the weights file is the
+same as DDP's and loads in one process; the optimizer state is stored keyed by parameter name
+(``optimizer_format = "fqn"``), and a run may resume under another ``train.parallel`` (either format loads
+either way).
+
 Model families. A ``ModelFamily`` (registry: ``register_family`` / ``get_family``) says how to prepare
 the data, build the model, and compute the loss parts of a step; the loop only sees ``LossPart`` s. Two are
 registered here, and ``train.family`` (the CLI's ``--model``) picks one; nothing else in a run's
@@ -106,6 +117,10 @@ METRIC_FIELDS = (
 )
 
 
+PARALLEL_MODES = ("ddp", "fsdp", "auto", "none")
+FSDP_AUTO_THRESHOLD = 300_000_000  # train.parallel = "auto": fsdp for models with more parameters
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message starts with the offending key."""
 
@@ -170,6 +185,11 @@ class TrainConfig:
         0, "CPU threads per process; 0: auto (OMP_NUM_THREADS if set, else the cores not busy, see docs)"
     )
     find_unused_parameters: bool = _opt(False, "DDP option (not needed: every row holds an image)")
+    parallel: str = _opt(
+        "ddp",
+        "data parallel wrapper under torchrun: ddp | fsdp (FSDP2, fully_shard per transformer block, then "
+        "the root) | auto (fsdp above 300M parameters, else ddp) | none (single process only)",
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -202,6 +222,8 @@ class TrainConfig:
             raise bad("caption_first_prob", "must be in [0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise bad("precision", "must be one of 'auto', 'fp32', 'bf16'")
+        if self.parallel not in PARALLEL_MODES:
+            raise bad("parallel", "must be one of " + ", ".join(repr(m) for m in PARALLEL_MODES))
         try:
             if self.device != "auto":
                 torch.device(self.device)
@@ -907,6 +929,11 @@ def check_config(model_cfg: ModelConfig, train_cfg: TrainConfig, world_size: int
     family = get_family(train_cfg.family)
     device = resolve_device(train_cfg)
     model_cfg = resolve_attention(train_cfg, model_cfg, device)
+    if train_cfg.parallel == "none" and world_size > 1:
+        raise ConfigError(
+            f"train.parallel = 'none' trains one process, but {world_size} were launched; use 'ddp', "
+            "'fsdp' or 'auto' under torchrun"
+        )
     if train_cfg.batch_rows % world_size:
         raise ConfigError(
             f"train.batch_rows = {train_cfg.batch_rows} is not divisible by the number of data-parallel "
@@ -1017,8 +1044,90 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "module", model)  # DDP (fully_shard wraps in place: nothing to unwrap)
     return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def resolve_parallel(train_cfg: TrainConfig, world_size: int, n_params: int) -> str:
+    """The wrapper a run uses: "none" on one process, else ``train.parallel`` with "auto" resolved by
+    the parameter count (fsdp above ``FSDP_AUTO_THRESHOLD``)."""
+    if world_size <= 1:
+        return "none"
+    if train_cfg.parallel == "auto":
+        return "fsdp" if n_params > FSDP_AUTO_THRESHOLD else "ddp"
+    return train_cfg.parallel
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, world_size: int) -> int:
+    """FSDP2 in place: ``fully_shard`` each transformer ``Block`` (its own all-gather / reduce-scatter
+    unit), then the root (embeddings, adapters, heads, final norm). Returns the number of blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from transfusion.model import Block
+
+    # Block returns (x, new_kv); the KV tensors are views, unused in training and never modified in
+    # place, so FSDP2's warning about in-place ops on a view output does not apply here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+    mesh = init_device_mesh(device.type, (world_size,))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _checkpoint_payload(model: nn.Module, opt: torch.optim.Optimizer, parallel: str):
+    """(weights or None, optimizer state, optimizer format) to save. Under FSDP every rank must call this
+    (the gathers are collective); rank 0 gets the full CPU tensors, the others empty dicts."""
+    if parallel != "fsdp":
+        return None, opt.state_dict(), "index"
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _full_state_options()
+    weights = get_model_state_dict(model, options=opts)
+    return weights, get_optimizer_state_dict(model, opt, options=opts), "fqn"
+
+
+def _optimizer_state_by_name(model: nn.Module, state: dict[str, Any], cfg: TrainConfig, device) -> dict:
+    """A checkpoint's optimizer state keyed by parameter name ("fqn" format), converting the index-keyed
+    ``opt.state_dict()`` of a DDP / single-process run through a throwaway optimizer on the plain model."""
+    if state.get("optimizer_format") == "fqn":
+        return state["optimizer"]
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    tmp = build_optimizer(model, cfg, device)
+    tmp.load_state_dict(state["optimizer"])
+    by_name = get_optimizer_state_dict(model, tmp)
+    del tmp
+    return by_name
+
+
+def _load_optimizer_state(
+    model: nn.Module, opt: torch.optim.Optimizer, optim_state: dict, fqn: bool, sharded: bool
+) -> None:
+    """Load index-keyed (``opt.state_dict()``) or name-keyed ("fqn") optimizer state; under FSDP
+    (``sharded``) the full name-keyed state is split into this rank's shards."""
+    if not fqn:
+        opt.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True) if sharded else None
+    set_optimizer_state_dict(model, opt, optim_state, options=options)
+
+
+def _grad_norm_value(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a (replicated) DTensor when the gradients are DTensors (FSDP2)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 # ====================================================================== optimizer and schedule
@@ -1067,13 +1176,24 @@ def latest_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
+def _save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint; ``weights`` (a full state dict, e.g. gathered from FSDP shards) replaces
+    ``model.state_dict()`` when given."""
     from safetensors.torch import save_file
 
     ckpt = out_dir / CKPT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
+    if weights is None:
+        weights = _unwrap(model).state_dict()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     tmp = ckpt / f".{name}.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"step": str(step)})
     os.replace(tmp, ckpt / f"{name}.safetensors")
@@ -1137,6 +1257,7 @@ class TrainResult:
 
 _RESUME_MAY_CHANGE = {
     "steps", "log_every", "ckpt_every", "keep_checkpoints", "device", "progress", "compile", "threads",
+    "parallel",
 }  # fmt: skip
 
 
@@ -1228,8 +1349,7 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
 
     torch.manual_seed(train_cfg.seed)
     raw = family.build_model(model_cfg).to(device)
-    opt = build_optimizer(raw, train_cfg, device)
-    sched = build_scheduler(opt, train_cfg)
+    parallel = resolve_parallel(train_cfg, world, sum(p.numel() for p in raw.parameters()))
     metrics_path = out / "metrics.jsonl"
 
     step = 0
@@ -1237,14 +1357,27 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
     wall_offset = 0.0
     flops_per_step: float | None = None
     accum: dict[str, float] = {}
+    state: dict[str, Any] = {}
+    optim_state, optim_fqn = None, False
     if resume:
         from safetensors.torch import load_file
 
         assert latest is not None
         ckdir = out / CKPT_DIR
+        # Full weights into the plain model on every rank, before any sharding.
         raw.load_state_dict(load_file(str(ckdir / latest["model"]), device=str(device)))
         state = torch.load(ckdir / latest["state"], map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+        optim_state, optim_fqn = state["optimizer"], state.get("optimizer_format") == "fqn"
+        if parallel == "fsdp" and not optim_fqn:
+            optim_state, optim_fqn = _optimizer_state_by_name(raw, state, train_cfg, device), True
+    if parallel == "fsdp":
+        apply_fsdp(raw, device, world)  # parameters become DTensor shards: build the optimizer after
+    opt = build_optimizer(raw, train_cfg, device)
+    sched = build_scheduler(opt, train_cfg)
+    if resume:
+        assert optim_state is not None
+        _load_optimizer_state(raw, opt, optim_state, optim_fqn, sharded=parallel == "fsdp")
+        del optim_state
         sched.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         _set_rng_state(state["rng"])
@@ -1255,7 +1388,11 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
             _truncate_metrics(metrics_path, step)
             cfg_json = json.loads((out / "config.json").read_text())
             cfg_json.setdefault("resumes", []).append(
-                {"step": step, "provenance": provenance(device, train_cfg.seed, world_size=world)}
+                {
+                    "step": step,
+                    "parallel": parallel,
+                    "provenance": provenance(device, train_cfg.seed, world_size=world),
+                }
             )
             atomic_write_json(out / "config.json", cfg_json)
             print(f"[train] resumed from step {step} ({ckdir / latest['model']})", file=sys.stderr)
@@ -1267,7 +1404,8 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
         return torch.Generator().manual_seed(mix_seed(train_cfg.seed, s, _SALT_STEP))
 
     if flops_per_step is None:
-        # Measure step 1 (forward + backward on this rank's rows) on the plain model, before any update.
+        # Measure step 1 (forward + backward on this rank's rows) before any update, on the plain model
+        # (DDP wraps it later) or on the FSDP-sharded one (its collectives are not counted).
         first = stream.peek()
 
         def first_step() -> None:
@@ -1295,6 +1433,7 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
                 "train": train_cfg.to_dict(),
                 "data": data.info,
                 "world_size": world,
+                "parallel": parallel,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
                 "params": raw.num_params() if hasattr(raw, "num_params") else None,
@@ -1312,7 +1451,7 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
     if train_cfg.compile:
         # The shared transformer is the hot, shape-stable part; the family's glue stays eager.
         getattr(raw, "transformer", raw).compile()
-    if world > 1:
+    if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(
@@ -1353,9 +1492,9 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
                 raise NonFiniteLossError(_nonfinite_message("loss", s, losses, out, last_ckpt))
             objective.backward()
             if train_cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip))
+                gnorm = _grad_norm_value(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip))
             else:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+                gnorm = _grad_norm_value(torch.nn.utils.clip_grad_norm_(params, float("inf")))
             if not math.isfinite(gnorm):
                 raise NonFiniteLossError(_nonfinite_message("gradient norm", s, losses, out, last_ckpt))
             opt.step()
@@ -1390,9 +1529,11 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
                     metrics_file.flush()
             is_ckpt = train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0
             if is_ckpt or step == train_cfg.steps:
+                weights, optim, optim_format = _checkpoint_payload(raw, opt, parallel)
                 state = {
                     "step": step,
-                    "optimizer": opt.state_dict(),
+                    "optimizer": optim,
+                    "optimizer_format": optim_format,
                     "scheduler": sched.state_dict(),
                     "stream": stream.state_dict(),
                     "rng": _rng_state(),
@@ -1401,9 +1542,10 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
                     "flops_per_step": flops_per_step,
                     "log_accum": dict(accum),
                     "world_size": world,
+                    "parallel": parallel,
                 }
                 if is_main:
-                    _save_checkpoint(out, step, raw, state, train_cfg.keep_checkpoints)
+                    _save_checkpoint(out, step, raw, state, train_cfg.keep_checkpoints, weights)
                 last_ckpt = {"step": step, "model": f"step_{step:08d}.safetensors"}
     finally:
         if bar is not None:
@@ -1490,6 +1632,10 @@ __all__ = [
     "lr_multiplier",
     "read_metrics",
     "register_family",
+    "resolve_parallel",
+    "apply_fsdp",
+    "PARALLEL_MODES",
+    "FSDP_AUTO_THRESHOLD",
     "resolve_threads",
     "train",
 ]
