@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, gpu (the prepared GPU run), attention (CPU sweep).
+"""Sessions: tests, lint, quick (the main job), gpu (the prepared GPU run), attention (CPU sweep), report.
 
 Sessions run in the current environment (``python -m pip install -e ".[dev]"`` first): a fresh virtualenv
 per session would copy several GB of torch for nothing.
@@ -19,6 +19,18 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=False)
+def quick(session: nox.Session) -> None:
+    """The main job: both families trained, sampled and judged on CPU; results/quick/ with plots."""
+    session.run("python", "-m", "bench", "quick", *session.posargs)
+
+
+@nox.session(python=False)
+def report(session: nox.Session) -> None:
+    """results/REPORT.md from the committed result files."""
+    session.run("python", "-m", "bench", "report")
 
 
 @nox.session(python=False)

@@ -1,6 +1,8 @@
 """Benchmark suites: ``python -m bench <suite> --profile <name>``.
 
 Suites:
+  quick       the main job (CPU, <= 10 min): train Transfusion and the discrete baseline, generate, judge,
+              write results/quick/ with plots (python -m bench quick --help)
   attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
               attention_provenance.json and plots/attention_*.png
   plots       redraw the plots of a results folder from its files
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.generation import main as generation_main
 
         return generation_main(argv[1:])
+    if argv[:1] == ["quick"]:  # its own option parser
+        from bench.quick import main as quick_main
+
+        return quick_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

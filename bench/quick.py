@@ -1,0 +1,859 @@
+"""The ``quick`` profile: every stage of the bench end to end on a CPU in minutes.
+
+For each model family (Transfusion and the Chameleon-style discrete baseline) on the ``shapes`` dataset:
+
+1. train: a tiny model for a few hundred steps (``transfusion.train.train``; the trainer trains or reuses
+   the cached quick autoencoder: a VAE for Transfusion, a VQ model for the baseline);
+2. eval: text-to-image for held-out test captions and image-to-text for held-out test images, both scored
+   by the shapes judge; bits per byte of held-out captions under the model's LM;
+
+plus reference rows (the judge on the ground-truth test images, on their autoencoder reconstructions, and
+on shuffled pairs as a chance level), then ``OUT/quick.csv``, ``OUT/quick.json``,
+``OUT/quick_provenance.json`` and ``OUT/plots/`` (loss vs training FLOPs, sample grids, judge accuracies).
+
+Robustness: every stage runs in its own try block; a failure is recorded (``stages[name].error`` and the
+family row's ``error``) and the other stages go on. Rerunning reuses what is finished: a run directory
+whose checkpoint is at the target step (and whose configuration is unchanged) is not retrained, a shorter
+one is resumed, and an evaluation whose inputs are unchanged is read back from ``OUT/eval/``.
+
+Usage: ``python -m bench quick [--out results/quick] [--runs-dir runs/quick] [--steps N] [--fresh]
+[--set KEY=JSON ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+
+FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
+
+CSV_FIELDS: tuple[str, ...] = (
+    "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
+    "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
+    "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "text_bpb", "recon_alignment",
+    "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
+)  # fmt: skip
+
+
+@dataclass
+class QuickConfig:
+    """Everything the quick profile does; the defaults fit <= 10 min on 2 busy CPU cores."""
+
+    seed: int = 0
+    families: tuple[str, ...] = FAMILIES
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"max_seq_len": 256})
+    steps: int = 400
+    batch_rows: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    log_every: int = 10
+    train_examples: int = 2048
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    autoencoder_options: dict[str, Any] = field(
+        default_factory=lambda: {
+            "steps": 300,
+            "batch_size": 16,
+            "train_images": 1024,
+            "val_images": 64,
+            "scale_images": 256,
+        }
+    )
+    cache_dir: str = ""  # "" -> TRANSFUSION_CACHE or ~/.cache/transfusion-bench
+    threads: int = 0  # 0: the free cores (transfusion.train.resolve_threads); 1 on a busy machine
+    # evaluation
+    n_t2i: int = 64  # held-out test captions to draw images for
+    n_caption: int = 64  # held-out test images to caption
+    n_text: int = 500  # held-out test captions for bits per byte
+    scheduler: str = "ddpm"  # the paper: 250 DDPM steps
+    num_diffusion_steps: int = 250
+    guidance_scale: float = 3.0  # Transfusion: CFG on eps; baseline: CFG on code logits (1 = off)
+    image_temperature: float = 1.0  # the baseline's code sampling temperature
+    caption_max_tokens: int = 64
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["families"] = list(self.families)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuickConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown quick config key(s) {unknown}; valid: {sorted(known)}")
+        d = dict(d)
+        if "families" in d:
+            d["families"] = tuple(d["families"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> QuickConfig:
+        return QuickConfig.from_dict({**self.to_dict(), **changes})
+
+
+# ---------------------------------------------------------------------- small helpers
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log(msg: str) -> None:
+    print(f"[quick] {msg}", file=sys.stderr, flush=True)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class _Stages:
+    """Runs named stages, timing them and recording failures instead of raising."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="quick", unit="stage", dynamic_ncols=True, file=sys.stderr)
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+        _log(f"stage {name}: start")
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"status": "ok"}
+        result = None
+        try:
+            result = fn()
+            if isinstance(result, dict) and result.get("_reused"):
+                rec["status"] = "reused"
+        except Exception as e:  # a failed stage is recorded and the others go on
+            rec["status"] = "failed"
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["traceback"] = traceback.format_exc(limit=8)
+            _log(f"stage {name}: FAILED: {rec['error']}")
+        rec["wall_s"] = round(time.perf_counter() - t0, 2)
+        self.records[name] = rec
+        _log(f"stage {name}: {rec['status']} in {rec['wall_s']:.1f}s")
+        if self.bar is not None:
+            self.bar.update(1)
+        return result
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------- configs
+def model_and_train_config(cfg: QuickConfig, family: str, threads: int):
+    from transfusion.config import get_preset
+    from transfusion.train import TrainConfig
+
+    model_cfg = get_preset(cfg.preset, **cfg.model_overrides)
+    train_cfg = TrainConfig(
+        family=family,
+        steps=cfg.steps,
+        batch_rows=cfg.batch_rows,
+        seq_len=cfg.seq_len,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        log_every=cfg.log_every,
+        ckpt_every=0,
+        keep_checkpoints=1,
+        seed=cfg.seed,
+        device="cpu",
+        dataset="shapes",
+        dataset_options=dict(cfg.dataset_options),
+        train_examples=cfg.train_examples,
+        autoencoder="auto",
+        autoencoder_options=dict(cfg.autoencoder_options),
+        cache_dir=cfg.cache_dir,
+        progress=cfg.progress,
+        threads=threads,
+    )
+    return model_cfg, train_cfg
+
+
+# What decides a family's trained weights (besides the step count): a run directory trained with the same
+# values is reused or resumed. Built from QuickConfig (not TrainConfig.to_dict, whose fields may grow).
+_RUN_KEYS = (
+    "seed", "preset", "model_overrides", "batch_rows", "seq_len", "lr", "warmup_steps", "train_examples",
+    "dataset_options", "autoencoder_options",
+)  # fmt: skip
+
+
+def _run_fingerprint(cfg: QuickConfig, family: str) -> str:
+    d = cfg.to_dict()
+    return _fingerprint({"family": family, **{k: d[k] for k in _RUN_KEYS}})
+
+
+# ---------------------------------------------------------------------- stage: train
+def train_family(cfg: QuickConfig, family: str, run_dir: Path, threads: int, fresh: bool) -> dict[str, Any]:
+    """Train (or reuse / resume) one family's run; returns a summary of its metrics."""
+    from transfusion.train import ConfigError, latest_checkpoint, read_metrics, train
+
+    model_cfg, train_cfg = model_and_train_config(cfg, family, threads)
+    fp = _run_fingerprint(cfg, family)
+    fp_file = run_dir / "quick_fingerprint.json"
+    reused = False
+    if run_dir.exists():
+        stored = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
+        latest = latest_checkpoint(run_dir)
+        if fresh or stored != fp or latest is None:
+            why = "--fresh" if fresh else ("configuration changed" if stored != fp else "no checkpoint")
+            _log(f"{family}: discarding {run_dir} ({why})")
+            shutil.rmtree(run_dir)
+        elif int(latest["step"]) >= cfg.steps:
+            _log(f"{family}: reusing {run_dir} (checkpoint at step {latest['step']})")
+            reused = True
+    if not reused:
+        resume = run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(fp_file, {"fingerprint": fp})
+        try:
+            train(model_cfg, train_cfg, run_dir, resume=resume, preset=cfg.preset)
+        except ConfigError as e:
+            if not resume:
+                raise
+            _log(f"{family}: cannot resume {run_dir} ({e}); training from scratch")
+            shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            atomic_write_json(fp_file, {"fingerprint": fp})
+            train(model_cfg, train_cfg, run_dir, resume=False, preset=cfg.preset)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl is empty")
+    summary = summarize_run(run_dir, rows)
+    summary["_reused"] = reused
+    return summary
+
+
+def summarize_run(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    last = rows[-1]
+    out: dict[str, Any] = {
+        "steps": int(last["step"]),
+        "final_loss": last.get("loss"),
+        "final_lm_loss": last.get("lm_loss"),
+        "final_diffusion_loss": last.get("diffusion_loss"),
+        "final_text_loss": last.get("text_loss", last.get("lm_loss")),
+        "final_image_loss": last.get("image_loss"),  # the baseline's LM loss on image codes
+        "train_flops": last.get("train_flops"),
+        "train_wall_s": last.get("wall_time"),
+        "tokens_seen": last.get("tokens_seen"),
+    }
+    cfg_file = run_dir / "config.json"
+    if cfg_file.is_file():
+        conf = json.loads(cfg_file.read_text())
+        out["params"] = _param_count(conf)
+    ae_meta = run_dir / "autoencoder" / "autoencoder.json"
+    if ae_meta.is_file():
+        meta = json.loads(ae_meta.read_text())
+        m = meta.get("metrics", {})
+        out["ae_kind"] = meta.get("kind")
+        out["ae_psnr"] = m.get("val_psnr", m.get("psnr"))
+        out["ae_train_s"] = m.get("total_seconds")
+    return out
+
+
+def _param_count(conf: dict[str, Any]) -> int | None:
+    for key in ("params", "num_params", "parameters"):
+        v = conf.get(key)
+        if isinstance(v, dict):
+            v = v.get("total")
+        if isinstance(v, (int, float)):
+            return int(v)
+    return None
+
+
+# ---------------------------------------------------------------------- stage: eval
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    autoencoder: Any
+    step: int
+
+
+def _load(family: str, run_dir: Path) -> _Loaded:
+    if family == "transfusion":
+        from transfusion.generation import load_run
+
+        run = load_run(run_dir, device="cpu")
+        if run.autoencoder is None:
+            raise FileNotFoundError(f"{run_dir}: no autoencoder to decode latents")
+        return _Loaded(run.model, run.tokenizer, run.autoencoder, run.step)
+    from transfusion.autoencoders import load_autoencoder
+    from transfusion.data import load_tokenizer
+    from transfusion.train import latest_checkpoint, load_checkpoint_model
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint")
+    model = load_checkpoint_model(run_dir).eval()
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    ae = load_autoencoder(run_dir / "autoencoder")
+    return _Loaded(model, tok, ae, int(latest["step"]))
+
+
+def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
+    from transfusion.data import get_dataset
+
+    ds = get_dataset("shapes", "test", **cfg.dataset_options)
+    return [ds[i] for i in range(min(n, len(ds)))]
+
+
+def _generate_images(cfg: QuickConfig, family: str, lm: _Loaded, prompts: list[str]) -> torch.Tensor:
+    if family == "transfusion":
+        from transfusion.generation import text_to_image
+
+        guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
+        return text_to_image(
+            lm.model,
+            prompts,
+            tokenizer=lm.tokenizer,
+            autoencoder=lm.autoencoder,
+            generator=cfg.seed,
+            scheduler=cfg.scheduler,
+            num_steps=cfg.num_diffusion_steps,
+            guidance_scale=guidance,
+        ).float()
+    from transfusion.baseline_sampling import generate_images
+    from transfusion.train import special_tokens
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    samples = generate_images(
+        lm.model,
+        [lm.tokenizer.encode(p) for p in prompts],
+        special=special_tokens(lm.tokenizer),
+        cfg_scale=cfg.guidance_scale,
+        temperature=cfg.image_temperature,
+        generator=gen,
+    )
+    return lm.autoencoder.decode_codes(samples.codes).float().cpu()
+
+
+def _caption_images(cfg: QuickConfig, family: str, lm: _Loaded, images: torch.Tensor) -> list[str]:
+    if family == "transfusion":
+        from transfusion.generation import caption
+
+        return list(
+            caption(
+                lm.model,
+                images,
+                autoencoder=lm.autoencoder,
+                tokenizer=lm.tokenizer,
+                max_new_tokens=cfg.caption_max_tokens,
+            )
+        )
+    from transfusion.baseline_sampling import caption_images
+    from transfusion.train import special_tokens
+
+    codes = lm.autoencoder.encode_codes(images)
+    out = caption_images(
+        lm.model,
+        codes,
+        special=special_tokens(lm.tokenizer),
+        max_new_tokens=cfg.caption_max_tokens,
+        temperature=0.0,
+        text_vocab=int(lm.tokenizer.vocab_size),
+    )
+    return [lm.tokenizer.decode(t) for t in out.tokens]
+
+
+def _printable(text: str) -> str:
+    """Generated text for a plot title: control characters shown as escapes."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
+    """Text-to-image alignment, captioning accuracy and bits per byte of one trained family."""
+    from transfusion.eval import (
+        bits_per_byte_of_texts,
+        caption_accuracy,
+        model_logits_fn,
+        text_to_image_alignment,
+    )
+    from transfusion.train import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir}: no trained checkpoint (did the train stage fail?)")
+    fp_src = {
+        "run": json.loads((run_dir / "quick_fingerprint.json").read_text()).get("fingerprint")
+        if (run_dir / "quick_fingerprint.json").is_file()
+        else None,
+        "step": int(latest["step"]),
+        "eval": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k.startswith(("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_"))
+            or k in ("seed", "dataset_options")
+        },
+    }
+    fp = _fingerprint(fp_src)
+    out_json = eval_dir / f"{family}.json"
+    samples_file = eval_dir / f"{family}_samples.npz"
+    if not fresh and out_json.is_file() and samples_file.is_file():
+        stored = json.loads(out_json.read_text())
+        if stored.get("fingerprint") == fp:
+            _log(f"{family}: reusing the evaluation in {out_json}")
+            return {**stored, "_reused": True}
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    lm = _load(family, run_dir)
+    n_img = max(cfg.n_t2i, cfg.n_caption)
+    items = _test_items(cfg, max(n_img, cfg.n_text))
+    prompts = [it["caption"] for it in items[: cfg.n_t2i]]
+    cap_items = items[: cfg.n_caption]
+    cap_images = torch.stack([it["image"] for it in cap_items])
+    timings: dict[str, float] = {}
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        gen_images = _generate_images(cfg, family, lm, prompts)
+        timings["t2i_s"] = time.perf_counter() - t
+        t2i = text_to_image_alignment(gen_images, prompts)
+
+        t = time.perf_counter()
+        captions = _caption_images(cfg, family, lm, cap_images)
+        timings["caption_s"] = time.perf_counter() - t
+        cap = caption_accuracy(captions, [it["objects"] for it in cap_items])
+
+        t = time.perf_counter()
+        texts = [it["caption"] for it in items[: cfg.n_text]]
+        bpb = bits_per_byte_of_texts(model_logits_fn(lm.model), lm.tokenizer, texts)
+        timings["text_s"] = time.perf_counter() - t
+
+        # the autoencoder's ceiling: reconstructions of the prompts' own ground-truth images
+        t = time.perf_counter()
+        truth = torch.stack([it["image"] for it in items[: cfg.n_t2i]])
+        if family == "transfusion":
+            recon = lm.autoencoder.decode(lm.autoencoder.encode(truth))
+        else:
+            recon = lm.autoencoder.decode_codes(lm.autoencoder.encode_codes(truth))
+        recon_align = text_to_image_alignment(recon.float().cpu(), prompts)
+        timings["recon_s"] = time.perf_counter() - t
+
+    result = {
+        "fingerprint": fp,
+        "family": family,
+        "step": lm.step,
+        "t2i": t2i.as_dict(with_scores=True),
+        "caption": cap.as_dict(with_scores=True),
+        "text": bpb.as_dict(),
+        "recon_alignment": recon_align.as_dict(),
+        "prompts": prompts,
+        "generated_captions": captions,
+        "true_captions": [it["caption"] for it in cap_items],
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "eval_wall_s": round(time.perf_counter() - t0, 2),
+    }
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(samples_file, generated=_to_uint8(gen_images), caption_inputs=_to_uint8(cap_images))
+    atomic_write_json(out_json, result)
+    return result
+
+
+def reference_scores(cfg: QuickConfig) -> dict[str, Any]:
+    """The judge on ground truth (its ceiling) and on shuffled pairs (chance level)."""
+    from transfusion.eval import caption_accuracy, text_to_image_alignment
+
+    n = max(cfg.n_t2i, cfg.n_caption, 2)
+    items = _test_items(cfg, max(n, 64))
+    images = torch.stack([it["image"] for it in items])
+    caps = [it["caption"] for it in items]
+    objs = [it["objects"] for it in items]
+    shifted = caps[1:] + caps[:1]
+    return {
+        "n": len(items),
+        "ground_truth_t2i_alignment": text_to_image_alignment(images, caps).score,
+        "ground_truth_caption_accuracy": caption_accuracy(caps, objs).score,
+        "shuffled_t2i_alignment": text_to_image_alignment(images, shifted).score,
+        "shuffled_caption_accuracy": caption_accuracy(shifted, objs).score,
+    }
+
+
+# ---------------------------------------------------------------------- rows and files
+def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in CSV_FIELDS}
+    row["family"] = family
+    for k, v in (train_sum or {}).items():
+        if k in row:
+            row[k] = v
+    if ev:
+        row["t2i_alignment"] = ev["t2i"]["score"]
+        row["t2i_exact"] = ev["t2i"]["exact"]
+        row["caption_accuracy"] = ev["caption"]["score"]
+        row["caption_exact"] = ev["caption"]["exact"]
+        row["text_bpb"] = ev["text"]["bits_per_byte"]
+        row["recon_alignment"] = ev["recon_alignment"]["score"]
+        row["n_t2i"] = ev["t2i"]["n"]
+        row["n_caption"] = ev["caption"]["n"]
+        row["n_text"] = ev["text"]["n_texts"]
+        row["eval_wall_s"] = ev.get("eval_wall_s")
+    row["status"] = "ok" if not errors else ("partial" if train_sum or ev else "failed")
+    row["error"] = "; ".join(errors) if errors else None
+    return {k: _finite(v) for k, v in row.items()}
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- plots
+def make_plots(out_dir: Path, families: list[str], run_dirs: dict[str, Path], result: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transfusion.train import read_metrics
+
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    errors: list[str] = []
+
+    # 1. loss curves vs training FLOPs, both families on one figure
+    try:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        drawn = 0
+        for fam in families:
+            mfile = run_dirs[fam] / "metrics.jsonl"
+            if not mfile.is_file():
+                continue
+            rows = [r for r in read_metrics(mfile) if r.get("train_flops")]
+            if not rows:
+                continue
+            x = [r["train_flops"] for r in rows]
+            text_key = "text_loss" if "text_loss" in rows[0] else "lm_loss"
+            axes[0].plot(x, [r.get(text_key) for r in rows], label=f"{fam} ({text_key})")
+            label = "loss = lm + λ·diffusion" if fam == "transfusion" else "loss = lm (text + image codes)"
+            axes[1].plot(x, [r.get("loss") for r in rows], label=f"{fam}: {label}")
+            drawn += 1
+        if not drawn:
+            raise RuntimeError("no metrics to plot")
+        axes[0].set_title("text next-token loss on training data")
+        axes[0].set_ylabel("nats / text token")
+        axes[1].set_title("training objective")
+        axes[1].set_ylabel("loss")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel("training FLOPs")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("quick profile: loss vs training FLOPs (tiny models, shapes)")
+        fig.tight_layout()
+        p = plots / "loss_vs_flops.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    except Exception as e:
+        plt.close("all")
+        errors.append(f"loss_vs_flops: {type(e).__name__}: {e}")
+
+    # 2. sample grids per family: text-to-image (prompt above) and captioning (generated caption above)
+    for fam in families:
+        try:
+            ev_file = out_dir / "eval" / f"{fam}.json"
+            npz = out_dir / "eval" / f"{fam}_samples.npz"
+            if not (ev_file.is_file() and npz.is_file()):
+                continue
+            ev = json.loads(ev_file.read_text())
+            data = np.load(npz)
+            gen, inputs = data["generated"], data["caption_inputs"]
+            ncol = 4
+            n_gen = min(len(gen), 8)
+            n_cap = min(len(inputs), 8)
+            nrow = math.ceil(n_gen / ncol) + math.ceil(n_cap / ncol)
+            fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 2.6, nrow * 2.9), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            t2i_scores = ev["t2i"].get("scores", [])
+            for i in range(n_gen):
+                ax = axes[i // ncol][i % ncol]
+                ax.imshow(gen[i], interpolation="nearest")
+                s = f" [{t2i_scores[i]:.2f}]" if i < len(t2i_scores) else ""
+                ax.set_title(textwrap.fill("prompt: " + ev["prompts"][i] + s, 30), fontsize=6.5)
+            off = math.ceil(n_gen / ncol)
+            cap_scores = ev["caption"].get("scores", [])
+            for i in range(n_cap):
+                ax = axes[off + i // ncol][i % ncol]
+                ax.imshow(inputs[i], interpolation="nearest")
+                s = f" [{cap_scores[i]:.2f}]" if i < len(cap_scores) else ""
+                gen_cap = _printable(ev["generated_captions"][i]) or "(empty)"
+                ax.set_title(textwrap.fill("caption: " + gen_cap[:90] + s, 30), fontsize=6.5)
+            fig.suptitle(
+                f"{fam} (step {ev.get('step')}): top: text-to-image samples with their prompts; "
+                "bottom: test images with generated captions. [judge score]",
+                fontsize=8,
+            )
+            fig.tight_layout(rect=(0, 0, 1, 0.97))
+            p = plots / f"samples_{fam}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            written.append(p)
+        except Exception as e:
+            plt.close("all")
+            errors.append(f"samples_{fam}: {type(e).__name__}: {e}")
+
+    # 3. judge accuracies
+    try:
+        labels, t2i, cap = [], [], []
+        for row in result.get("families", []):
+            if row.get("t2i_alignment") is None and row.get("caption_accuracy") is None:
+                continue
+            labels.append(row["family"])
+            t2i.append(row.get("t2i_alignment") or 0.0)
+            cap.append(row.get("caption_accuracy") or 0.0)
+            if row.get("recon_alignment") is not None:
+                labels.append(f"{row['family']} AE recon\n(ceiling)")
+                t2i.append(row["recon_alignment"])
+                cap.append(float("nan"))
+        ref = result.get("references") or {}
+        if ref:
+            labels += ["ground truth", "shuffled\n(chance)"]
+            t2i += [ref["ground_truth_t2i_alignment"], ref["shuffled_t2i_alignment"]]
+            cap += [ref["ground_truth_caption_accuracy"], ref["shuffled_caption_accuracy"]]
+        if not labels:
+            raise RuntimeError("no accuracies to plot")
+        x = np.arange(len(labels))
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
+        ax.bar(x - 0.2, t2i, 0.4, label="text-to-image alignment (judge)")
+        ax.bar(x + 0.2, np.nan_to_num(cap, nan=0.0), 0.4, label="caption attribute accuracy")
+        for i, (a, b) in enumerate(zip(t2i, cap, strict=True)):
+            ax.text(i - 0.2, a + 0.01, f"{a:.2f}", ha="center", fontsize=7)
+            if not math.isnan(b):
+                ax.text(i + 0.2, b + 0.01, f"{b:.2f}", ha="center", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("judge accuracy")
+        ax.set_title("quick profile: shapes judge accuracy (held-out test prompts / images)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = plots / "judge_accuracy.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    except Exception as e:
+        plt.close("all")
+        errors.append(f"judge_accuracy: {type(e).__name__}: {e}")
+    if errors:
+        raise RuntimeError("; ".join(errors) + f" (written: {[p.name for p in written]})")
+    return written
+
+
+# ---------------------------------------------------------------------- the pipeline
+def run_quick(
+    out_dir: str | Path,
+    config: QuickConfig | None = None,
+    fresh: bool = False,
+    runs_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run every stage into ``out_dir`` and return what ``quick.json`` holds.
+
+    ``runs_dir``: where the training run directories (checkpoints, autoencoders) go, one per family;
+    default ``out_dir/runs``. ``fresh``: retrain and re-evaluate instead of reusing finished stages.
+    """
+    from transfusion.train import resolve_threads
+
+    cfg = config or QuickConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    threads = cfg.threads or resolve_threads(0)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    families = list(cfg.families)
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    run_dirs = {f: runs / f for f in families}
+    stages = _Stages(total=2 * len(families) + 2, progress=cfg.progress)
+    train_sums: dict[str, dict | None] = {}
+    evals: dict[str, dict | None] = {}
+    result: dict[str, Any] = {}
+    try:
+        for fam in families:
+            train_sums[fam] = stages.run(
+                f"train_{fam}", lambda fam=fam: train_family(cfg, fam, run_dirs[fam], threads, fresh)
+            )
+        for fam in families:
+            evals[fam] = stages.run(
+                f"eval_{fam}", lambda fam=fam: eval_family(cfg, fam, run_dirs[fam], out / "eval", fresh)
+            )
+        refs = stages.run("references", lambda: reference_scores(cfg))
+        rows = []
+        for fam in families:
+            errs = [
+                f"{name}: {stages.records[name]['error']}"
+                for name in (f"train_{fam}", f"eval_{fam}")
+                if stages.records[name]["status"] == "failed"
+            ]
+            ts = {k: v for k, v in (train_sums[fam] or {}).items() if not k.startswith("_")} or None
+            ev = {k: v for k, v in (evals[fam] or {}).items() if not k.startswith("_")} or None
+            train_sums[fam], evals[fam] = ts, ev
+            rows.append(family_row(fam, ts, ev, errs))
+        result = {
+            "profile": "quick",
+            "run_dirs": {f: str(d) for f, d in run_dirs.items()},
+            "config": cfg.to_dict(),
+            "threads": threads,
+            "families": rows,
+            "references": refs,
+            "train": train_sums,
+            "eval": {f: _drop_lists(e) for f, e in evals.items()},
+            "stages": stages.records,
+        }
+        stages.run("plots", lambda: [str(p) for p in make_plots(out, families, run_dirs, result)])
+    finally:
+        stages.close()
+        torch.set_num_threads(threads_before)
+    _write_outputs(out, cfg, result, stages, t_start, threads)
+    return result
+
+
+def _drop_lists(ev: dict | None) -> dict | None:
+    if ev is None:
+        return None
+    out = dict(ev)
+    for part in ("t2i", "caption"):
+        if isinstance(out.get(part), dict):
+            out[part] = {k: v for k, v in out[part].items() if k != "scores"}
+    return out
+
+
+def _write_outputs(out: Path, cfg: QuickConfig, result: dict, stages: _Stages, t_start: float, threads: int):
+    result["stages"] = stages.records
+    result["total_wall_s"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_json(out / "quick.json", result)
+    atomic_write_text(out / "quick.csv", to_csv(result.get("families", [])))
+    prov = provenance(
+        "cpu",
+        cfg.seed,
+        profile="quick",
+        threads=threads,
+        config=cfg.to_dict(),
+        stage_wall_s={k: v["wall_s"] for k, v in stages.records.items()},
+        total_wall_s=result["total_wall_s"],
+        files=["quick.json", "quick.csv", "plots/"],
+    )
+    atomic_write_json(out / "quick_provenance.json", prov)
+
+
+def _summary_table(result: dict[str, Any]) -> str:
+    cols = ("family", "status", "steps", "final_loss", "t2i_alignment", "caption_accuracy", "text_bpb")
+    lines = ["  ".join(f"{c:>16}" for c in cols)]
+    for r in result.get("families", []):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:>16.4g}" if isinstance(v, float) else f"{'' if v is None else v!s:>16}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench quick",
+        description="Quick CPU profile: tiny Transfusion vs discrete baseline, trained, sampled, judged.",
+    )
+    p.add_argument("--out", type=Path, default=Path("results") / "quick", help="results folder")
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs") / "quick",
+        help="training run directories (checkpoints, autoencoders; reused on reruns)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps per family")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (0: free cores)")
+    p.add_argument("--families", default=None, help="comma-separated subset of " + ",".join(FAMILIES))
+    p.add_argument("--cache-dir", default=None, help="autoencoder/latent cache (default: TRANSFUSION_CACHE)")
+    p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate instead of reusing")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override any QuickConfig field, e.g. --set n_t2i=8 --set 'autoencoder_options={\"steps\": 50}'",
+    )
+    args = p.parse_args(argv)
+    changes: dict[str, Any] = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    if args.families:
+        fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        bad = sorted(set(fams) - set(FAMILIES))
+        if bad:
+            p.error(f"--families: unknown {bad}; valid: {list(FAMILIES)}")
+        changes["families"] = fams
+    if args.cache_dir is not None:
+        changes["cache_dir"] = args.cache_dir
+    if args.no_progress:
+        changes["progress"] = False
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    try:
+        cfg = QuickConfig().replace(**changes)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    result = run_quick(args.out, cfg, fresh=args.fresh, runs_dir=args.runs_dir)
+    print(_summary_table(result))
+    for name, rec in result["stages"].items():
+        print(f"  stage {name:<20} {rec['status']:<7} {rec['wall_s']:>8.1f}s  {rec.get('error', '')}")
+    print(f"total {result['total_wall_s']:.1f}s; wrote {args.out}/quick.csv, quick.json, plots/")
+    failed = [n for n, r in result["stages"].items() if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+__all__ = ["FAMILIES", "QuickConfig", "main", "run_quick"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

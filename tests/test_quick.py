@@ -1,0 +1,140 @@
+"""bench.quick: the quick profile end to end with a drastically reduced configuration (CPU, seconds)."""
+
+import csv
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("matplotlib")
+
+from bench import quick  # noqa: E402
+
+TINY = {
+    "model_overrides": {"max_seq_len": 256, "dim": 32, "n_heads": 2, "n_layers": 1},
+    "steps": 4,
+    "batch_rows": 2,
+    "train_examples": 48,
+    "log_every": 2,
+    "n_t2i": 3,
+    "n_caption": 3,
+    "n_text": 6,
+    "num_diffusion_steps": 3,
+    "caption_max_tokens": 6,
+    "threads": 1,
+    "progress": False,
+    "autoencoder_options": {
+        "steps": 2,
+        "batch_size": 4,
+        "train_images": 16,
+        "val_images": 4,
+        "scale_images": 8,
+    },
+}
+
+
+def _config(tmp_path, **changes):
+    return quick.QuickConfig.from_dict({**TINY, "cache_dir": str(tmp_path / "cache"), **changes})
+
+
+def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
+    out = tmp_path / "quick"
+    res = quick.run_quick(out, _config(tmp_path))
+    assert {n: r["status"] for n, r in res["stages"].items()} == {
+        "train_transfusion": "ok",
+        "train_discrete": "ok",
+        "eval_transfusion": "ok",
+        "eval_discrete": "ok",
+        "references": "ok",
+        "plots": "ok",
+    }
+    rows = {r["family"]: r for r in res["families"]}
+    assert set(rows) == {"transfusion", "discrete"}
+    for fam, r in rows.items():
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["steps"] == 4
+        assert r["train_flops"] > 0 and r["final_loss"] > 0
+        assert 0.0 <= r["t2i_alignment"] <= 1.0 and 0.0 <= r["caption_accuracy"] <= 1.0
+        assert 0.0 < r["text_bpb"] < 20.0
+        assert r["n_t2i"] == 3 and r["n_caption"] == 3 and r["n_text"] == 6
+        assert r["ae_kind"] == ("vae" if fam == "transfusion" else "vq")
+    assert rows["transfusion"]["final_diffusion_loss"] > 0
+    refs = res["references"]
+    assert refs["ground_truth_t2i_alignment"] >= 0.99
+    assert refs["shuffled_t2i_alignment"] < 0.5
+
+    with open(out / "quick.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["family"] for r in table] == ["transfusion", "discrete"]
+    assert tuple(table[0]) == quick.CSV_FIELDS
+    stored = json.loads((out / "quick.json").read_text())
+    assert stored["families"] == res["families"]
+    prov = json.loads((out / "quick_provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["profile"] == "quick" and "commit" in prov
+    for name in ("loss_vs_flops", "samples_transfusion", "samples_discrete", "judge_accuracy"):
+        png = out / "plots" / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+    # rerun: finished training and evaluation are reused, numbers unchanged
+    again = quick.run_quick(out, _config(tmp_path))
+    for name in ("train_transfusion", "train_discrete", "eval_transfusion", "eval_discrete"):
+        assert again["stages"][name]["status"] == "reused"
+    assert again["families"] == res["families"]
+
+    # more steps: the run is resumed from its checkpoint, not restarted
+    longer = quick.run_quick(out, _config(tmp_path, steps=6))
+    assert longer["stages"]["train_transfusion"]["status"] == "ok"
+    metrics = [
+        json.loads(x) for x in (out / "runs" / "transfusion" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [1, 2, 4, 6]
+    assert {r["family"]: r["steps"] for r in longer["families"]} == {"transfusion": 6, "discrete": 6}
+
+
+def test_a_failing_stage_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
+    real = quick._generate_images
+
+    def broken(cfg, family, lm, prompts):
+        if family == "discrete":
+            raise RuntimeError("sampler exploded")
+        return real(cfg, family, lm, prompts)
+
+    monkeypatch.setattr(quick, "_generate_images", broken)
+    out = tmp_path / "quick"
+    res = quick.run_quick(out, _config(tmp_path, families=("transfusion", "discrete")))
+    st = res["stages"]
+    assert st["eval_discrete"]["status"] == "failed"
+    assert "sampler exploded" in st["eval_discrete"]["error"]
+    assert st["eval_transfusion"]["status"] == "ok" and st["plots"]["status"] == "ok"
+    rows = {r["family"]: r for r in res["families"]}
+    assert rows["transfusion"]["status"] == "ok"
+    assert rows["discrete"]["status"] == "partial"
+    assert "sampler exploded" in rows["discrete"]["error"]
+    assert rows["discrete"]["final_loss"] > 0 and rows["discrete"]["t2i_alignment"] is None
+    assert (out / "quick.csv").is_file() and (out / "plots" / "samples_transfusion.png").is_file()
+
+
+def test_main_writes_results_and_rejects_bad_options(tmp_path, capsys):
+    out = tmp_path / "q"
+    args = [
+        "--out",
+        str(out),
+        "--families",
+        "transfusion",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
+    for key, value in TINY.items():
+        if key != "progress":
+            args += ["--set", f"{key}={json.dumps(value)}"]
+    assert quick.main(args) == 0
+    assert "transfusion" in capsys.readouterr().out
+    assert [r["family"] for r in json.loads((out / "quick.json").read_text())["families"]] == ["transfusion"]
+    assert (tmp_path / "runs" / "transfusion" / "metrics.jsonl").is_file() and not (out / "runs").exists()
+    with pytest.raises(SystemExit):
+        quick.main(["--families", "nope"])
+    with pytest.raises(SystemExit):
+        quick.main(["--set", "no_such_key=1"])

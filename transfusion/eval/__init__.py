@@ -1,0 +1,19 @@
+"""Evaluation helpers: judge-based alignment / captioning accuracy and text bits per byte.
+
+* ``alignment``: ``text_to_image_alignment(images, prompts)`` and ``caption_accuracy(captions, truths)``,
+  thin batch wrappers on ``transfusion.data.judge``.
+* ``text``: ``bits_per_byte_of_texts(logits_fn, tokenizer, texts)`` and ``model_logits_fn(model)``.
+"""
+
+from transfusion.eval.alignment import AlignmentResult, caption_accuracy, text_to_image_alignment
+from transfusion.eval.text import TextEval, bits_per_byte_of_texts, model_logits_fn, text_nll
+
+__all__ = [
+    "AlignmentResult",
+    "TextEval",
+    "bits_per_byte_of_texts",
+    "caption_accuracy",
+    "model_logits_fn",
+    "text_nll",
+    "text_to_image_alignment",
+]
