@@ -848,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, rec in result["stages"].items():
         print(f"  stage {name:<20} {rec['status']:<7} {rec['wall_s']:>8.1f}s  {rec.get('error', '')}")
     print(f"total {result['total_wall_s']:.1f}s; wrote {args.out}/quick.csv, quick.json, plots/")
+    from bench.report import build_report
+
+    print(f"wrote {build_report(Path(args.out).parent)}")
     failed = [n for n, r in result["stages"].items() if r["status"] == "failed"]
     return 1 if failed else 0
 

@@ -10,6 +10,11 @@ from bench.plots import plot_attention
 from bench.summary import summarize
 from transfusion.provenance import atomic_write_text
 
+QUICK_COLUMNS = [
+    "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
+    "caption_accuracy", "text_bpb", "recon_alignment", "ae_psnr",
+]  # fmt: skip
+
 
 def _csv_table(path: Path, columns: list[str]) -> str:
     df = pd.read_csv(path)[columns]
@@ -30,6 +35,21 @@ def build_report(results_root: Path = Path("results")) -> Path:
         "",
     ]
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
+        if (folder / "quick.csv").exists():
+            sections += [
+                f"## Transfusion vs the discrete baseline, quick profile ({folder.name})",
+                "",
+                "Tiny models on the procedural shapes data; alignment and caption accuracy are the shapes",
+                "judge's attribute accuracy (`recon_alignment`: the judge on the autoencoder's",
+                "reconstructions of real test images, the ceiling either family can reach through it).",
+                "",
+                _csv_table(folder / "quick.csv", QUICK_COLUMNS),
+                "",
+            ]
+            for png in ("loss_vs_flops", "judge_accuracy", "samples_transfusion", "samples_discrete"):
+                if (folder / "plots" / f"{png}.png").exists():
+                    sections.append(f"![{png}]({folder.name}/plots/{png}.png)")
+            sections.append("")
         if (folder / "attention.csv").exists():
             plot_attention(folder)
             summary = summarize(folder).replace("# Attention", f"## Attention ({folder.name})", 1)
@@ -46,7 +66,7 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 ),
                 "",
             ]
-        if (folder / "attention.csv").exists() or (folder / "generation.csv").exists():
+        if any((folder / f).exists() for f in ("attention.csv", "generation.csv", "quick.csv")):
             notes = folder / "NOTES.md"
             if notes.exists():
                 sections += ["", f"Notes on this run: [{folder.name}/NOTES.md]({folder.name}/NOTES.md).", ""]

@@ -403,7 +403,8 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    {k.replace("_loss", ""): f"{v:.4f}" for k, v in losses.items()}, refresh=False
+                    {k.replace("_loss", ""): f"{v + 0.0:.4f}" for k, v in losses.items()},
+                    refresh=False,  # no "-0.0000"
                 )
             if step == 1 or step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 n = accum.pop("_n")
