@@ -20,8 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset, Subset
 
 from transfusion.autoencoders.model import TrainedAutoencoder
+from transfusion.provenance import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +158,8 @@ def _encode_all(ae: TrainedAutoencoder, dataset: Dataset, batch_size: int, progr
 
 
 def _write_cache(path: Path, t: torch.Tensor, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({TENSOR_NAME: t.contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cached_latents(

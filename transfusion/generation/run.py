@@ -204,21 +204,13 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> to
 
 def save_png(image_hwc: torch.Tensor, path: str | Path) -> Path:
     """Write an (H, W, 3) uint8 tensor as PNG (atomically)."""
-    import os
-    import tempfile
-
     from PIL import Image
 
+    from transfusion.provenance import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         Image.fromarray(image_hwc.numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,0 +1,34 @@
+import os
+import stat
+
+import pytest
+
+from transfusion.provenance import atomic_file, atomic_write_json, provenance
+
+
+def test_atomic_write_replaces_whole_file_and_is_shareable(tmp_path):
+    path = tmp_path / "out" / "a.json"
+    atomic_write_json(path, {"x": 1})
+    atomic_write_json(path, {"x": 2})
+    assert path.read_text().strip().replace(" ", "").replace("\n", "") == '{"x":2}'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "b.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
+
+
+def test_provenance_names_commit_device_versions_command_seed():
+    info = provenance("cpu", seed=7, extra_field=1)
+    assert info["seed"] == 7 and info["extra_field"] == 1
+    for key in ("commit", "device", "torch", "python", "command", "date"):
+        assert info[key], key
