@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transfusion.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesGenerator
+from transfusion.provenance import atomic_file
 
-FORMAT_VERSION = 1
-CACHE_ENV = "TRANSFUSION_CACHE_DIR"
+FORMAT_VERSION = 2
 # Per-cell heads: colour / shape / size, each with an extra "empty" class (index 0).
 HEAD_SIZES: tuple[int, ...] = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
 
@@ -97,6 +97,11 @@ class ShapesFeatureCNN(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in * size * size, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, len(POSITIONS) * sum(HEAD_SIZES))
+        # Per-dimension centring and one global scale of the output features, set from real training
+        # images after training (a global scale keeps the feature geometry); KID's cubic kernel needs
+        # O(1) features.
+        self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
+        self.register_buffer("feature_std", torch.ones(config.feature_dim))
 
     @staticmethod
     def preprocess(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -107,15 +112,19 @@ class ShapesFeatureCNN(nn.Module):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         return x
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, feature_dim)."""
+    def _hidden(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images, self.config.image_size)
         return F.silu(self.proj(self.convs(x).flatten(1)))
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> standardised float32 (N, feature_dim)."""
+        return (self._hidden(images) - self.feature_mean) / self.feature_std
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(features, logits)``; logits are (N, 9, sum(HEAD_SIZES))."""
-        f = self.features(images)
-        return f, self.head(f).view(f.shape[0], len(POSITIONS), sum(HEAD_SIZES))
+        """Returns ``(standardised features, logits)``; logits are (N, 9, sum(HEAD_SIZES))."""
+        h = self._hidden(images)
+        logits = self.head(h).view(h.shape[0], len(POSITIONS), sum(HEAD_SIZES))
+        return (h - self.feature_mean) / self.feature_std, logits
 
 
 def _labels(objects) -> np.ndarray:
@@ -178,6 +187,10 @@ def train_feature_cnn(config: FeatureCNNConfig | None = None) -> tuple[ShapesFea
         opt.step()
         sched.step()
     model.eval()
+    with torch.no_grad():
+        h = torch.cat([model._hidden(images[i : i + 512]) for i in range(0, len(images), 512)])
+        model.feature_mean.copy_(h.mean(0))
+        model.feature_std.fill_(float(h.var(0).mean().sqrt().clamp_min(1e-6)))
     gen = ShapesGenerator(config.shapes_config())
     val = [gen.sample("val", i) for i in range(256)]
     vx = torch.from_numpy(np.stack([s.image for s in val])).permute(0, 3, 1, 2).contiguous()
@@ -189,12 +202,10 @@ def train_feature_cnn(config: FeatureCNNConfig | None = None) -> tuple[ShapesFea
 
 def save_feature_cnn(model: ShapesFeatureCNN, path: str | os.PathLike, stats: dict | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"config": model.config.to_json(), "stats": json.dumps(stats or {})}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: concurrent writers never leave a torn file
+    with atomic_file(path) as tmp:  # concurrent writers never leave a torn file
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -216,8 +227,10 @@ def load_feature_cnn(path: str | os.PathLike) -> ShapesFeatureCNN:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "transfusion" / "fid"
+    """The suite's cache (the trainer's autoencoders live there too), ``fid/`` below it."""
+    from transfusion.run_data import default_cache_dir as suite_cache
+
+    return suite_cache() / "fid"
 
 
 def feature_cnn_path(config: FeatureCNNConfig, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -29,7 +29,7 @@ EXTRACTORS = ("cnn", "inception")
 
 
 class ShapesCNNFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity wrapper of ``ShapesFeatureCNN``; weights come from ``feature_extractor_weights_path``."""
+    """torch-fidelity wrapper of ``ShapesFeatureCNN``; weights from ``feature_extractor_weights_path``."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -115,8 +115,8 @@ def fid_kid(
     ``extractor="cnn"`` uses ``weights_path`` if given (a file from ``save_feature_cnn``), else the
     cached CNN for ``cnn_config`` (trained on first use). ``extractor="inception"`` requires
     ``weights_path`` (torch-fidelity's pt-inception state dict). ``kid_subset_size`` defaults to
-    ``min(1000, n_real, n_fake)``. Returns ``{"fid", "kid_mean", "kid_std", "n_real", "n_fake",
-    "extractor", "feature_layer"}``.
+    ``min(1000, n_real // 2, n_fake // 2)`` (subsets must differ). Returns ``{"fid", "kid_mean",
+    "kid_std", "n_real", "n_fake", "extractor", "feature_layer"}``.
     """
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor: unknown {extractor!r}, expected one of {EXTRACTORS}")
@@ -127,13 +127,15 @@ def fid_kid(
         raise FileNotFoundError(f"{extractor} feature extractor weights not found: {weights_path}")
     if extractor == "inception":
         if weights_path is None:
-            raise ValueError("extractor='inception' needs weights_path (Inception weights are never downloaded)")
+            raise ValueError(
+                "extractor='inception' needs weights_path (Inception weights are never downloaded)"
+            )
         name, layer = INCEPTION_NAME, "2048"
     else:
         name, layer = register_shapes_cnn(), "features"
         if weights_path is None:
             weights_path = get_feature_cnn(cnn_config, cache_dir)
-    subset = kid_subset_size or min(1000, len(real), len(fake))
+    subset = kid_subset_size or min(1000, len(real) // 2, len(fake) // 2)
     metrics = torch_fidelity.calculate_metrics(
         input1=_ImageDataset(real),
         input2=_ImageDataset(fake),
