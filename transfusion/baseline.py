@@ -60,6 +60,7 @@ from transfusion.packing import (
     SpecialTokens,
     apply_caption_dropout,
     pack_documents,
+    text_ids,
 )
 from transfusion.training_data import MixedModalStream, StreamConfig, document_for
 
@@ -171,26 +172,12 @@ def _is_code_grid(seg: object) -> bool:
 
 
 def _text_ids(where: str, seg: object, vocab: DiscreteVocab) -> list[int]:
-    if isinstance(seg, torch.Tensor):
-        if seg.is_floating_point():
-            raise ValueError(
-                f"{where}: a float tensor of shape {tuple(seg.shape)}; the discrete baseline takes images "
-                "as integer code grids (h, w), not continuous latents"
-            )
-        if seg.dim() != 1:
-            raise ValueError(
-                f"{where}: integer tensor of shape {tuple(seg.shape)}; text must be 1-D, image codes (h, w)"
-            )
-        ids = [int(x) for x in seg.tolist()]
-    elif isinstance(seg, Sequence) and not isinstance(seg, str):
-        ids = list(seg)
-        for x in ids:
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise ValueError(f"{where}: text tokens must be integers; got {x!r}")
-    else:
+    if isinstance(seg, torch.Tensor) and seg.is_floating_point():
         raise ValueError(
-            f"{where}: segment must be token ids or an integer code grid; got {type(seg).__name__}"
+            f"{where}: a float tensor of shape {tuple(seg.shape)}; the discrete baseline takes images "
+            "as integer code grids (h, w), not continuous latents"
         )
+    ids = text_ids(where, seg, image_kind="an integer (h, w) code grid")
     bad = [x for x in ids if not 0 <= x < vocab.text_vocab]
     if bad:
         raise ValueError(

@@ -157,25 +157,29 @@ def _check_document(
                 raise ValueError(f"{where}: latents contain NaN or Inf")
             out.append(seg)
             continue
-        if isinstance(seg, torch.Tensor):
-            if seg.dim() != 1:
-                raise ValueError(f"{where}: text token tensor must be 1-D; got shape {tuple(seg.shape)}")
-            ids = [int(x) for x in seg.tolist()]
-        elif isinstance(seg, Sequence) and not isinstance(seg, str):
-            ids = list(seg)
-            for x in ids:
-                if isinstance(x, bool) or not isinstance(x, int):
-                    raise ValueError(f"{where}: text tokens must be integers; got {x!r}")
-        else:
-            raise ValueError(
-                f"{where}: segment must be token ids or a float latent tensor; got {type(seg).__name__}"
-            )
+        ids = text_ids(where, seg, image_kind="a float latent tensor")
         if vocab_size is not None:
             bad = [x for x in ids if not 0 <= x < vocab_size]
             if bad:
                 raise ValueError(f"{where}: token id {bad[0]} is outside [0, vocab_size = {vocab_size})")
         out.append(ids)
     return out
+
+
+def text_ids(where: str, seg: object, image_kind: str) -> list[int]:
+    """A text segment (1-D integer tensor or sequence of ints) as a list of ids; ``where`` names it in
+    errors, ``image_kind`` says what an image segment would have been (the two families differ)."""
+    if isinstance(seg, torch.Tensor):
+        if seg.dim() != 1:
+            raise ValueError(f"{where}: text token tensor must be 1-D; got shape {tuple(seg.shape)}")
+        return [int(x) for x in seg.tolist()]
+    if isinstance(seg, Sequence) and not isinstance(seg, str):
+        ids = list(seg)
+        for x in ids:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"{where}: text tokens must be integers; got {x!r}")
+        return ids
+    raise ValueError(f"{where}: segment must be token ids or {image_kind}; got {type(seg).__name__}")
 
 
 def apply_caption_dropout(
