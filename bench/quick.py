@@ -48,6 +48,7 @@ CSV_FIELDS: tuple[str, ...] = (
     "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
     "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
     "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "text_bpb", "recon_alignment",
+    "fid", "kid", "recon_fid",
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
 )  # fmt: skip
 
@@ -88,6 +89,10 @@ class QuickConfig:
     guidance_scale: float = 3.0  # Transfusion: CFG on eps; baseline: CFG on code logits (1 = off)
     image_temperature: float = 1.0  # the baseline's code sampling temperature
     caption_max_tokens: int = 64
+    # FID/KID of the generated images against the prompts' real images, in the suite's shapes-CNN
+    # feature space (transfusion.eval.fid); fid_cnn overrides FeatureCNNConfig fields.
+    fid: bool = True
+    fid_cnn: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -412,7 +417,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         "eval": {
             k: v
             for k, v in cfg.to_dict().items()
-            if k.startswith(("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_"))
+            if k.startswith(("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid"))
             or k in ("seed", "dataset_options")
         },
     }
@@ -461,6 +466,10 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         recon_align = text_to_image_alignment(recon.float().cpu(), prompts)
         timings["recon_s"] = time.perf_counter() - t
 
+        t = time.perf_counter()
+        fid = _fid_scores(cfg, truth, gen_images, recon.float().cpu()) if cfg.fid else None
+        timings["fid_s"] = time.perf_counter() - t
+
     result = {
         "fingerprint": fp,
         "family": family,
@@ -469,6 +478,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         "caption": cap.as_dict(with_scores=True),
         "text": bpb.as_dict(),
         "recon_alignment": recon_align.as_dict(),
+        "fid": fid,
         "prompts": prompts,
         "generated_captions": captions,
         "true_captions": [it["caption"] for it in cap_items],
@@ -479,6 +489,23 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
     np.savez_compressed(samples_file, generated=_to_uint8(gen_images), caption_inputs=_to_uint8(cap_images))
     atomic_write_json(out_json, result)
     return result
+
+
+def _fid_scores(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor, recon: torch.Tensor) -> dict:
+    """FID/KID of the generated images and (the autoencoder's floor) of the reconstructions, against the
+    prompts' real images. A failure is recorded, not raised: the other metrics stand on their own."""
+    try:
+        from transfusion.eval.features import FeatureCNNConfig
+        from transfusion.eval.fid import fid_kid
+
+        cnn = FeatureCNNConfig(**cfg.fid_cnn)
+        cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
+        gen = fid_kid(real, generated, cnn_config=cnn, cache_dir=cache, seed=cfg.seed)
+        rec = fid_kid(real, recon, cnn_config=cnn, cache_dir=cache, seed=cfg.seed)
+    except Exception as e:  # recorded in the results; the row keeps its other metrics
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"fid": gen["fid"], "kid": gen["kid_mean"], "recon_fid": rec["fid"], "recon_kid": rec["kid_mean"],
+            "n": gen["n_fake"], "extractor": gen["extractor"]}  # fmt: skip
 
 
 def reference_scores(cfg: QuickConfig) -> dict[str, Any]:
@@ -514,6 +541,8 @@ def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: lis
         row["caption_exact"] = ev["caption"]["exact"]
         row["text_bpb"] = ev["text"]["bits_per_byte"]
         row["recon_alignment"] = ev["recon_alignment"]["score"]
+        for key in ("fid", "kid", "recon_fid"):
+            row[key] = (ev.get("fid") or {}).get(key)
         row["n_t2i"] = ev["t2i"]["n"]
         row["n_caption"] = ev["caption"]["n"]
         row["n_text"] = ev["text"]["n_texts"]

@@ -12,7 +12,7 @@ from transfusion.provenance import atomic_write_text
 
 QUICK_COLUMNS = [
     "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
-    "caption_accuracy", "text_bpb", "recon_alignment", "ae_psnr",
+    "caption_accuracy", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr",
 ]  # fmt: skip
 
 
@@ -42,6 +42,8 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "Tiny models on the procedural shapes data; alignment and caption accuracy are the shapes",
                 "judge's attribute accuracy (`recon_alignment`: the judge on the autoencoder's",
                 "reconstructions of real test images, the ceiling either family can reach through it).",
+                "`fid`: FID of the generated images against the prompts' real images in the suite's",
+                "shapes-CNN feature space (`recon_fid`: the same for the autoencoder's reconstructions).",
                 "",
                 _csv_table(folder / "quick.csv", QUICK_COLUMNS),
                 "",

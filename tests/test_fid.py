@@ -99,3 +99,13 @@ def test_missing_weights_path_is_named(real_pair, tmp_path):
             fid_kid(real[:10], real2[:10], extractor=extractor, weights_path=missing)
     with pytest.raises(ValueError, match="never downloaded"):
         fid_kid(real[:10], real2[:10], extractor="inception")
+
+
+def test_feature_cnn_trains_inside_no_grad():
+    import torch
+
+    from transfusion.eval.features import FeatureCNNConfig, train_feature_cnn
+
+    with torch.no_grad():
+        _, stats = train_feature_cnn(FeatureCNNConfig(train_steps=3, train_images=64, batch_size=16))
+    assert stats["train_loss"] > 0

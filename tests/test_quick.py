@@ -23,6 +23,7 @@ TINY = {
     "caption_max_tokens": 6,
     "threads": 1,
     "progress": False,
+    "fid_cnn": {"train_steps": 10, "train_images": 128, "batch_size": 32},
     "autoencoder_options": {
         "steps": 2,
         "batch_size": 4,
@@ -58,6 +59,7 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         assert 0.0 < r["text_bpb"] < 20.0
         assert r["n_t2i"] == 3 and r["n_caption"] == 3 and r["n_text"] == 6
         assert r["ae_kind"] == ("vae" if fam == "transfusion" else "vq")
+        assert r["fid"] > 0 and r["recon_fid"] >= 0  # finite numbers from torch-fidelity (KID needs n > 3)
     assert rows["transfusion"]["final_diffusion_loss"] > 0
     refs = res["references"]
     assert refs["ground_truth_t2i_alignment"] >= 0.99

@@ -159,6 +159,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return loss, correct / len(HEAD_SIZES)
 
 
+@torch.enable_grad()  # callers often evaluate under no_grad; training needs autograd regardless
 def train_feature_cnn(config: FeatureCNNConfig | None = None) -> tuple[ShapesFeatureCNN, dict]:
     """Train the CNN deterministically on CPU; returns ``(model in eval mode, stats)``.
 
