@@ -43,7 +43,7 @@ that switching the family changes nothing else in a run's configuration.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -269,21 +269,7 @@ def pack_discrete_documents(
     drop[:, :-1] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
     lm_mask = batch.lm_mask & ~drop
     lm_targets = torch.where(lm_mask, batch.lm_targets, IGNORE_INDEX)
-    return PackedBatch(
-        tokens=batch.tokens,
-        positions=batch.positions,
-        layout=batch.layout,
-        lm_targets=lm_targets,
-        lm_mask=lm_mask,
-        image_spans=batch.image_spans,
-        latents=batch.latents,
-        image_first=batch.image_first,
-        caption_dropped=batch.caption_dropped,
-        image_docs=batch.image_docs,
-        doc_spans=batch.doc_spans,
-        patch_size=batch.patch_size,
-        special=batch.special,
-    )
+    return replace(batch, lm_targets=lm_targets, lm_mask=lm_mask)
 
 
 def discrete_target_counts(batch: PackedBatch, vocab: DiscreteVocab) -> tuple[int, int]:

@@ -55,6 +55,13 @@ class SpecialTokens:
     eoi: int = 4
     image: int = 0  # placeholder id at patch positions (its embedding is never used)
 
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialTokens:
+        """The ids of a ``transfusion.data`` tokenizer (patch placeholders reuse ``<PAD>``)."""
+        return cls(
+            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id, boi=tok.boi_id, eoi=tok.eoi_id, image=tok.pad_id
+        )
+
     def ids(self) -> frozenset[int]:
         return frozenset((self.pad, self.bos, self.eos, self.boi, self.eoi, self.image))
 

@@ -125,9 +125,7 @@ def prepare_tokenizer(train_cfg: TrainConfig, model_cfg: ModelConfig, captions: 
 
 
 def special_tokens(tok) -> SpecialTokens:
-    return SpecialTokens(
-        pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id, boi=tok.boi_id, eoi=tok.eoi_id, image=tok.pad_id
-    )
+    return SpecialTokens.from_tokenizer(tok)
 
 
 def quick_autoencoder_config(

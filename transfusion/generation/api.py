@@ -40,14 +40,7 @@ def is_discrete(model) -> bool:
 def _special(tokenizer) -> SpecialTokens:
     if tokenizer is None:
         return SpecialTokens()
-    return SpecialTokens(
-        pad=tokenizer.pad_id,
-        bos=tokenizer.bos_id,
-        eos=tokenizer.eos_id,
-        boi=tokenizer.boi_id,
-        eoi=tokenizer.eoi_id,
-        image=tokenizer.pad_id,
-    )
+    return SpecialTokens.from_tokenizer(tokenizer)
 
 
 def _vocab_limit(tokenizer) -> int | None:
