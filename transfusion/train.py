@@ -192,7 +192,12 @@ def train(
     dinfo = init_distributed(train_cfg)
     threads_before = torch.get_num_threads()
     try:
-        return _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo)
+        result = _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo)
+        if dinfo.owns_group and dist.is_initialized():
+            # Tear the group down only once every rank is done with it: a rank that destroys its gloo
+            # group while a peer still finishes its last collective can abort at exit.
+            dist.barrier()
+        return result
     finally:
         torch.set_num_threads(threads_before)
         if dinfo.owns_group and dist.is_initialized():
