@@ -54,6 +54,14 @@ edge tiles' liveness check then skips what the envelope over-covers). The search
 host for every 16-key boundary, over 16-query chunks, so any block size that is a multiple of 16 can read
 its ranges from the same small table and the block sizes can be autotuned freely.
 
+On Hopper GPUs (CUDA capability 9+, fp16/bf16) every kernel also has *TMA* candidate configs: the
+operands of full tiles (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel) are loaded
+through host-side tensor descriptors, i.e. by the tensor-memory accelerator, instead of per-thread pointer
+loads. Full tiles never cross a head's rows (key blocks of full tiles lie inside [0, Lk), and the dK/dV
+kernel sends a query block that ends past Lq down the pointer path), so the descriptors span all heads'
+rows as one (B*H*L, D) matrix. Edge tiles always use masked pointer loads. The autotuner picks between
+pointer and TMA configs per shape and logs every timing (:func:`tuning_log`).
+
 The kernel, the dQ kernel and :func:`plan_tiles` all call the same ``_query_block_plan`` and
 ``_tile_live`` Triton functions, so the tile counts that the planner reports are the tiles that the
 kernel computes (the tests check this with an in-kernel counter).
@@ -71,16 +79,25 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.3); without them only the pointer configs exist
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the Triton version
+    _TensorDescriptor = None
+
 __all__ = [
     "CHUNK",
     "INTERPRET",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
+    "candidate_count",
     "count_tiles",
     "interval_attention",
     "kernel_block_sizes",
+    "kernel_configs",
+    "key_major_table",
     "plan_tiles",
     "poison_outputs",
+    "tuning_log",
 ]
 
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (32, 64, 128)
@@ -101,69 +118,123 @@ _AUTOTUNE: bool = os.environ.get("INTERVAL_ATTENTION_AUTOTUNE", "1") != "0"
 # ----------------------------------------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always counts queries and BLOCK_N keys; the forward
-# and dQ kernels loop over key blocks, the dK/dV kernel over query blocks. The first entry is the default.
-_GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int]]]] = {
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma). BLOCK_M always counts queries and BLOCK_N keys; the
+# forward and dQ kernels loop over key blocks, the dK/dV kernel over query blocks. ``tma`` loads the full
+# tiles' operands through Hopper's tensor-memory accelerator (host-side TensorDescriptors); those
+# candidates run only where TMA exists (CUDA capability >= 9, half precision). The first entry is the
+# default (the only one when autotuning is off). 128x128 tiles at D = 128 keep 2 stages: with 3, K and V
+# buffers plus Q would need about 224 KB of shared memory, the whole of an H100's.
+_F, _T = False, True
+# fmt: off
+_GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, bool]]]] = {
     "fwd": {
-        ("half", 32): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        ("half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        ("half", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        ("fp32", 32): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-        ("fp32", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-        ("fp32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        ("half", 32): [(128, 64, 4, 3, _F), (128, 128, 8, 3, _F), (64, 64, 4, 3, _F), (128, 64, 4, 3, _T)],
+        ("half", 64): [(128, 64, 4, 3, _F), (128, 128, 8, 3, _F), (64, 64, 4, 3, _F),
+                       (128, 64, 4, 3, _T), (128, 128, 8, 3, _T), (64, 64, 4, 3, _T)],
+        ("half", 128): [(128, 64, 8, 3, _F), (128, 128, 8, 2, _F), (64, 64, 4, 3, _F),
+                        (128, 64, 8, 3, _T), (128, 128, 8, 2, _T), (64, 64, 4, 3, _T)],
+        ("fp32", 32): [(64, 64, 4, 2, _F), (64, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+        ("fp32", 64): [(64, 64, 4, 2, _F), (64, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+        ("fp32", 128): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 8, 2, _F)],
     },
     "dkdv": {
-        ("half", 32): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        ("half", 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        ("half", 128): [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-        ("fp32", 32): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
-        ("fp32", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
-        ("fp32", 128): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+        ("half", 32): [(32, 128, 4, 3, _F), (64, 128, 8, 3, _F), (64, 64, 4, 3, _F), (32, 128, 4, 3, _T)],
+        ("half", 64): [(32, 128, 4, 3, _F), (64, 128, 8, 3, _F), (64, 64, 4, 3, _F),
+                       (32, 128, 4, 3, _T), (64, 128, 8, 3, _T), (64, 64, 4, 3, _T)],
+        ("half", 128): [(32, 128, 8, 3, _F), (64, 128, 8, 2, _F), (64, 64, 4, 3, _F),
+                        (32, 128, 8, 3, _T), (64, 128, 8, 3, _T), (64, 64, 4, 3, _T)],
+        ("fp32", 32): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
+        ("fp32", 64): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
+        ("fp32", 128): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (16, 64, 4, 2, _F)],
     },
     "dq": {
-        ("half", 32): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        ("half", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        ("half", 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-        ("fp32", 32): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
-        ("fp32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
-        ("fp32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+        ("half", 32): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F), (128, 32, 4, 3, _T)],
+        ("half", 64): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F),
+                       (128, 32, 4, 3, _T), (128, 64, 8, 3, _T), (64, 64, 4, 3, _T)],
+        ("half", 128): [(128, 32, 8, 3, _F), (128, 64, 8, 2, _F), (64, 64, 4, 3, _F),
+                        (128, 32, 8, 3, _T), (128, 64, 8, 3, _T), (64, 64, 4, 3, _T)],
+        ("fp32", 32): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
+        ("fp32", 64): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
+        ("fp32", 128): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 16, 4, 2, _F)],
     },
 }
-# The interpreter runs every tile in numpy: small tiles keep it quick and exercise the edge cases.
+# fmt: on
+# Which descriptor arguments each kernel loads through TMA, and which block size is their row count.
+_DESCRIPTOR_ARGS: dict[str, tuple[tuple[str, str], str]] = {
+    "fwd": (("DESC_K", "DESC_V"), "BLOCK_N"),
+    "dq": (("DESC_K", "DESC_V"), "BLOCK_N"),
+    "dkdv": (("DESC_Q", "DESC_DO"), "BLOCK_M"),
+}
+# The interpreter runs every tile in numpy: small tiles keep it quick and exercise the edge cases. It has
+# a pointer config and a TMA config (the second runs only under ``kernel_configs(tma=True)``).
 _INTERPRETER_BLOCKS = (16, 16)
+
+# Testing / benchmarking restriction of the candidates (see kernel_configs): None or a bool, None or an int.
+# INTERVAL_ATTENTION_TMA=0 starts with the TMA candidates switched off (a fallback should they fail).
+_TMA_MODE: bool | None = False if os.environ.get("INTERVAL_ATTENTION_TMA", "1") == "0" else None
+_PIN_INDEX: int | None = None
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def _config_key(cfg: triton.Config) -> tuple[int, int, int, int]:
-    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, bool]:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, bool(kw["USE_TMA"]))
+
+
+def _descriptor_hook(kernel: str):
+    """Config pre-hook: a TMA descriptor's block is the tile the config loads ([rows, HEAD_DIM])."""
+    names, rows = _DESCRIPTOR_ARGS[kernel]
+
+    def hook(nargs: dict) -> None:
+        for name in names:
+            desc = nargs[name]
+            if _TensorDescriptor is not None and isinstance(desc, _TensorDescriptor):
+                desc.block_shape = [nargs[rows], nargs["HEAD_DIM"]]
+
+    return hook
 
 
 def _make_configs(kernel: str) -> list[triton.Config]:
+    hook = _descriptor_hook(kernel)
     if INTERPRET:
         bm, bn = _INTERPRETER_BLOCKS
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    seen: dict[tuple[int, int, int, int], triton.Config] = {}
-    for cands in _GPU_CANDIDATES[kernel].values():
-        for bm, bn, warps, stages in cands:
-            if (bm, bn, warps, stages) not in seen:
-                seen[(bm, bn, warps, stages)] = triton.Config(
-                    {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages
-                )
-    return list(seen.values())
+        keys = [(bm, bn, 4, 1, False), (bm, bn, 4, 1, True)]
+    else:
+        keys = list(dict.fromkeys(c for cands in _GPU_CANDIDATES[kernel].values() for c in cands))
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=warps, num_stages=stages, pre_hook=hook
+        )
+        for bm, bn, warps, stages, tma in keys
+    ]
+
+
+def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, descriptors: bool) -> list[tuple]:
+    """The candidate configs of one launch, after the TMA and pinning restrictions."""
+    if INTERPRET:
+        bm, bn = _INTERPRETER_BLOCKS
+        return [(bm, bn, 4, 1, descriptors)]  # descriptors are only built when tma=True is asked for
+    cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
+    if not descriptors:
+        cands = [c for c in cands if not c[4]]
+    elif _TMA_MODE:
+        cands = [c for c in cands if c[4]]
+    if _PIN_INDEX is not None:
+        return [cands[min(_PIN_INDEX, len(cands) - 1)]]
+    return cands if _AUTOTUNE else cands[:1]
 
 
 def _make_pruner(kernel: str):
-    """Keep the candidates for this head dim and dtype class (only the default when autotuning is off)."""
+    """Keep the candidates for this head dim, dtype class and descriptor kind (see _candidates)."""
+    desc_name = _DESCRIPTOR_ARGS[kernel][0][0]
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if INTERPRET:
-            return configs[:1]
         args = {**named_args, **kwargs}
-        cands = _GPU_CANDIDATES[kernel][(_dtype_class(args["Q"].dtype), args["HEAD_DIM"])]
-        wanted = cands if _AUTOTUNE else cands[:1]
+        has_desc = _TensorDescriptor is not None and isinstance(args[desc_name], _TensorDescriptor)
+        wanted = _candidates(kernel, args["Q"].dtype, args["HEAD_DIM"], has_desc)
         by_key = {_config_key(c): c for c in configs}
         return [by_key[w] for w in wanted]
 
@@ -171,11 +242,12 @@ def _make_pruner(kernel: str):
 
 
 def _autotune(kernel: str):
-    """`triton.autotune` keyed on the head dim and the (power-of-two bucketed) lengths; dtype is added by
-    Triton itself. Benchmarks are kept short: the GPU sessions that run this are minutes long."""
+    """`triton.autotune` keyed on the head dim, the (power-of-two bucketed) lengths and the candidate
+    restriction; dtype is added by Triton itself. Benchmarks are kept short: the GPU sessions that run
+    this are minutes long. Every tuning's timings go to the tuning log (see tuning_log)."""
     kwargs = {
         "configs": _make_configs(kernel),
-        "key": ["HEAD_DIM", "LQ_KEY", "LK_KEY"],
+        "key": ["HEAD_DIM", "LQ_KEY", "LK_KEY", "TUNE_TAG"],
         # Benchmark runs must not add up in the tile counter (testing hook).
         "reset_to_zero": ["COUNTER"],
         "prune_configs_by": {"early_config_prune": _make_pruner(kernel)},
@@ -259,21 +331,37 @@ def _plan_kernel(LO, HI, COUNTS, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_rows(base, desc, row0, offs, blk, n_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """Rows ``offs`` (block ``blk``) of one head's (n_rows, HEAD_DIM) matrix. Edge tiles load with a row
+    mask; full tiles lie inside [0, n_rows) and load unmasked, through TMA when the config says so (the
+    descriptor spans all heads' rows, so rows are offset by the head's first row ``row0``)."""
+    if MASKED:
+        off = offs[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        return tl.load(base + off, mask=(offs < n_rows)[:, None], other=0.0)
+    elif USE_TMA:
+        return desc.load([row0 + blk * BLOCK, 0])
+    else:
+        return tl.load(base + offs[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _load_kv(k_base, v_base, desc_k, desc_v, row0, offs_n, blk, LK, HEAD_DIM: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    k = _load_rows(k_base, desc_k, row0, offs_n, blk, LK, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+    v = _load_rows(v_base, desc_v, row0, offs_n, blk, LK, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+    return k, v
+
+
+@triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+    acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, row0, lo_c, hi_c, blk, qk_scale, LK,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step over key block ``blk`` (log2 domain: exp2 with log2(e) folded in)."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    if MASKED:
-        in_k = offs_n < LK
-        k = tl.load(k_base + kv_off, mask=in_k[:, None], other=0.0)
-        v = tl.load(v_base + kv_off, mask=in_k[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + kv_off)
-        v = tl.load(v_base + kv_off)
+    k, v = _load_kv(k_base, v_base, desc_k, desc_v, row0, offs_n, blk, LK, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
     s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     if MASKED:
         allowed = (offs_n[None, :] >= lo_c[:, None]) & (offs_n[None, :] <= hi_c[:, None])
@@ -292,11 +380,11 @@ def _fwd_tile(
 
 
 @_autotune("fwd")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, LO, HI, COUNTER, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY,
+    Q, K, V, DESC_K, DESC_V, O, LSE, LO, HI, COUNTER, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -311,6 +399,7 @@ def _fwd_kernel(
     q = tl.load(Q + q_off, mask=in_q[:, None], other=0.0)
     k_base = K + bh * LK * HEAD_DIM
     v_base = V + bh * LK * HEAD_DIM
+    row0 = (bh * LK).to(tl.int32)  # this head's first row in the TMA descriptors
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -319,19 +408,19 @@ def _fwd_kernel(
     # Left edge: masked tiles, skipped when no row's interval meets them.
     for blk in range(n_lo, f_lo):
         if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                                      HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c,
+                                      blk, qk_scale, LK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, USE_TMA)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     # Middle: tiles inside every row's interval, no mask arithmetic.
     for blk in range(f_lo, f_hi):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                                  HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c,
+                                  blk, qk_scale, LK, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, USE_TMA)
     # Right edge: masked again (the diagonal of causal text, the ends of images).
     for blk in range(f_hi, n_hi):
         if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                                      HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c,
+                                      blk, qk_scale, LK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, USE_TMA)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     if COUNT_TILES:
@@ -367,16 +456,20 @@ def _bwd_delta_kernel(O, DO, DELTA, LQ, HEAD_DIM: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
+    dk, dv, k, v, Q, DO, desc_q, desc_do, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV of one key block over query block ``blk`` (computed transposed: keys x queries)."""
+    """Accumulate dK, dV of one key block over query block ``blk`` (computed transposed: keys x queries).
+    ``TMA_ROWS``: the block lies inside [0, LQ) and q, dO come through the TMA descriptors."""
     offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < LQ
-    q_off = bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=in_q[:, None], other=0.0)
-    do = tl.load(DO + q_off, mask=in_q[:, None], other=0.0)
+    q_base = Q + bh * LQ * HEAD_DIM
+    do_base = DO + bh * LQ * HEAD_DIM
+    row0 = (bh * LQ).to(tl.int32)
+    # Query blocks may run past LQ even where the mask is full, so only TMA_ROWS blocks load unmasked.
+    q = _load_rows(q_base, desc_q, row0, offs_m, blk, LQ, HEAD_DIM, BLOCK_M, not TMA_ROWS, TMA_ROWS)
+    do = _load_rows(do_base, desc_do, row0, offs_m, blk, LQ, HEAD_DIM, BLOCK_M, not TMA_ROWS, TMA_ROWS)
     lse = tl.load(LSE + bh * LQ + offs_m, mask=in_q, other=float("inf"))
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=in_q, other=0.0)
     s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
@@ -392,12 +485,12 @@ def _dkdv_tile(
 
 
 @_autotune("dkdv")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "LQ_KEY", "LK_KEY"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, KTAB, COUNTER, sm_scale, qk_scale, H, LQ, LK, NT,
-    LQ_KEY, LK_KEY,
+    Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, LSE, DELTA, LO, HI, KTAB, COUNTER, sm_scale, qk_scale, H, LQ, LK,
+    NT, LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, CHUNK_: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -410,7 +503,7 @@ def _bwd_dkdv_kernel(
     k = tl.load(K + kv_off, mask=in_k[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=in_k[:, None], other=0.0)
 
-    # Query-block ranges from the key-major table (see _key_major_table): chunk counts -> block indices.
+    # Query-block ranges from the key-major table (see key_major_table): chunk counts -> block indices.
     tab = KTAB + b * NT * 4
     t0 = start_n // CHUNK_
     t1 = (start_n + BLOCK_N) // CHUNK_
@@ -432,18 +525,24 @@ def _bwd_dkdv_kernel(
     for blk in range(m_lo, f_lo):
         lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
         if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
-                                HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, lo_c,
+                                hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
-    for blk in range(f_lo, f_hi):
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, offs_n, offs_n, qk_scale, LQ,
-                            HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    f_mid = f_lo  # full tiles [f_lo, f_mid) load through TMA: those whose query block ends inside LQ
+    if USE_TMA:
+        f_mid = tl.maximum(tl.minimum(f_hi, LQ // BLOCK_M), f_lo)
+        for blk in range(f_lo, f_mid):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, offs_n,
+                                offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, True)
+    for blk in range(f_mid, f_hi):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, offs_n,
+                            offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, False)
     for blk in range(f_hi, m_hi):
         lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
         if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
-                                HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, lo_c,
+                                hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     if COUNT_TILES:
@@ -458,19 +557,12 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
+    dq, q, do, lse, delta, k_base, v_base, desc_k, desc_v, row0, lo_c, hi_c, blk, qk_scale, LK,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    if MASKED:
-        in_k = offs_n < LK
-        k = tl.load(k_base + kv_off, mask=in_k[:, None], other=0.0)
-        v = tl.load(v_base + kv_off, mask=in_k[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + kv_off)
-        v = tl.load(v_base + kv_off)
+    k, v = _load_kv(k_base, v_base, desc_k, desc_v, row0, offs_n, blk, LK, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
     s = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     if MASKED:
         allowed = (offs_n[None, :] >= lo_c[:, None]) & (offs_n[None, :] <= hi_c[:, None])
@@ -483,11 +575,12 @@ def _dq_tile(
 
 
 @_autotune("dq")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, LO, HI, COUNTER, sm_scale, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY,
+    Q, K, V, DESC_K, DESC_V, DO, DQ, LSE, DELTA, LO, HI, COUNTER, sm_scale, qk_scale, H, LQ, LK,
+    LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -505,21 +598,22 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=in_q, other=0.0)
     k_base = K + bh * LK * HEAD_DIM
     v_base = V + bh * LK * HEAD_DIM
+    row0 = (bh * LK).to(tl.int32)
     # fmt: off
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for blk in range(n_lo, f_lo):
         if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                          HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c, blk,
+                          qk_scale, LK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, USE_TMA)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     for blk in range(f_lo, f_hi):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                      HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c, blk,
+                      qk_scale, LK, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, USE_TMA)
     for blk in range(f_hi, n_hi):
         if _tile_live(lo_c, hi_c, blk, LK, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, lo_c, hi_c, blk, qk_scale, LK,
-                          HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, DESC_K, DESC_V, row0, lo_c, hi_c, blk,
+                          qk_scale, LK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, USE_TMA)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     if COUNT_TILES:
@@ -533,7 +627,7 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Host side: the key-major table
 # ----------------------------------------------------------------------------------------------------------
-def _key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Tensor:
+def key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Tensor:
     """For every 16-key boundary ``t`` (key ``16 t``), chunk counts from which the dK/dV kernel derives the
     query blocks that see a key block ``[16 t0, 16 t1)``. Returns (B, NT, 4) int32 with, per t:
 
@@ -544,6 +638,8 @@ def _key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.T
 
     (intervals clipped to [0, kv_len), empty rows ignored). With ``R = BLOCK_M / 16`` the kernel visits
     query blocks [c0 // R, ceil(c1 / R)) and treats [ceil(c2 / R), c3 // R) as full; see the module doc.
+    It depends only on the layout, so callers that reuse one layout (every layer of a model) can build
+    it once and pass it to :func:`interval_attention` (``kv_table``), as FlexAttention reuses a BlockMask.
     """
     bsz, q_len = lo.shape
     n_chunks = triton.cdiv(q_len, CHUNK)
@@ -586,6 +682,90 @@ _POISON = False
 _COUNTS: dict[str, list[int]] | None = None
 _DUMMY_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _TUNED_BLOCKS: dict[tuple, tuple[int, int]] = {}
+_TUNING_LOG: list[dict] = []
+_LAST_TIMINGS: dict[str, object] = {}
+
+
+@contextmanager
+def kernel_configs(tma: bool | None = None, index: int | None = None) -> Iterator[None]:
+    """Restrict the kernels' candidate configs inside the context (tests and benchmarks).
+
+    ``tma=True`` keeps only the TMA candidates (an error where TMA cannot run: no CUDA capability >= 9,
+    fp32, or an old Triton; under the interpreter it runs the TMA code path), ``tma=False`` only the
+    pointer ones, ``None`` both where TMA can run. ``index=i`` pins the i-th remaining candidate of each
+    kernel (clamped to the last), so a test can run every candidate without autotuning.
+    """
+    global _TMA_MODE, _PIN_INDEX
+    if index is not None and index < 0:
+        raise ValueError(f"index = {index} must be >= 0")
+    old = _TMA_MODE, _PIN_INDEX
+    _TMA_MODE, _PIN_INDEX = tma, index
+    try:
+        yield
+    finally:
+        _TMA_MODE, _PIN_INDEX = old
+
+
+def candidate_count(kernel: str, dtype: torch.dtype, head_dim: int, tma: bool | None = None) -> int:
+    """How many candidate configs ``kernel`` ("fwd", "dkdv", "dq") has on CUDA for this dtype and head dim
+    (``tma``: only TMA / only pointer candidates / all)."""
+    cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
+    return sum(1 for c in cands if tma is None or c[4] == tma)
+
+
+def tuning_log() -> list[dict]:
+    """Every autotuning this process ran: one dict per (kernel, tuning key, candidate config) with its
+    median milliseconds and whether it was chosen. The GPU sweep writes it next to its results."""
+    return [dict(r) for r in _TUNING_LOG]
+
+
+def _tune_tag() -> int:
+    """Autotuning cache key of the current restriction, so that restricted runs do not reuse a choice."""
+    mode = 0 if _TMA_MODE is None else (1 if _TMA_MODE else 2)
+    return mode + 3 * (0 if _PIN_INDEX is None else _PIN_INDEX + 1)
+
+
+def _log_tuning(name: str, kernel, head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int) -> None:
+    timings = getattr(kernel, "configs_timings", None)
+    if not timings or timings is _LAST_TIMINGS.get(name):
+        return
+    _LAST_TIMINGS[name] = timings
+    best = getattr(kernel, "best_config", None)
+    for cfg, t in timings.items():
+        ms = t[0] if isinstance(t, (list, tuple)) else t
+        bm, bn, warps, stages, tma = _config_key(cfg)
+        _TUNING_LOG.append(
+            dict(
+                kernel=name, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
+                q_bucket=_bucket(q_len), kv_bucket=_bucket(kv_len), block_m=bm, block_n=bn,
+                warps=warps, stages=stages, tma=tma, ms=float(ms), chosen=cfg is best,
+            )
+        )  # fmt: skip
+
+
+def _tma_possible(x: torch.Tensor) -> bool:
+    if _TensorDescriptor is None or not x.is_cuda or x.dtype == torch.float32:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _descriptors(*tensors: torch.Tensor) -> tuple:
+    """TMA descriptors over the (B*H*L, D) rows of each tensor when the TMA variant is in play, else the
+    tensors themselves (the pointer configs never touch these arguments). The block shape is a
+    placeholder that each config's pre-hook sets."""
+    use = _TMA_MODE is not False and (_TMA_MODE if INTERPRET else _tma_possible(tensors[0]))
+    if _TMA_MODE and not use:
+        raise ValueError(
+            "kernel_configs(tma=True): the TMA variant needs CUDA capability >= 9, fp16/bf16 inputs and "
+            f"Triton's TensorDescriptor; got {tensors[0].device}, {tensors[0].dtype}"
+        )
+    if not use:
+        return tensors
+    head_dim = tensors[0].shape[-1]
+    return tuple(
+        _TensorDescriptor(t, [t.numel() // head_dim, head_dim], [head_dim, 1], [CHUNK, head_dim])
+        for t in tensors
+    )
 
 
 @contextmanager
@@ -668,12 +848,14 @@ def _forward(
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
 
+    desc_k, desc_v = _descriptors(k, v)
     _fwd_kernel[grid](
-        q, k, v, o, lse, lo, hi, counter, scale * _LOG2E, n_heads, q_len, kv_len,
-        _bucket(q_len), _bucket(kv_len),
+        q, k, v, desc_k, desc_v, o, lse, lo, hi, counter, scale * _LOG2E, n_heads, q_len, kv_len,
+        _bucket(q_len), _bucket(kv_len), _tune_tag(),
         HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype), COUNT_TILES=_COUNTS is not None,
     )  # fmt: skip
     _remember_blocks(_fwd_kernel, head_dim, q.dtype, q_len, kv_len)
+    _log_tuning("fwd", _fwd_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("fwd", counter)
     return o, lse
 
@@ -688,6 +870,7 @@ def _backward(
     lo: torch.Tensor,
     hi: torch.Tensor,
     scale: float,
+    kv_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -703,17 +886,19 @@ def _backward(
 
     dk = _empty(tuple(k.shape), k.dtype, dev)
     dv = _empty(tuple(v.shape), v.dtype, dev)
-    table = _key_major_table(lo, hi, kv_len)
+    table = key_major_table(lo, hi, kv_len) if kv_table is None else kv_table
     counter = _counter(dev)
 
     def grid_kv(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), bsz * n_heads)
 
+    desc_q, desc_do = _descriptors(q, do)
     _bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, dk, dv, lse, delta, lo, hi, table, counter, scale, scale * _LOG2E,
-        n_heads, q_len, kv_len, table.shape[1], _bucket(q_len), _bucket(kv_len),
+        q, k, v, do, desc_q, desc_do, dk, dv, lse, delta, lo, hi, table, counter, scale, scale * _LOG2E,
+        n_heads, q_len, kv_len, table.shape[1], _bucket(q_len), _bucket(kv_len), _tune_tag(),
         HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK,
     )  # fmt: skip
+    _log_tuning("dkdv", _bwd_dkdv_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dkdv", counter)
 
     dq = _empty(tuple(q.shape), q.dtype, dev)
@@ -722,29 +907,32 @@ def _backward(
     def grid_q(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
 
+    desc_k, desc_v = _descriptors(k, v)
     _bwd_dq_kernel[grid_q](
-        q, k, v, do, dq, lse, delta, lo, hi, counter, scale, scale * _LOG2E,
-        n_heads, q_len, kv_len, _bucket(q_len), _bucket(kv_len),
+        q, k, v, desc_k, desc_v, do, dq, lse, delta, lo, hi, counter, scale, scale * _LOG2E,
+        n_heads, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _tune_tag(),
         HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting,
     )  # fmt: skip
+    _log_tuning("dq", _bwd_dq_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dq", counter)
     return dq, dk, dv
 
 
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, lo, hi, scale, kv_table):  # type: ignore[override]
         o, lse = _forward(q, k, v, lo, hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi)
         ctx.scale = scale
+        ctx.kv_table = kv_table
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
-        dq, dk, dv = _backward(do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale, ctx.kv_table)
+        return dq, dk, dv, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -794,6 +982,7 @@ def interval_attention(
     lo: torch.Tensor,
     hi: torch.Tensor,
     scale: float | None = None,
+    kv_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention where query ``i`` of batch row ``b`` sees keys ``lo[b, i] <= j <= hi[b, i]``.
 
@@ -803,18 +992,27 @@ def interval_attention(
             best tile skipping (any intervals give correct results). ``hi < lo`` marks padding: its output
             row and gradients are zero.
         scale: softmax scale, default ``1 / sqrt(D)``.
+        kv_table: ``key_major_table(lo, hi, Lk)`` built beforehand (it is built in every backward pass
+            otherwise); it must come from these very ``lo``/``hi``.
 
     Returns:
         (B, H, Lq, D) tensor of q's dtype, differentiable in q, k and v.
     """
     _check_inputs(q, k, v, lo, hi)
+    if kv_table is not None:
+        want = (lo.shape[0], triton.cdiv(k.shape[2], CHUNK) + 1 + _MAX_BLOCK // CHUNK, 4)
+        if kv_table.dtype != torch.int32 or tuple(kv_table.shape) != want or kv_table.device != q.device:
+            raise ValueError(
+                f"kv_table is {tuple(kv_table.shape)} {kv_table.dtype} on {kv_table.device}; it must be "
+                f"key_major_table(lo, hi, Lk): {want} torch.int32 on {q.device}"
+            )
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if q.shape[2] == 0 or k.shape[2] == 0:
         # No queries, or no keys (every interval is empty): a zero output with zero gradients.
         return q * 0.0 + (k.sum() + v.sum()) * 0.0
     return _IntervalAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), scale
+        q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), scale, kv_table
     )
 
 
@@ -844,7 +1042,7 @@ def kernel_block_sizes(
     tuned = _TUNED_BLOCKS.get((head_dim, dtype))
     if tuned is not None:
         return tuned
-    bm, bn, _, _ = _GPU_CANDIDATES["fwd"][(_dtype_class(dtype), head_dim)][0]
+    bm, bn, *_ = _GPU_CANDIDATES["fwd"][(_dtype_class(dtype), head_dim)][0]
     return bm, bn
 
 

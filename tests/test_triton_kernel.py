@@ -419,6 +419,125 @@ def test_kernels_compute_exactly_the_planned_tiles(device):
         assert ia.kernel_block_sizes(32, torch.float32, "cpu") == (16, 16)
 
 
+# --------------------------------------------------------------------------------------------------------
+# The TMA variant and the candidate configs
+# --------------------------------------------------------------------------------------------------------
+HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
+TMA_DEVICES = [
+    DEVICES[0],
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_HOPPER, reason="needs CUDA capability >= 9")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", TMA_DEVICES)
+@pytest.mark.parametrize(
+    "dtype,head_dim,trial",
+    [(torch.float32, 32, t) for t in range(3)] + [(torch.bfloat16, 32, 0), (torch.float16, 64, 0)],
+)
+def test_tma_variant_random_layouts(device, dtype, head_dim, trial):
+    """The TMA code path (full tiles loaded through tensor descriptors) against the float64 reference.
+    Long documents so that most tiles are full ones; on CUDA fp32 has no TMA candidates."""
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.bfloat16
+    max_len = 90 if device == "cpu" else 700
+    bsz, heads, kv_len, q_len = random_sizes(max_len, min_len=40)
+    case = random_case(bsz, kv_len, q_len, max_doc=max_len)
+    with ia.kernel_configs(tma=True):
+        check_case(case, heads, head_dim, dtype, device)
+        for kernel in (ia._fwd_kernel, ia._bwd_dkdv_kernel, ia._bwd_dq_kernel):
+            assert ia._config_key(kernel.best_config)[4], "the TMA config did not run"
+
+
+@pytest.mark.parametrize("device", TMA_DEVICES)
+def test_tma_variant_computes_the_planned_tiles(device):
+    heads, kv_len = 2, (80 if device == "cpu" else 900)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    case = random_case(2, kv_len, kv_len, max_doc=kv_len)
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    q, k, v = (
+        torch.randn(2, heads, kv_len, 32, device=device, dtype=dtype, requires_grad=True) for _ in "qkv"
+    )
+    with ia.kernel_configs(tma=True):
+        interval_attention(q, k, v, lo, hi).sum().backward()
+        with ia.count_tiles() as counts:
+            interval_attention(q, k, v, lo, hi).sum().backward()
+    for name, kernel in (("fwd", ia._fwd_kernel), ("dkdv", ia._bwd_dkdv_kernel), ("dq", ia._bwd_dq_kernel)):
+        bm, bn = kernel.best_config.kwargs["BLOCK_M"], kernel.best_config.kwargs["BLOCK_N"]
+        plan = plan_tiles(case.lo, case.hi, kv_len, bm, bn)
+        assert counts[name] == [heads * plan["computed"], heads * plan["full"]], (name, case.text)
+        assert plan["full"] > 0, "the layout should have full tiles for TMA to load"
+
+
+def test_kernel_configs_restrictions():
+    with pytest.raises(ValueError, match="index"), ia.kernel_configs(index=-1):
+        pass
+    # Every half-precision class has TMA candidates; fp32 has none (TMA is listed for fp16/bf16 only).
+    for kernel in ("fwd", "dkdv", "dq"):
+        for dim in (32, 64, 128):
+            assert ia.candidate_count(kernel, torch.bfloat16, dim, tma=True) >= 1
+            assert ia.candidate_count(kernel, torch.bfloat16, dim, tma=False) >= 3
+            assert ia.candidate_count(kernel, torch.float32, dim, tma=True) == 0
+    # Restrictions change the autotuning key, so a restricted run never reuses an unrestricted choice.
+    tags = set()
+    for tma in (None, True, False):
+        for index in (None, 0, 1):
+            with ia.kernel_configs(tma=tma, index=index):
+                tags.add(ia._tune_tag())
+    assert len(tags) == 9
+    if not HAS_HOPPER:  # asking for TMA where it cannot run is an error naming the reason
+        dev = "cuda" if HAS_CUDA else "cpu"
+        x = torch.randn(1, 1, 16, 32, device=dev, dtype=torch.float32)
+        with ia.kernel_configs(tma=True):
+            if not INTERPRET:
+                with pytest.raises(ValueError, match="capability"):
+                    interval_attention(x, x, x, *(torch.zeros(1, 16, dtype=torch.int32, device=dev),) * 2)
+
+
+def test_tuning_log_records_every_timed_candidate():
+    """_log_tuning turns an autotuner's timings into rows once per tuning (a fake autotuner here: the
+    interpreter never benchmarks)."""
+    from types import SimpleNamespace
+
+    configs = ia._make_configs("fwd")[:2]
+    fake = SimpleNamespace(
+        configs_timings={configs[0]: [0.5, 0.4, 0.6], configs[1]: [0.7, 0.6, 0.8]}, best_config=configs[0]
+    )
+    before = len(ia.tuning_log())
+    ia._log_tuning("fwd-test", fake, 64, torch.bfloat16, 1000, 3000)
+    ia._log_tuning("fwd-test", fake, 64, torch.bfloat16, 1000, 3000)  # same tuning: not logged twice
+    rows = ia.tuning_log()[before:]
+    assert [r["ms"] for r in rows] == [0.5, 0.7]
+    assert [r["chosen"] for r in rows] == [True, False]
+    assert rows[0]["q_bucket"] == 1024 and rows[0]["kv_bucket"] == 4096 and rows[0]["dtype"] == "bfloat16"
+    assert (rows[1]["block_m"], rows[1]["tma"]) == (
+        configs[1].kwargs["BLOCK_M"],
+        configs[1].kwargs["USE_TMA"],
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prebuilt_kv_table_gives_the_same_gradients(device):
+    """A key-major table built once (as the backend caches it per layout) changes nothing; a table of the
+    wrong shape is refused."""
+    case = random_case(2, 57, 41)
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    q = torch.randn(2, 2, 41, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 57, 32, device=device, requires_grad=True) for _ in "kv")
+    grads = []
+    for table in (None, ia.key_major_table(lo, hi, 57)):
+        for t in (q, k, v):
+            t.grad = None
+        interval_attention(q, k, v, lo, hi, kv_table=table).square().sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="kv_table"):
+        interval_attention(q, k, v, lo, hi, kv_table=ia.key_major_table(lo, hi, 40))
+
+
 def test_input_validation():
     dev = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
     q = torch.randn(1, 2, 8, 32, device=dev)
@@ -463,3 +582,16 @@ def test_input_validation():
 def test_gpu_long_sequences(kv_len, q_len, head_dim, dtype):
     case = random_case(2, kv_len, q_len, max_doc=1500, max_image=300)
     check_case(case, 2, head_dim, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_every_candidate_config(head_dim):
+    """Each autotuning candidate (pointer and TMA) of the three kernels, pinned in turn, is correct."""
+    dtype = torch.bfloat16
+    n = max(ia.candidate_count(k, dtype, head_dim) for k in ("fwd", "dkdv", "dq"))
+    case = random_case(2, 1100, 1100, max_doc=900, max_image=300)
+    for index in range(n):
+        with ia.kernel_configs(tma=None if HAS_HOPPER else False, index=index):
+            check_case(case, 2, head_dim, dtype, "cuda")

@@ -27,10 +27,24 @@ def _triton_unavailable() -> str | None:
     return None
 
 
+def key_major_table(layout: AttentionLayout) -> torch.Tensor:
+    """The backward pass's key-major tile table of this layout, built once and cached on it (like
+    FlexAttention's BlockMask): every layer of a model shares it."""
+    cached = layout.cache.get("triton_kv_table")
+    if cached is None:
+        from kernels.interval_attention import key_major_table as build
+
+        cached = layout.cache["triton_kv_table"] = build(layout.lo, layout.hi, layout.kv_len)
+    return cached
+
+
 def triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
     from kernels import interval_attention
 
-    return interval_attention(q, k, v, layout.lo, layout.hi, scale=scale)
+    # Only a backward pass reads the table: inference (cached decoding builds a layout per step) skips it.
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    table = key_major_table(layout) if grad else None
+    return interval_attention(q, k, v, layout.lo, layout.hi, scale=scale, kv_table=table)
 
 
 _devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
@@ -38,6 +52,7 @@ register_backend(
     Backend(
         name="triton",
         fn=triton_attention,
+        prepare=key_major_table,
         devices=_devices,
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         backward_devices=_devices,
