@@ -265,5 +265,20 @@ def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]
         rows.append(measure(cfg, profile))
         # Rewrite the CSV after every row: an interrupted sweep still leaves everything measured so far.
         atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
+        _write_tuning_log(out_dir)
     atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
     return rows
+
+
+def _write_tuning_log(out_dir: Path) -> None:
+    """kernel_tuning.csv: every candidate config the Triton kernel's autotuner timed in this sweep (CUDA
+    only: the interpreter never tunes), so the next session can see which tiles and TMA paid off."""
+    import pandas as pd
+
+    try:
+        from kernels.interval_attention import tuning_log
+    except Exception:  # no Triton: nothing was tuned
+        return
+    log = tuning_log()
+    if log:
+        atomic_write_text(out_dir / "kernel_tuning.csv", pd.DataFrame(log).to_csv(index=False))

@@ -76,6 +76,47 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
     if checks:
         lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
         lines += [f"| {n} | {v:.2f} | {t:.2f} | {'yes' if v >= t else 'no'} |" for n, v, t in checks]
+    lines += _tuning_lines(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
     text = "\n".join(lines) + "\n"
     atomic_write_text(results_dir / "attention_summary.md", text)
     return text
+
+
+def _config(r: pd.Series) -> str:
+    return f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages}" + (" tma" if r.tma else "")
+
+
+def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:
+    """The Triton autotuner's timings at the headline shape: fastest pointer and TMA config per kernel."""
+    path = results_dir / "kernel_tuning.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
+    at = df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
+    if at.empty:
+        return []
+    lines = [
+        "",
+        f"Triton autotuning at L = {seq_len} (all {len(at)} timed candidates in kernel_tuning.csv):",
+        "",
+        "| kernel | fastest pointer config | ms | fastest TMA config | ms | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kernel in ("fwd", "dkdv", "dq"):
+        k = at[at.kernel == kernel]
+        if k.empty:
+            continue
+        cells = []
+        for tma in (False, True):
+            sub = k[k.tma == tma]
+            if sub.empty:
+                cells += ["-", "-"]
+            else:
+                best = sub.loc[sub.ms.idxmin()]
+                cells += [_config(best), f"{best.ms:.3g}"]
+        chosen = k[k.chosen]
+        lines.append(
+            f"| {kernel} | {' | '.join(cells)} | {_config(chosen.iloc[-1]) if not chosen.empty else '-'} |"
+        )
+    return lines

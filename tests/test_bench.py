@@ -57,3 +57,29 @@ def test_tiny_sweep_writes_rows_files_and_report(tmp_path):
     report = build_report(tmp_path)
     assert "Attention (tiny)" in report.read_text()
     assert (out / "plots" / "attention_tflops.png").stat().st_size > 1000
+
+
+def test_summary_lists_the_fastest_tuned_configs(tmp_path):
+    """The summary's autotuning table picks the fastest pointer and TMA candidate per kernel at the
+    headline length (a hand-made tuning log: this checks the table, not any timing)."""
+    out = tmp_path / "res"
+    out.mkdir()
+    common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64, mode="fwd")
+    pd.DataFrame([dict(common, backend="triton", status="ok", ms=1.0, tflops=1.0)]).to_csv(
+        out / "attention.csv", index=False
+    )
+    (out / "attention_provenance.json").write_text(
+        json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d"))
+    )
+    rows = []
+    for kernel in ("fwd", "dkdv", "dq"):
+        for bm, tma, ms, chosen in ((64, False, 0.9, False), (128, False, 0.7, True), (64, True, 0.8, False)):
+            rows.append(
+                dict(kernel=kernel, head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, block_m=bm,
+                     block_n=32, warps=4, stages=3, tma=tma, ms=ms, chosen=chosen)
+            )  # fmt: skip
+    rows.append(dict(rows[0], q_bucket=128, ms=0.1))  # another length: ignored
+    pd.DataFrame(rows).to_csv(out / "kernel_tuning.csv", index=False)
+    text = summarize(out, seq_len=64)
+    assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
+    assert text.count("128x32 w4 s3 | 0.7") == 3
