@@ -123,7 +123,9 @@ _AUTOTUNE: bool = os.environ.get("INTERVAL_ATTENTION_AUTOTUNE", "1") != "0"
 # tiles' operands through Hopper's tensor-memory accelerator (host-side TensorDescriptors); those
 # candidates run only where TMA exists (CUDA capability >= 9, half precision). The first entry is the
 # default (the only one when autotuning is off). 128x128 tiles at D = 128 keep 2 stages: with 3, K and V
-# buffers plus Q would need about 224 KB of shared memory, the whole of an H100's.
+# buffers plus Q would need about 224 KB of shared memory, the whole of an H100's. The backward lists
+# include the blocks FlexAttention's own heuristics use on sm90 at D <= 128 (dK/dV 64 queries x 128 keys,
+# dQ 128 x 64, 8 warps, 3 stages, in torch/_inductor/heuristics/template/triton.py), the backend we race.
 _F, _T = False, True
 # fmt: off
 _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, bool]]]] = {
@@ -141,7 +143,7 @@ _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, 
         ("half", 32): [(32, 128, 4, 3, _F), (64, 128, 8, 3, _F), (64, 64, 4, 3, _F), (32, 128, 4, 3, _T)],
         ("half", 64): [(32, 128, 4, 3, _F), (64, 128, 8, 3, _F), (64, 64, 4, 3, _F),
                        (32, 128, 4, 3, _T), (64, 128, 8, 3, _T), (64, 64, 4, 3, _T)],
-        ("half", 128): [(32, 128, 8, 3, _F), (64, 128, 8, 2, _F), (64, 64, 4, 3, _F),
+        ("half", 128): [(32, 128, 8, 3, _F), (64, 128, 8, 2, _F), (64, 64, 4, 3, _F), (64, 128, 8, 3, _F),
                         (32, 128, 8, 3, _T), (64, 128, 8, 3, _T), (64, 64, 4, 3, _T)],
         ("fp32", 32): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
         ("fp32", 64): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
@@ -151,7 +153,7 @@ _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, 
         ("half", 32): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F), (128, 32, 4, 3, _T)],
         ("half", 64): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F),
                        (128, 32, 4, 3, _T), (128, 64, 8, 3, _T), (64, 64, 4, 3, _T)],
-        ("half", 128): [(128, 32, 8, 3, _F), (128, 64, 8, 2, _F), (64, 64, 4, 3, _F),
+        ("half", 128): [(128, 32, 8, 3, _F), (128, 64, 8, 2, _F), (64, 64, 4, 3, _F), (128, 64, 8, 3, _F),
                         (128, 32, 8, 3, _T), (128, 64, 8, 3, _T), (64, 64, 4, 3, _T)],
         ("fp32", 32): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
         ("fp32", 64): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
