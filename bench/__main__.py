@@ -9,11 +9,14 @@ Suites:
   summary     headline table of a results folder (writes attention_summary.md)
   report      results/REPORT.md from every results folder's files
   generation  text-to-image wall time with and without prefix KV reuse (python -m bench generation --help)
+  kernels     compile the Triton kernel's candidate configs for a GPU target on this machine (no GPU
+              needed): registers, spills, shared memory, occupancy, load paths -> results/kernels/
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     sm = sub.add_parser("summary", help="headline table of an attention results folder")
     sm.add_argument("results", type=Path)
     sm.add_argument("--seq-len", type=int, default=8192)
+    kr = sub.add_parser("kernels", help="compile-time resources of the Triton kernel's candidate configs")
+    kr.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    kr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    kr.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128])
+    kr.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd,dkdv,dq")
+    kr.add_argument("--out", type=Path, default=Path("results/kernels"))
     rp = sub.add_parser("report", help="build results/REPORT.md from the result files")
     rp.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
@@ -89,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench.summary import summarize
 
         print(summarize(args.results, args.seq_len))
+    elif args.suite == "kernels":
+        # Compiling needs real @triton.jit functions: the interpreter must be off before kernels imports.
+        os.environ["TRITON_INTERPRET"] = "0"
+        from bench.kernel_resources import markdown_table, run
+
+        kernels = tuple(args.kernels.split(","))
+        if not set(kernels) <= {"fwd", "dkdv", "dq"}:
+            parser.error(f"--kernels {args.kernels!r}: choose from fwd, dkdv, dq")
+        print(markdown_table(run(args.out, args.dtype, args.head_dim, args.arch, kernels)), end="")
+        print(f"wrote {args.out}/kernel_resources.csv and kernel_resources.md")
     elif args.suite == "report":
         from bench.report import build_report
 

@@ -68,6 +68,9 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 ),
                 "",
             ]
+        if (folder / "kernel_resources.md").exists():
+            text = (folder / "kernel_resources.md").read_text()
+            sections += [text.replace("# Triton kernel", f"## Triton kernel ({folder.name}):", 1), ""]
         if any((folder / f).exists() for f in ("attention.csv", "generation.csv", "quick.csv")):
             notes = folder / "NOTES.md"
             if notes.exists():
