@@ -71,7 +71,10 @@ def build_report(results_root: Path = Path("results")) -> Path:
         if (folder / "kernel_resources.md").exists():
             text = (folder / "kernel_resources.md").read_text()
             sections += [text.replace("# Triton kernel", f"## Triton kernel ({folder.name}):", 1), ""]
-        if any((folder / f).exists() for f in ("attention.csv", "generation.csv", "quick.csv")):
+        if any(
+            (folder / f).exists()
+            for f in ("attention.csv", "generation.csv", "quick.csv", "kernel_resources.md")
+        ):
             notes = folder / "NOTES.md"
             if notes.exists():
                 sections += ["", f"Notes on this run: [{folder.name}/NOTES.md]({folder.name}/NOTES.md).", ""]
