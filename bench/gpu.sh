@@ -12,8 +12,8 @@
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
-SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-180}
-TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-180}
 CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-150}
 GPU_TESTS=${GPU_TESTS:-tests/test_triton_kernel.py tests/test_attention.py tests/test_xformers_decomposition.py}
 CONFIG_TESTS="tma_variant or every_candidate"
