@@ -9,6 +9,7 @@ Suites:
   summary     headline table of a results folder (writes attention_summary.md)
   report      results/REPORT.md from every results folder's files
   generation  text-to-image wall time with and without prefix KV reuse (python -m bench generation --help)
+  breakdown   per-kernel time of one forward+backward (torch.profiler) for a few backends at one shape
   kernels     compile the Triton kernel's candidate configs for a GPU target on this machine (no GPU
               needed): registers, spills, shared memory, occupancy, load paths -> results/kernels/
 """
@@ -19,6 +20,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     sm = sub.add_parser("summary", help="headline table of an attention results folder")
     sm.add_argument("results", type=Path)
     sm.add_argument("--seq-len", type=int, default=8192)
+    bd = sub.add_parser("breakdown", help="per-kernel time of one forward+backward (torch.profiler)")
+    bd.add_argument("--backends", default="triton,flex", help="comma-separated backends")
+    bd.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bd.add_argument("--seq-len", type=int, default=8192)
+    bd.add_argument("--head-dim", type=int, default=128)
+    bd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    bd.add_argument("--heads", type=int, default=16)
+    bd.add_argument("--tokens-per-batch", type=int, default=32768)
+    bd.add_argument("--out", type=Path, default=Path("results/gpu"))
     kr = sub.add_parser("kernels", help="compile-time resources of the Triton kernel's candidate configs")
     kr.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     kr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -98,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
         from bench.summary import summarize
 
         print(summarize(args.results, args.seq_len))
+    elif args.suite == "breakdown":
+        import torch
+
+        from bench.breakdown import run as run_breakdown
+
+        rows = run_breakdown(
+            args.out, args.backends.split(","), args.device, seq_len=args.seq_len, head_dim=args.head_dim,
+            dtype=getattr(torch, args.dtype), heads=args.heads, tokens_per_batch=args.tokens_per_batch,
+        )  # fmt: skip
+        for r in rows:
+            if "us_per_step" in r:
+                print(f"{r['backend']:>8} {r['us_per_step']:10.1f} us {r['share']:6.1%}  {r['kernel'][:70]}")
+            else:
+                print(f"{r['backend']:>8} {r['kernel']}")
+        print(f"wrote {args.out}/kernel_breakdown.csv")
     elif args.suite == "kernels":
         # Compiling needs real @triton.jit functions: the interpreter must be off before kernels imports.
         os.environ["TRITON_INTERPRET"] = "0"

@@ -5,7 +5,8 @@
 #      fails, the sweep runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
 #   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
 #      (pytest -m gpu); both test logs go to results/gpu/gpu_tests.txt;
-#   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary).
+#   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary);
+#   5. profiles one forward+backward of triton and flex at L = 8192 per kernel (kernel_breakdown.csv).
 # Plots are redrawn from the CSV afterwards (python -m bench plots results/gpu), so $OUT stays small.
 # Prepare the wheel folder on a machine with PyPI access (see README, "GPU run").
 # Set TRANSFUSION_COMMIT to the commit being measured when the tree travels without .git.
@@ -13,8 +14,8 @@ set -uo pipefail
 WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
-TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-180}
-CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-150}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
+CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-120}
 GPU_TESTS=${GPU_TESTS:-tests/test_triton_kernel.py tests/test_attention.py tests/test_xformers_decomposition.py}
 CONFIG_TESTS="tma_variant or every_candidate"
 SEQ_LENS=${SEQ_LENS:-}  # e.g. 2048,8192,32768 to shorten the sweep
@@ -57,10 +58,15 @@ python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUD
   | grep -v "it/s\]$" | tail -n 40
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"
+timeout "${BREAKDOWN_TIMEOUT_S:-60}" python3 -m bench breakdown --backends triton,flex --out "$RESULTS" 2>&1 \
+  | grep -v "^USDT\|gpuGetDeviceCount"
+echo "breakdown: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 python3 -m bench summary "$RESULTS" || true
 
 if [ -n "${OUT:-}" ]; then  # the device tool brings back at most 8 files from $OUT
-  cp "$RESULTS"/attention.csv "$RESULTS"/attention_provenance.json "$RESULTS"/attention_summary.md \
-     "$RESULTS"/gpu_tests.txt "$RESULTS"/kernel_tuning.csv "$OUT"/ 2>/dev/null
+  # The summary is rebuilt from the CSVs afterwards (python -m bench summary), so it stays behind.
+  cp "$RESULTS"/attention.csv "$RESULTS"/attention_provenance.json "$RESULTS"/gpu_tests.txt \
+     "$RESULTS"/kernel_tuning.csv "$RESULTS"/kernel_breakdown.csv "$RESULTS"/kernel_breakdown_provenance.json \
+     "$OUT"/ 2>/dev/null
 fi
 exit $(( config_rc != 0 || test_rc != 0 || sweep_rc != 0 ))

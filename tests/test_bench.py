@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.attention import SweepProfile, run_sweep
 from bench.report import build_report
@@ -83,3 +84,24 @@ def test_summary_lists_the_fastest_tuned_configs(tmp_path):
     text = summarize(out, seq_len=64)
     assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
     assert text.count("128x32 w4 s3 | 0.7") == 3
+
+
+def test_breakdown_profiles_each_backend_and_records_unsupported_ones(tmp_path):
+    from bench.breakdown import run as run_breakdown
+
+    rows = run_breakdown(
+        tmp_path, ["naive", "flex"], "cpu", seq_len=64, head_dim=16, dtype=torch.float32, heads=2,
+        tokens_per_batch=128, image_tokens=16, iters=2,
+    )  # fmt: skip
+    naive = [r for r in rows if r["backend"] == "naive"]
+    assert naive and all(r["us_per_step"] > 0 for r in naive)
+    assert sum(r["share"] for r in naive) <= 1.0 + 1e-9
+    assert any("bmm" in r["kernel"] or "matmul" in r["kernel"] for r in naive)  # the naive backend's work
+    flex = [r for r in rows if r["backend"] == "flex"]
+    assert len(flex) == 1 and "unsupported" in flex[0]["kernel"]  # no flex backward on CPU
+    df = pd.read_csv(tmp_path / "kernel_breakdown.csv")
+    assert len(df) == len(rows)
+    assert json.loads((tmp_path / "kernel_breakdown_provenance.json").read_text())["backends"] == [
+        "naive",
+        "flex",
+    ]

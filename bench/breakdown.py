@@ -1,0 +1,113 @@
+"""Where one attention call's time goes: a per-kernel breakdown from ``torch.profiler``.
+
+The sweep says how long a forward+backward takes; this says which kernels take it: for our Triton
+backend the forward, ``delta``, dK/dV and dQ kernels and the host-side table ops, for FlexAttention its
+generated templates. Each backend runs ``iters`` profiled steps at one shape after warm-up (compilation
+and autotuning happen there, outside the profile), and every kernel's device time is divided by
+``iters``. On a CPU there are no device kernels, so the rows are the CPU operators' self time instead.
+
+    python -m bench breakdown --out results/gpu [--seq-len 8192 --head-dim 128 --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.workloads import benchmark_layout
+from transfusion.attention import attend, get_backend
+from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+
+FIELDS = ("backend", "mode", "kernel", "calls_per_step", "us_per_step", "share", "step_us")
+
+
+def _events(prof, device: torch.device) -> list[tuple[str, int, float]]:
+    """(name, calls, total microseconds) of the device kernels, or of the CPU operators on a CPU."""
+    out = []
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            if evt.device_type != torch.autograd.DeviceType.CUDA or evt.self_device_time_total <= 0:
+                continue
+            out.append((evt.key, evt.count, float(evt.self_device_time_total)))
+        elif evt.self_cpu_time_total > 0 and not evt.key.startswith("ProfilerStep"):
+            out.append((evt.key, evt.count, float(evt.self_cpu_time_total)))
+    return out
+
+
+def _profile_steps(backend: str, layout, shape: tuple[int, ...], dtype: torch.dtype, iters: int):
+    """Two warm-up forward+backward steps, then ``iters`` profiled ones; returns the profiler."""
+    device = layout.device
+    t = {n: torch.randn(*shape, device=device, dtype=dtype) for n in "qkvg"}
+    for n in "qkv":
+        t[n].requires_grad_(True)
+
+    def step() -> None:
+        attend(t["q"], t["k"], t["v"], layout, backend=backend).backward(t["g"])
+        for n in "qkv":
+            t[n].grad = None
+
+    for _ in range(2):  # compilation, autotuning, caches: outside the profile
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return prof
+
+
+def kernel_breakdown(
+    backends: list[str],
+    seq_len: int = 8192,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    heads: int = 16,
+    tokens_per_batch: int = 32768,
+    image_tokens: int = 256,
+    image_fraction: float = 0.5,
+    iters: int = 5,
+    top: int = 12,
+) -> list[dict]:
+    """Profile forward+backward of each backend at one sweep shape; the ``top`` kernels per backend."""
+    device = torch.device(device)
+    batch = max(1, tokens_per_batch // seq_len)
+    layout = benchmark_layout(batch, seq_len, image_tokens, image_fraction, device=device)
+    rows: list[dict] = []
+    for backend in backends:
+        reason = get_backend(backend).why_not(device.type, dtype, True, head_dim)
+        if reason:
+            rows.append(dict(backend=backend, mode="fwd_bwd", kernel=f"unsupported: {reason}"))
+            continue
+        prof = _profile_steps(backend, layout, (batch, heads, seq_len, head_dim), dtype, iters)
+        events = sorted(_events(prof, device), key=lambda e: -e[2])
+        total = sum(us for _, _, us in events) / iters
+        for name, calls, us in events[:top]:
+            rows.append(
+                dict(
+                    backend=backend, mode="fwd_bwd", kernel=name[:120], calls_per_step=calls / iters,
+                    us_per_step=us / iters, share=(us / iters) / total if total else 0.0, step_us=total,
+                )
+            )  # fmt: skip
+    return rows
+
+
+def run(out_dir: Path, backends: list[str], device: str, **shape) -> list[dict]:
+    """Profile and write ``kernel_breakdown.csv`` (+ provenance) under ``out_dir``."""
+    import pandas as pd
+
+    rows = kernel_breakdown(backends, device=device, **shape)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out_dir / "kernel_breakdown.csv", pd.DataFrame(rows, columns=FIELDS).to_csv(index=False)
+    )
+    shape = {k: str(v).removeprefix("torch.") for k, v in shape.items()}
+    atomic_write_json(
+        out_dir / "kernel_breakdown_provenance.json", provenance(device, backends=backends, **shape)
+    )
+    return rows
