@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     bd.add_argument("--heads", type=int, default=16)
     bd.add_argument("--tokens-per-batch", type=int, default=32768)
-    bd.add_argument("--out", type=Path, default=Path("results/gpu"))
+    bd.add_argument("--out", type=Path, default=None, help="default: results/gpu on CUDA, else results/cpu")
     kr = sub.add_parser("kernels", help="compile-time resources of the Triton kernel's candidate configs")
     kr.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     kr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from bench.breakdown import run as run_breakdown
 
+        out = args.out or Path("results") / ("gpu" if args.device.startswith("cuda") else "cpu")
         rows = run_breakdown(
-            args.out, args.backends.split(","), args.device, seq_len=args.seq_len, head_dim=args.head_dim,
+            out, args.backends.split(","), args.device, seq_len=args.seq_len, head_dim=args.head_dim,
             dtype=getattr(torch, args.dtype), heads=args.heads, tokens_per_batch=args.tokens_per_batch,
         )  # fmt: skip
         for r in rows:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['backend']:>8} {r['us_per_step']:10.1f} us {r['share']:6.1%}  {r['kernel'][:70]}")
             else:
                 print(f"{r['backend']:>8} {r['kernel']}")
-        print(f"wrote {args.out}/kernel_breakdown.csv")
+        print(f"wrote {out}/kernel_breakdown.csv")
     elif args.suite == "kernels":
         # Compiling needs real @triton.jit functions: the interpreter must be off before kernels imports.
         os.environ["TRITON_INTERPRET"] = "0"
