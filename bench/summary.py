@@ -77,6 +77,7 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
         lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
         lines += [f"| {n} | {v:.2f} | {t:.2f} | {'yes' if v >= t else 'no'} |" for n, v, t in checks]
     lines += _tuning_lines(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
+    lines += _breakdown_lines(results_dir)
     text = "\n".join(lines) + "\n"
     atomic_write_text(results_dir / "attention_summary.md", text)
     return text
@@ -119,4 +120,30 @@ def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) ->
         lines.append(
             f"| {kernel} | {' | '.join(cells)} | {_config(chosen.iloc[-1]) if not chosen.empty else '-'} |"
         )
+    return lines
+
+
+def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
+    """The largest kernels of one forward+backward per backend (kernel_breakdown.csv, torch.profiler)."""
+    path = results_dir / "kernel_breakdown.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path).dropna(subset=["us_per_step"])
+    if df.empty:
+        return []
+    meta_path = results_dir / "kernel_breakdown_provenance.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    shape = ", ".join(f"{k} {meta[k]}" for k in ("seq_len", "head_dim", "dtype") if k in meta)
+    lines = [
+        "",
+        f"Per-kernel time of one forward+backward ({shape or 'see provenance'}; `bench breakdown`):",
+        "",
+    ]
+    lines += ["| backend | kernel | us per step | share | calls |", "|---|---|---|---|---|"]
+    for backend, rows in df.groupby("backend", sort=False):
+        for r in rows.nlargest(top, "us_per_step").itertuples():
+            name = str(r.kernel).replace("|", "/")[:60]
+            lines.append(
+                f"| {backend} | `{name}` | {r.us_per_step:.4g} | {r.share:.1%} | {r.calls_per_step:.3g} |"
+            )
     return lines

@@ -81,8 +81,13 @@ def test_summary_lists_the_fastest_tuned_configs(tmp_path):
             )  # fmt: skip
     rows.append(dict(rows[0], q_bucket=128, ms=0.1))  # another length: ignored
     pd.DataFrame(rows).to_csv(out / "kernel_tuning.csv", index=False)
+    pd.DataFrame(
+        [dict(backend="triton", mode="fwd_bwd", kernel=f"k{i}", calls_per_step=1.0, us_per_step=float(i),
+              share=i / 28, step_us=28.0) for i in range(1, 8)]
+    ).to_csv(out / "kernel_breakdown.csv", index=False)  # fmt: skip
     text = summarize(out, seq_len=64)
     assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
+    assert "| triton | `k7` | 7 | 25.0% | 1 |" in text and "`k1`" not in text  # the top 6 only
     assert text.count("128x32 w4 s3 | 0.7") == 3
 
 
