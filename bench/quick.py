@@ -6,6 +6,8 @@ For each model family (Transfusion and the Chameleon-style discrete baseline) on
    the cached quick autoencoder: a VAE for Transfusion, a VQ model for the baseline);
 2. eval: text-to-image for held-out test captions and image-to-text for held-out test images, both scored
    by the shapes judge; bits per byte of held-out captions under the model's LM;
+3. curves: bits per byte and captioning accuracy at every kept checkpoint, against training FLOPs, and
+   from them the parity FLOP ratio of each (``bench.quick_curves``; ``plots/metrics_vs_flops.png``);
 
 plus reference rows (the judge on the ground-truth test images, on their autoencoder reconstructions, and
 on shuffled pairs as a chance level), then ``OUT/quick.csv``, ``OUT/quick.json``,
@@ -48,7 +50,7 @@ CSV_FIELDS: tuple[str, ...] = (
     "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
     "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
     "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "text_bpb", "recon_alignment",
-    "fid", "kid", "recon_fid",
+    "fid", "kid", "recon_fid", "parity_text_bpb", "parity_caption_accuracy",
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
 )  # fmt: skip
 
@@ -62,6 +64,8 @@ class QuickConfig:
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"max_seq_len": 256})
     steps: int = 400
+    # checkpoints kept along training for the compute curves and parity FLOP ratios (bench.quick_curves)
+    curve_points: int = 4
     batch_rows: int = 8
     seq_len: int = 256
     lr: float = 1e-3
@@ -183,8 +187,8 @@ def model_and_train_config(cfg: QuickConfig, family: str, threads: int):
         lr=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         log_every=cfg.log_every,
-        ckpt_every=0,
-        keep_checkpoints=1,
+        ckpt_every=max(1, cfg.steps // cfg.curve_points) if cfg.curve_points > 1 else 0,
+        keep_checkpoints=max(1, cfg.curve_points),
         seed=cfg.seed,
         device="cpu",
         dataset="shapes",
@@ -203,7 +207,7 @@ def model_and_train_config(cfg: QuickConfig, family: str, threads: int):
 # values is reused or resumed. Built from QuickConfig (not TrainConfig.to_dict, whose fields may grow).
 _RUN_KEYS = (
     "seed", "preset", "model_overrides", "batch_rows", "seq_len", "lr", "warmup_steps", "train_examples",
-    "dataset_options", "autoencoder_options",
+    "dataset_options", "autoencoder_options", "curve_points",
 )  # fmt: skip
 
 
@@ -299,11 +303,12 @@ class _Loaded:
     step: int
 
 
-def _load(family: str, run_dir: Path) -> _Loaded:
+def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
+    """Model, tokenizer and autoencoder of a run, at checkpoint ``step`` (default: the latest)."""
     if family == "transfusion":
         from transfusion.generation import load_run
 
-        run = load_run(run_dir, device="cpu")
+        run = load_run(run_dir, step=step, device="cpu")
         if run.autoencoder is None:
             raise FileNotFoundError(f"{run_dir}: no autoencoder to decode latents")
         return _Loaded(run.model, run.tokenizer, run.autoencoder, run.step)
@@ -314,10 +319,10 @@ def _load(family: str, run_dir: Path) -> _Loaded:
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint")
-    model = load_checkpoint_model(run_dir).eval()
+    model = load_checkpoint_model(run_dir, step=step).eval()
     tok = load_tokenizer(run_dir / "tokenizer.json")
     ae = load_autoencoder(run_dir / "autoencoder")
-    return _Loaded(model, tok, ae, int(latest["step"]))
+    return _Loaded(model, tok, ae, int(latest["step"]) if step is None else step)
 
 
 def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
@@ -732,7 +737,7 @@ def run_quick(
     families = list(cfg.families)
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     run_dirs = {f: runs / f for f in families}
-    stages = _Stages(total=2 * len(families) + 2, progress=cfg.progress)
+    stages = _Stages(total=3 * len(families) + 4, progress=cfg.progress)
     train_sums: dict[str, dict | None] = {}
     evals: dict[str, dict | None] = {}
     result: dict[str, Any] = {}
@@ -745,6 +750,14 @@ def run_quick(
             evals[fam] = stages.run(
                 f"eval_{fam}", lambda fam=fam: eval_family(cfg, fam, run_dirs[fam], out / "eval", fresh)
             )
+        from bench.quick_curves import curve_family, parity_ratios, plot_curves
+
+        curves: dict[str, dict | None] = {}
+        for fam in families:
+            curves[fam] = stages.run(
+                f"curve_{fam}", lambda fam=fam: curve_family(cfg, fam, run_dirs[fam], out / "eval", fresh)
+            )
+        parity = stages.run("parity", lambda: parity_ratios(curves)) or {}
         refs = stages.run("references", lambda: reference_scores(cfg))
         rows = []
         for fam in families:
@@ -757,6 +770,9 @@ def run_quick(
             ev = {k: v for k, v in (evals[fam] or {}).items() if not k.startswith("_")} or None
             train_sums[fam], evals[fam] = ts, ev
             rows.append(family_row(fam, ts, ev, errs))
+            if fam == "transfusion":
+                for metric, par in parity.items():
+                    rows[-1][f"parity_{metric}"] = par["display"] if par else None
         result = {
             "profile": "quick",
             "run_dirs": {f: str(d) for f, d in run_dirs.items()},
@@ -766,9 +782,12 @@ def run_quick(
             "references": refs,
             "train": train_sums,
             "eval": {f: _drop_lists(e) for f, e in evals.items()},
+            "curves": {f: (c or {}).get("points") for f, c in curves.items()},
+            "parity": parity,
             "stages": stages.records,
         }
         stages.run("plots", lambda: [str(p) for p in make_plots(out, families, run_dirs, result)])
+        stages.run("curve_plot", lambda: str(plot_curves(out, curves, parity)))
     finally:
         stages.close()
         torch.set_num_threads(threads_before)

@@ -12,7 +12,8 @@ from transfusion.provenance import atomic_write_text
 
 QUICK_COLUMNS = [
     "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
-    "caption_accuracy", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr",
+    "caption_accuracy", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr", "parity_text_bpb",
+    "parity_caption_accuracy",
 ]  # fmt: skip
 
 
@@ -48,7 +49,20 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 _csv_table(folder / "quick.csv", QUICK_COLUMNS),
                 "",
             ]
-            for png in ("loss_vs_flops", "judge_accuracy", "samples_transfusion", "samples_discrete"):
+            sections += [
+                "`parity_*`: the share of the discrete baseline's training FLOPs at which Transfusion's",
+                "checkpoint curve reaches the baseline's final value (paper Table 3; `> r`: never within the",
+                "run, `<= r`: already at the first checkpoint).",
+                "",
+            ]
+            pngs = (
+                "loss_vs_flops",
+                "metrics_vs_flops",
+                "judge_accuracy",
+                "samples_transfusion",
+                "samples_discrete",
+            )
+            for png in pngs:
                 if (folder / "plots" / f"{png}.png").exists():
                     sections.append(f"![{png}]({folder.name}/plots/{png}.png)")
             sections.append("")

@@ -46,8 +46,12 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         "train_discrete": "ok",
         "eval_transfusion": "ok",
         "eval_discrete": "ok",
+        "curve_transfusion": "ok",
+        "curve_discrete": "ok",
+        "parity": "ok",
         "references": "ok",
         "plots": "ok",
+        "curve_plot": "ok",
     }
     rows = {r["family"]: r for r in res["families"]}
     assert set(rows) == {"transfusion", "discrete"}
@@ -61,6 +65,18 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         assert r["ae_kind"] == ("vae" if fam == "transfusion" else "vq")
         assert r["fid"] > 0 and r["recon_fid"] >= 0  # finite numbers from torch-fidelity (KID needs n > 3)
     assert rows["transfusion"]["final_diffusion_loss"] > 0
+    # compute curves: one point per kept checkpoint (4 steps, 4 curve points), FLOPs increasing; the last
+    # point is the final model, so its bits per byte equal the evaluation's
+    for fam, points in res["curves"].items():
+        assert [p["step"] for p in points] == [1, 2, 3, 4]
+        flops = [p["train_flops"] for p in points]
+        assert all(b > a for a, b in zip(flops, flops[1:])) and flops[-1] == rows[fam]["train_flops"]
+        assert points[-1]["text_bpb"] == pytest.approx(rows[fam]["text_bpb"], rel=1e-6)
+    for metric in ("text_bpb", "caption_accuracy"):
+        par = res["parity"][metric]
+        assert par["kind"] in ("exact", "at_most", "more_than") and par["ratio"] > 0
+        assert rows["transfusion"][f"parity_{metric}"] == par["display"]
+        assert rows["discrete"][f"parity_{metric}"] is None
     refs = res["references"]
     assert refs["ground_truth_t2i_alignment"] >= 0.99
     assert refs["shuffled_t2i_alignment"] < 0.5
@@ -73,13 +89,25 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
     assert stored["families"] == res["families"]
     prov = json.loads((out / "quick_provenance.json").read_text())
     assert prov["seed"] == 0 and prov["profile"] == "quick" and "commit" in prov
-    for name in ("loss_vs_flops", "samples_transfusion", "samples_discrete", "judge_accuracy"):
+    for name in (
+        "loss_vs_flops",
+        "metrics_vs_flops",
+        "samples_transfusion",
+        "samples_discrete",
+        "judge_accuracy",
+    ):
         png = out / "plots" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
     # rerun: finished training and evaluation are reused, numbers unchanged
     again = quick.run_quick(out, _config(tmp_path))
-    for name in ("train_transfusion", "train_discrete", "eval_transfusion", "eval_discrete"):
+    for name in (
+        "train_transfusion",
+        "train_discrete",
+        "eval_transfusion",
+        "eval_discrete",
+        "curve_discrete",
+    ):
         assert again["stages"][name]["status"] == "reused"
     assert again["families"] == res["families"]
 

@@ -1,0 +1,153 @@
+"""The quick profile's compute curves and parity FLOP ratios (paper Table 3, at toy scale).
+
+Training keeps ``QuickConfig.curve_points`` checkpoints per family. At each one this stage measures the
+two metrics that are cheap enough to repeat: bits per byte of held-out captions and captioning accuracy
+(greedy captions of held-out images, scored by the shapes judge); the training FLOPs come from the run's
+``metrics.jsonl`` at that step. The parity FLOP ratio of a metric is the share of the discrete baseline's
+training FLOPs at which Transfusion's curve reaches the baseline's final value
+(``transfusion.eval.parity``); a curve that never crosses gives a bound (``> r`` or ``<= r``).
+
+Results are cached in ``eval/<family>_curve.json`` under a fingerprint of the run and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# metric -> lower is better
+CURVE_METRICS: dict[str, bool] = {"text_bpb": True, "caption_accuracy": False}
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the model checkpoints kept in a run directory, ascending."""
+    names = (run_dir / "checkpoints").glob("step_*.safetensors")
+    return sorted(int(p.stem.removeprefix("step_")) for p in names)
+
+
+def flops_at(run_dir: Path, steps: list[int]) -> dict[int, float]:
+    """Cumulative training FLOPs at each of ``steps``: the logged value where the step was logged, else
+    read off the straight line between the nearest logged steps (FLOPs per step are constant for fixed
+    row shapes)."""
+    import numpy as np
+
+    from transfusion.train import read_metrics
+
+    logged = sorted(
+        (int(r["step"]), float(r["train_flops"])) for r in read_metrics(run_dir / "metrics.jsonl")
+    )
+    if not logged:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no train_flops")
+    xs, ys = zip(*logged)
+    return {s: float(np.interp(s, xs, ys)) for s in steps}
+
+
+def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
+    """Text bits per byte and captioning accuracy at every kept checkpoint of one family's run."""
+    from bench.quick import _caption_images, _fingerprint, _load, _log, _test_items
+    from transfusion.eval import bits_per_byte_of_texts, caption_accuracy, model_logits_fn
+
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints (did the train stage fail?)")
+    flops = flops_at(run_dir, steps)
+    fp_file = run_dir / "quick_fingerprint.json"
+    run_fp = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
+    settings = {k: getattr(cfg, k) for k in ("seed", "n_caption", "n_text", "caption_max_tokens")}
+    fp = _fingerprint({"run": run_fp, "steps": steps, "settings": settings, "dataset": cfg.dataset_options})
+    out_json = eval_dir / f"{family}_curve.json"
+    if not fresh and out_json.is_file():
+        stored = json.loads(out_json.read_text())
+        if stored.get("fingerprint") == fp:
+            _log(f"{family}: reusing the compute curve in {out_json}")
+            return {**stored, "_reused": True}
+
+    items = _test_items(cfg, max(cfg.n_caption, cfg.n_text))
+    texts = [it["caption"] for it in items[: cfg.n_text]]
+    cap_items = items[: cfg.n_caption]
+    cap_images = torch.stack([it["image"] for it in cap_items])
+    points = []
+    for step in steps:
+        torch.manual_seed(cfg.seed)
+        lm = _load(family, run_dir, step)
+        with torch.no_grad():
+            bpb = bits_per_byte_of_texts(model_logits_fn(lm.model), lm.tokenizer, texts)
+            captions = _caption_images(cfg, family, lm, cap_images)
+        cap = caption_accuracy(captions, [it["objects"] for it in cap_items])
+        points.append(
+            {
+                "step": step,
+                "train_flops": flops[step],
+                "text_bpb": bpb.bits_per_byte,
+                "caption_accuracy": cap.score,
+            }
+        )
+    result = {"fingerprint": fp, "family": family, "points": points}
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    from transfusion.provenance import atomic_write_json
+
+    atomic_write_json(out_json, result)
+    return result
+
+
+def parity_ratios(curves: dict[str, dict | None]) -> dict[str, dict | None]:
+    """Per metric: where Transfusion's curve reaches the discrete baseline's final value, as a share of
+    the baseline's training FLOPs (None when either curve is missing)."""
+    from transfusion.eval.parity import parity_flop_ratio
+
+    tf, base = curves.get("transfusion"), curves.get("discrete")
+    out: dict[str, dict | None] = {}
+    for metric, lower in CURVE_METRICS.items():
+        if not tf or not base or not tf["points"] or not base["points"]:
+            out[metric] = None
+            continue
+        final = base["points"][-1]
+        parity = parity_flop_ratio(
+            [p["train_flops"] for p in tf["points"]],
+            [p[metric] for p in tf["points"]],
+            target=final[metric],
+            baseline_flops=final["train_flops"],
+            lower_is_better=lower,
+        )
+        out[metric] = {**parity.as_dict(), "display": str(parity)}
+    return out
+
+
+def plot_curves(out_dir: Path, curves: dict[str, dict | None], parity: dict[str, dict | None]) -> Path:
+    """``plots/metrics_vs_flops.png``: each metric against training FLOPs, both families, with the
+    baseline's final value and the parity point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"text_bpb": "held-out text, bits per byte (lower is better)",
+              "caption_accuracy": "captioning accuracy, judge (higher is better)"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4))
+    for ax, metric in zip(axes, CURVE_METRICS):
+        for fam, curve in curves.items():
+            if not curve:
+                continue
+            pts = curve["points"]
+            ax.plot([p["train_flops"] for p in pts], [p[metric] for p in pts], marker="o", label=fam)
+        base = curves.get("discrete")
+        if base and base["points"]:
+            ax.axhline(base["points"][-1][metric], color="gray", ls=":", lw=1, label="baseline final")
+        par = parity.get(metric)
+        if par:
+            ax.axvline(
+                par["flops"], color="black", ls="--", lw=1, label=f"parity FLOP ratio {par['display']}"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_title(labels[metric], fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "plots" / "metrics_vs_flops.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
