@@ -32,3 +32,31 @@ def test_provenance_names_commit_device_versions_command_seed():
     assert info["seed"] == 7 and info["extra_field"] == 1
     for key in ("commit", "device", "torch", "python", "command", "date"):
         assert info[key], key
+
+
+def test_commit_is_dirty_only_when_code_changes_not_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from transfusion.provenance import _git_commit
+
+    monkeypatch.delenv("TRANSFUSION_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}  # fmt: skip
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+        ).stdout
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "r.csv").write_text("a\n1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").strip()
+    assert _git_commit(tmp_path) == head
+    (tmp_path / "results" / "r.csv").write_text("a\n2\n")  # a suite rewrote its result file
+    assert _git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _git_commit(tmp_path) == head + "+dirty"

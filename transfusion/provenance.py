@@ -17,18 +17,23 @@ from typing import Any
 import torch
 
 
-def _git_commit() -> str:
+def _git_commit(root: Path | None = None) -> str:
     # The GPU machine receives a copy of the tree without .git: the caller passes the commit in the env.
     env = os.environ.get("TRANSFUSION_COMMIT")
     if env:
         return env
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = root or Path(__file__).resolve().parent.parent
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # "+dirty": the code differs from the commit. Result files are outputs: rewriting them in place
+        # (every run of a suite does) does not make the code dirty.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
