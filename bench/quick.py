@@ -787,7 +787,8 @@ def run_quick(
             "stages": stages.records,
         }
         stages.run("plots", lambda: [str(p) for p in make_plots(out, families, run_dirs, result)])
-        stages.run("curve_plot", lambda: str(plot_curves(out, curves, parity)))
+        chance = {"caption_accuracy": (refs or {}).get("shuffled_caption_accuracy")}
+        stages.run("curve_plot", lambda: str(plot_curves(out, curves, parity, chance)))
     finally:
         stages.close()
         torch.set_num_threads(threads_before)

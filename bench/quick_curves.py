@@ -116,9 +116,14 @@ def parity_ratios(curves: dict[str, dict | None]) -> dict[str, dict | None]:
     return out
 
 
-def plot_curves(out_dir: Path, curves: dict[str, dict | None], parity: dict[str, dict | None]) -> Path:
+def plot_curves(
+    out_dir: Path,
+    curves: dict[str, dict | None],
+    parity: dict[str, dict | None],
+    chance: dict[str, float] | None = None,
+) -> Path:
     """``plots/metrics_vs_flops.png``: each metric against training FLOPs, both families, with the
-    baseline's final value and the parity point marked."""
+    baseline's final value, the parity point and (``chance``, per metric) the chance level marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +141,8 @@ def plot_curves(out_dir: Path, curves: dict[str, dict | None], parity: dict[str,
         base = curves.get("discrete")
         if base and base["points"]:
             ax.axhline(base["points"][-1][metric], color="gray", ls=":", lw=1, label="baseline final")
+        if chance and chance.get(metric) is not None:
+            ax.axhline(chance[metric], color="red", ls="-.", lw=1, label="chance (shuffled pairs)")
         par = parity.get(metric)
         if par:
             ax.axvline(
