@@ -50,7 +50,8 @@ CSV_FIELDS: tuple[str, ...] = (
     "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
     "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
     "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "text_bpb", "recon_alignment",
-    "fid", "kid", "recon_fid", "parity_text_bpb", "parity_caption_accuracy",
+    "fid", "kid", "recon_fid", "parity_text_bpb", "parity_caption_accuracy", "parity_t2i_alignment",
+    "parity_fid",
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
 )  # fmt: skip
 

@@ -1,11 +1,13 @@
 """The quick profile's compute curves and parity FLOP ratios (paper Table 3, at toy scale).
 
-Training keeps ``QuickConfig.curve_points`` checkpoints per family. At each one this stage measures the
-two metrics that are cheap enough to repeat: bits per byte of held-out captions and captioning accuracy
-(greedy captions of held-out images, scored by the shapes judge); the training FLOPs come from the run's
-``metrics.jsonl`` at that step. The parity FLOP ratio of a metric is the share of the discrete baseline's
-training FLOPs at which Transfusion's curve reaches the baseline's final value
-(``transfusion.eval.parity``); a curve that never crosses gives a bound (``> r`` or ``<= r``).
+Training keeps ``QuickConfig.curve_points`` checkpoints per family. At each one this stage repeats the
+evaluation's four metrics, the analogues of the paper's Table 3 columns: bits per byte of held-out
+captions (perplexity), captioning accuracy of greedy captions (CIDEr), text-to-image alignment by the
+shapes judge (CLIP score) and FID in the suite's feature space (FID). Prompts, sampler and seed are the
+evaluation's, so the last point reproduces the final evaluation. The training FLOPs come from the run's
+``metrics.jsonl``. The parity FLOP ratio of a metric is the share of the discrete baseline's training
+FLOPs at which Transfusion's curve reaches the baseline's final value (``transfusion.eval.parity``); a
+curve that never crosses gives a bound (``> r`` or ``<= r``).
 
 Results are cached in ``eval/<family>_curve.json`` under a fingerprint of the run and the settings.
 """
@@ -19,7 +21,18 @@ from typing import Any
 import torch
 
 # metric -> lower is better
-CURVE_METRICS: dict[str, bool] = {"text_bpb": True, "caption_accuracy": False}
+CURVE_METRICS: dict[str, bool] = {
+    "text_bpb": True,
+    "caption_accuracy": False,
+    "t2i_alignment": False,
+    "fid": True,
+}
+_LABELS = {
+    "text_bpb": "held-out text, bits per byte (lower is better)",
+    "caption_accuracy": "captioning accuracy, judge (higher is better)",
+    "t2i_alignment": "text-to-image alignment, judge (higher is better)",
+    "fid": "FID, shapes-CNN features (lower is better)",
+}
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -46,9 +59,15 @@ def flops_at(run_dir: Path, steps: list[int]) -> dict[int, float]:
 
 
 def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
-    """Text bits per byte and captioning accuracy at every kept checkpoint of one family's run."""
-    from bench.quick import _caption_images, _fingerprint, _load, _log, _test_items
-    from transfusion.eval import bits_per_byte_of_texts, caption_accuracy, model_logits_fn
+    """The four evaluation metrics at every kept checkpoint of one family's run."""
+    from bench.quick import _caption_images, _fingerprint, _generate_images, _load, _log, _test_items
+    from transfusion.eval import (
+        bits_per_byte_of_texts,
+        caption_accuracy,
+        model_logits_fn,
+        text_to_image_alignment,
+    )
+    from transfusion.provenance import atomic_write_json
 
     steps = checkpoint_steps(run_dir)
     if not steps:
@@ -56,7 +75,8 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
     flops = flops_at(run_dir, steps)
     fp_file = run_dir / "quick_fingerprint.json"
     run_fp = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
-    settings = {k: getattr(cfg, k) for k in ("seed", "n_caption", "n_text", "caption_max_tokens")}
+    eval_keys = ("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid")
+    settings = {k: v for k, v in cfg.to_dict().items() if k.startswith(eval_keys) or k == "seed"}
     fp = _fingerprint({"run": run_fp, "steps": steps, "settings": settings, "dataset": cfg.dataset_options})
     out_json = eval_dir / f"{family}_curve.json"
     if not fresh and out_json.is_file():
@@ -65,32 +85,52 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
             _log(f"{family}: reusing the compute curve in {out_json}")
             return {**stored, "_reused": True}
 
-    items = _test_items(cfg, max(cfg.n_caption, cfg.n_text))
+    items = _test_items(cfg, max(cfg.n_t2i, cfg.n_caption, cfg.n_text))
+    prompts = [it["caption"] for it in items[: cfg.n_t2i]]
+    truth = torch.stack([it["image"] for it in items[: cfg.n_t2i]])
     texts = [it["caption"] for it in items[: cfg.n_text]]
     cap_items = items[: cfg.n_caption]
     cap_images = torch.stack([it["image"] for it in cap_items])
     points = []
     for step in steps:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # as the evaluation: the same noise for the same prompts
         lm = _load(family, run_dir, step)
         with torch.no_grad():
+            images = _generate_images(cfg, family, lm, prompts)
             bpb = bits_per_byte_of_texts(model_logits_fn(lm.model), lm.tokenizer, texts)
             captions = _caption_images(cfg, family, lm, cap_images)
-        cap = caption_accuracy(captions, [it["objects"] for it in cap_items])
         points.append(
             {
                 "step": step,
                 "train_flops": flops[step],
                 "text_bpb": bpb.bits_per_byte,
-                "caption_accuracy": cap.score,
+                "caption_accuracy": caption_accuracy(captions, [it["objects"] for it in cap_items]).score,
+                "t2i_alignment": text_to_image_alignment(images, prompts).score,
+                "fid": _fid(cfg, truth, images),
             }
         )
     result = {"fingerprint": fp, "family": family, "points": points}
     eval_dir.mkdir(parents=True, exist_ok=True)
-    from transfusion.provenance import atomic_write_json
-
     atomic_write_json(out_json, result)
     return result
+
+
+def _fid(cfg, real: torch.Tensor, generated: torch.Tensor) -> float | None:
+    """FID of generated against real images in the suite's feature space (None if it cannot be had: the
+    other metrics stand on their own and the curve shows a gap)."""
+    if not cfg.fid:
+        return None
+    from transfusion.eval.features import FeatureCNNConfig
+    from transfusion.eval.fid import fid_kid
+
+    cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
+    try:
+        out = fid_kid(
+            real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=cache, seed=cfg.seed
+        )
+    except Exception:
+        return None
+    return float(out["fid"])
 
 
 def parity_ratios(curves: dict[str, dict | None]) -> dict[str, dict | None]:
@@ -98,16 +138,17 @@ def parity_ratios(curves: dict[str, dict | None]) -> dict[str, dict | None]:
     the baseline's training FLOPs (None when either curve is missing)."""
     from transfusion.eval.parity import parity_flop_ratio
 
-    tf, base = curves.get("transfusion"), curves.get("discrete")
+    tf, base = curves.get("transfusion") or {}, curves.get("discrete") or {}
+    final = (base.get("points") or [{}])[-1]
     out: dict[str, dict | None] = {}
     for metric, lower in CURVE_METRICS.items():
-        if not tf or not base or not tf["points"] or not base["points"]:
+        pts = [p for p in tf.get("points", []) if p.get(metric) is not None]
+        if not pts or final.get(metric) is None:
             out[metric] = None
             continue
-        final = base["points"][-1]
         parity = parity_flop_ratio(
-            [p["train_flops"] for p in tf["points"]],
-            [p[metric] for p in tf["points"]],
+            [p["train_flops"] for p in pts],
+            [p[metric] for p in pts],
             target=final[metric],
             baseline_flops=final["train_flops"],
             lower_is_better=lower,
@@ -129,18 +170,15 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"text_bpb": "held-out text, bits per byte (lower is better)",
-              "caption_accuracy": "captioning accuracy, judge (higher is better)"}  # fmt: skip
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4))
-    for ax, metric in zip(axes, CURVE_METRICS):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    final = (((curves.get("discrete") or {}).get("points")) or [{}])[-1]
+    for ax, metric in zip(axes.flat, CURVE_METRICS):
         for fam, curve in curves.items():
-            if not curve:
-                continue
-            pts = curve["points"]
-            ax.plot([p["train_flops"] for p in pts], [p[metric] for p in pts], marker="o", label=fam)
-        base = curves.get("discrete")
-        if base and base["points"]:
-            ax.axhline(base["points"][-1][metric], color="gray", ls=":", lw=1, label="baseline final")
+            pts = [p for p in (curve or {}).get("points", []) if p.get(metric) is not None]
+            if pts:
+                ax.plot([p["train_flops"] for p in pts], [p[metric] for p in pts], marker="o", label=fam)
+        if final.get(metric) is not None:
+            ax.axhline(final[metric], color="gray", ls=":", lw=1, label="baseline final")
         if chance and chance.get(metric) is not None:
             ax.axhline(chance[metric], color="red", ls="-.", lw=1, label="chance (shuffled pairs)")
         par = parity.get(metric)
@@ -150,7 +188,7 @@ def plot_curves(
             )
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
-        ax.set_title(labels[metric], fontsize=10)
+        ax.set_title(_LABELS[metric], fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "plots" / "metrics_vs_flops.png"

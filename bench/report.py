@@ -13,7 +13,7 @@ from transfusion.provenance import atomic_write_text
 QUICK_COLUMNS = [
     "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
     "caption_accuracy", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr", "parity_text_bpb",
-    "parity_caption_accuracy",
+    "parity_caption_accuracy", "parity_t2i_alignment", "parity_fid",
 ]  # fmt: skip
 
 

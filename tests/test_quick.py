@@ -66,13 +66,14 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         assert r["fid"] > 0 and r["recon_fid"] >= 0  # finite numbers from torch-fidelity (KID needs n > 3)
     assert rows["transfusion"]["final_diffusion_loss"] > 0
     # compute curves: one point per kept checkpoint (4 steps, 4 curve points), FLOPs increasing; the last
-    # point is the final model, so its bits per byte equal the evaluation's
+    # point is the final model with the evaluation's prompts and seed, so it reproduces every metric
     for fam, points in res["curves"].items():
         assert [p["step"] for p in points] == [1, 2, 3, 4]
         flops = [p["train_flops"] for p in points]
         assert all(b > a for a, b in zip(flops, flops[1:])) and flops[-1] == rows[fam]["train_flops"]
-        assert points[-1]["text_bpb"] == pytest.approx(rows[fam]["text_bpb"], rel=1e-6)
-    for metric in ("text_bpb", "caption_accuracy"):
+        for metric in ("text_bpb", "caption_accuracy", "t2i_alignment", "fid"):
+            assert points[-1][metric] == pytest.approx(rows[fam][metric], rel=1e-6), (fam, metric)
+    for metric in ("text_bpb", "caption_accuracy", "t2i_alignment", "fid"):
         par = res["parity"][metric]
         assert par["kind"] in ("exact", "at_most", "more_than") and par["ratio"] > 0
         assert rows["transfusion"][f"parity_{metric}"] == par["display"]
