@@ -788,7 +788,10 @@ def run_quick(
             "stages": stages.records,
         }
         stages.run("plots", lambda: [str(p) for p in make_plots(out, families, run_dirs, result)])
-        chance = {"caption_accuracy": (refs or {}).get("shuffled_caption_accuracy")}
+        chance = {
+            "caption_accuracy": (refs or {}).get("shuffled_caption_accuracy"),
+            "t2i_alignment": (refs or {}).get("shuffled_t2i_alignment"),
+        }
         stages.run("curve_plot", lambda: str(plot_curves(out, curves, parity, chance)))
     finally:
         stages.close()
