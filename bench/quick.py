@@ -6,8 +6,9 @@ For each model family (Transfusion and the Chameleon-style discrete baseline) on
    the cached quick autoencoder: a VAE for Transfusion, a VQ model for the baseline);
 2. eval: text-to-image for held-out test captions and image-to-text for held-out test images, both scored
    by the shapes judge; bits per byte of held-out captions under the model's LM;
-3. curves: bits per byte and captioning accuracy at every kept checkpoint, against training FLOPs, and
-   from them the parity FLOP ratio of each (``bench.quick_curves``; ``plots/metrics_vs_flops.png``);
+3. curves: the evaluation's four metrics again at every kept checkpoint (``curve_points`` of them),
+   against training FLOPs, and from them the parity FLOP ratio of each (``bench.quick_curves``;
+   ``plots/metrics_vs_flops.png``);
 
 plus reference rows (the judge on the ground-truth test images, on their autoencoder reconstructions, and
 on shuffled pairs as a chance level), then ``OUT/quick.csv``, ``OUT/quick.json``,
