@@ -489,13 +489,11 @@ def test_kernel_configs_restrictions():
             with ia.kernel_configs(tma=tma, index=index):
                 tags.add(ia._tune_tag())
     assert len(tags) == 9
-    if not HAS_HOPPER:  # asking for TMA where it cannot run is an error naming the reason
-        dev = "cuda" if HAS_CUDA else "cpu"
-        x = torch.randn(1, 1, 16, 32, device=dev, dtype=torch.float32)
-        with ia.kernel_configs(tma=True):
-            if not INTERPRET:
-                with pytest.raises(ValueError, match="capability"):
-                    interval_attention(x, x, x, *(torch.zeros(1, 16, dtype=torch.int32, device=dev),) * 2)
+    if HAS_CUDA and not INTERPRET:  # TMA asked for where it cannot run (fp32): an error naming why
+        x = torch.randn(1, 1, 16, 32, device="cuda", dtype=torch.float32)
+        zeros = torch.zeros(1, 16, dtype=torch.int32, device="cuda")
+        with ia.kernel_configs(tma=True), pytest.raises(ValueError, match="fp16/bf16"):
+            interval_attention(x, x, x, zeros, zeros)
 
 
 def test_tuning_log_records_every_timed_candidate():
