@@ -63,6 +63,26 @@ def test_fused_path_refuses_cpu_clearly():
         attend(q, q, q, layout, backend="xformers")
 
 
+def test_pytorch_backed_operators_stay_usable_without_the_cpp_extension():
+    """An xformers wheel built for another torch cannot load its C++ extension; its CUTLASS and flash
+    operators are PyTorch's own aten kernels and must still dispatch (the extension-only ones must not)."""
+    import xformers._cpp_lib as cpp_lib
+    import xformers.ops.fmha as fmha
+    from xformers.ops.fmha.torch_attention_compat import is_pt_cutlass_compatible
+
+    from transfusion.attention.xformers_ops import enable_pytorch_backed_ops
+
+    if cpp_lib._cpp_library_load_exception is None:
+        pytest.skip("this xformers build loads its C++ extension: nothing to enable")
+    if not is_pt_cutlass_compatible():
+        pytest.skip("this torch's aten::_efficient_attention schema differs from what xformers expects")
+    enable_pytorch_backed_ops()
+    assert fmha.common._built_with_cuda
+    assert fmha.cutlass.FwOp.is_available() and fmha.cutlass.BwOp.is_available()
+    assert str(fmha.cutlass.FwOp.OPERATOR).startswith("aten.")  # PyTorch's kernel, not the extension's
+    assert enable_pytorch_backed_ops() is not None  # idempotent
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["xformers", "xformers-dense"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -10,6 +10,8 @@
 
 ``xformers-dense`` passes the derived mask as an additive tensor bias, for comparison. Both run on CUDA
 only (xformers' fused kernels); the decomposition itself is tested on CPU by materializing the biases.
+xformers' CUTLASS and flash operators are PyTorch's own aten kernels behind xformers' dispatch, so they
+run even where xformers' C++ extension was built for another torch (``enable_pytorch_backed_ops``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,32 @@ def _xformers_unavailable() -> str | None:
         import xformers.ops  # noqa: F401
     except Exception as e:  # ImportError, or a broken binary build
         return f"needs xformers ({type(e).__name__}: {e})"
+    enable_pytorch_backed_ops()
     return None
+
+
+@functools.cache
+def enable_pytorch_backed_ops() -> bool:
+    """Let xformers dispatch its PyTorch-backed operators when its own C++ extension cannot load.
+
+    xformers' CUTLASS fmha operator *is* PyTorch's ``aten::_efficient_attention_forward`` / ``_backward``
+    (xformers upstreamed it), and without the ``flash_attn`` package its flash operator wraps PyTorch's
+    ``aten::_flash_attention_forward`` / ``_backward``. But when the C++ extension fails to load (a wheel
+    built for another torch: xformers 0.0.35 targets torch 2.10), xformers flags the whole library as
+    "not built with CUDA" and refuses every operator. If the aten schemas are the ones xformers expects
+    (its own ``is_pt_cutlass_compatible`` check), clear that flag; operators that do need the extension
+    stay refused by their own availability check. Returns whether the flag was cleared.
+    """
+    import xformers._cpp_lib as cpp_lib
+    import xformers.ops.fmha.common as fmha_common
+    from xformers.ops.fmha.torch_attention_compat import is_pt_cutlass_compatible
+
+    if fmha_common._built_with_cuda or cpp_lib._cpp_library_load_exception is None:
+        return False  # a working build: nothing to do
+    if torch.version.hip is not None or not is_pt_cutlass_compatible():
+        return False
+    fmha_common._built_with_cuda = True
+    return True
 
 
 @dataclass
