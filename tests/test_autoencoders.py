@@ -38,15 +38,7 @@ pytest.importorskip("diffusers")
 TINY = {"block_out_channels": (8, 8, 8), "norm_num_groups": 4, "codebook_size": 64}
 TRAIN = {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "train_images": 128, "val_images": 32}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast as two, and immune to oversubscription when other
-    processes share the cores (two OpenMP threads on busy cores made these tests ~20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread (tests/conftest.py)
 
 
 def tiny_cfg(kind: str = "vae", **overrides) -> AutoencoderConfig:

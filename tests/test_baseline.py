@@ -24,14 +24,7 @@ SP = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4, image=5)
 TEXT_V, K, GRID = 40, 24, 4  # text vocabulary, codebook entries, 4 x 4 codes per image
 VOCAB = DiscreteVocab(TEXT_V, K)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls are faster on one thread, and the CI box is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread (tests/conftest.py)
 
 
 def small_cfg(**kw) -> ModelConfig:

@@ -13,14 +13,7 @@ from transfusion.config import LADDER_PRESETS, PAPER_PRESETS, PRESETS, ModelConf
 from transfusion.layout import AttentionLayout
 from transfusion.model import KVCache, RMSNorm, Transformer, apply_rope, rope_angles
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls are faster on one thread, and the CI box is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread (tests/conftest.py)
 
 
 def tiny(**kw) -> ModelConfig:

@@ -15,14 +15,7 @@ from transfusion.transfusion_model import Transfusion
 SP = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4, image=5)
 V = 64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls are faster on one thread, and the CI box is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread (tests/conftest.py)
 
 
 def small_cfg(**kw) -> ModelConfig:
