@@ -17,9 +17,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,8 @@ from transfusion.config import ModelConfig
 from transfusion.packing import SpecialTokens
 from transfusion.train_config import ConfigError, TrainConfig
 from transfusion.training_data import StreamConfig, pool_latents
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +52,15 @@ class RunContext:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 first, then on the other ranks: rank 0 fills a cache the others read."""
+        if not self.is_main:
+            self.barrier()
+        out = fn()
+        if self.is_main:
+            self.barrier()
+        return out
 
 
 def default_cache_dir() -> Path:
@@ -268,13 +280,11 @@ def prepare_latents(
         except ValueError as e:
             raise ConfigError(f"{e} (latent shape {(C, h, w)} from train.autoencoder = {spec!r})") from e
     lat_dir = _latent_cache_dir(ctx)
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 computes (and caches) the latents first
     ae = ae.to(ctx.device)
     # ``encode`` (hence the cache) returns latents already multiplied by the VAE's scaling factor.
-    lat = aem.cached_latents(ae, dataset, lat_dir, progress=tc.progress and ctx.is_main).float()
-    if ctx.is_main:
-        ctx.barrier()
+    lat = ctx.main_first(
+        lambda: aem.cached_latents(ae, dataset, lat_dir, progress=tc.progress and ctx.is_main)
+    ).float()
     scale = float(getattr(ae, "scaling_factor", 1.0))
     info.update(path=str(ae_path), latent_shape=[C, h, w], scaling_factor=scale)
     return lat, mc, info
@@ -326,12 +336,10 @@ def prepare_codes(
         mc = mc.replace(codebook_size=K, latent_size=h)
     except ValueError as e:
         raise ConfigError(f"{e} (a {h}x{w} code grid from train.autoencoder = {spec!r})") from e
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 computes (and caches) the codes first
     ae = ae.to(ctx.device)
-    codes = aem.cached_latents(ae, dataset, _latent_cache_dir(ctx), progress=tc.progress and ctx.is_main)
-    if ctx.is_main:
-        ctx.barrier()
+    codes = ctx.main_first(
+        lambda: aem.cached_latents(ae, dataset, _latent_cache_dir(ctx), progress=tc.progress and ctx.is_main)
+    )
     info.update(path=str(ae_path), kind="vq", code_shape=[h, w], codebook_size=K)
     return codes.long(), mc, info
 
