@@ -57,6 +57,12 @@ def test_objective_weights_parts_by_their_global_share():
     assert _objective(absent, world=1)[1].tolist() == [1.0, 0.0]  # a part absent from the batch adds 0
 
 
+def _single_process(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The one-process reference run, started in the background while the two-process run goes."""
+    cmd = [sys.executable, "-m", "transfusion.cli", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
@@ -101,12 +107,7 @@ def test_fsdp_two_gloo_processes_match_one_process_and_checkpoint_loads_in_one(t
     env = cli_env()
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     base = ["train", *SMALL_ARGS, *ARGS]
-    one = subprocess.Popen(
-        [sys.executable, "-m", "transfusion.cli", *base, "--out", str(single)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    one = _single_process([*base, "--out", str(single)], env)
     first = _torchrun([*base, "parallel=fsdp", "ckpt_every=4", "--out", str(fsdp)], env)
     assert first.returncode == 0, first.stderr.decode()[-3000:]
     # Simulate a crash after step 4: drop the step-8 checkpoint and resume from step 4 under FSDP.
@@ -144,30 +145,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = cli_env()
     single, double = tmp_path / "single", tmp_path / "ddp"
     base = ["train", *SMALL_ARGS, *ARGS]
-    one = subprocess.Popen(
-        [sys.executable, "-m", "transfusion.cli", *base, "--out", str(single)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "transfusion.cli",
-            *base,
-            "--out",
-            str(double),
-        ],  # fmt: skip
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
+    one = _single_process([*base, "--out", str(single)], env)
+    two = _torchrun([*base, "--out", str(double)], env)
     _, err = one.communicate(timeout=300)
     assert one.returncode == 0, err.decode()[-2000:]
     assert two.returncode == 0, two.stderr.decode()[-3000:]
