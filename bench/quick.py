@@ -403,6 +403,22 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def stored_run_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint a training run directory was made with (None if it has none)."""
+    fp_file = run_dir / "quick_fingerprint.json"
+    return json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
+
+
+def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
+    """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
+    eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid")
+    return {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k.startswith(eval_prefixes) or k in ("seed", "dataset_options")
+    }
+
+
 def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
     """Text-to-image alignment, captioning accuracy and bits per byte of one trained family."""
     from transfusion.eval import (
@@ -416,18 +432,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir}: no trained checkpoint (did the train stage fail?)")
-    fp_src = {
-        "run": json.loads((run_dir / "quick_fingerprint.json").read_text()).get("fingerprint")
-        if (run_dir / "quick_fingerprint.json").is_file()
-        else None,
-        "step": int(latest["step"]),
-        "eval": {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k.startswith(("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid"))
-            or k in ("seed", "dataset_options")
-        },
-    }
+    fp_src = {"run": stored_run_fingerprint(run_dir), "step": int(latest["step"]), "eval": eval_settings(cfg)}
     fp = _fingerprint(fp_src)
     out_json = eval_dir / f"{family}.json"
     samples_file = eval_dir / f"{family}_samples.npz"

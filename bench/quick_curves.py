@@ -60,7 +60,16 @@ def flops_at(run_dir: Path, steps: list[int]) -> dict[int, float]:
 
 def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
     """The four evaluation metrics at every kept checkpoint of one family's run."""
-    from bench.quick import _caption_images, _fingerprint, _generate_images, _load, _log, _test_items
+    from bench.quick import (
+        _caption_images,
+        _fingerprint,
+        _generate_images,
+        _load,
+        _log,
+        _test_items,
+        eval_settings,
+        stored_run_fingerprint,
+    )
     from transfusion.eval import (
         bits_per_byte_of_texts,
         caption_accuracy,
@@ -73,11 +82,7 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
     if not steps:
         raise FileNotFoundError(f"{run_dir}: no checkpoints (did the train stage fail?)")
     flops = flops_at(run_dir, steps)
-    fp_file = run_dir / "quick_fingerprint.json"
-    run_fp = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
-    eval_keys = ("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid")
-    settings = {k: v for k, v in cfg.to_dict().items() if k.startswith(eval_keys) or k == "seed"}
-    fp = _fingerprint({"run": run_fp, "steps": steps, "settings": settings, "dataset": cfg.dataset_options})
+    fp = _fingerprint({"run": stored_run_fingerprint(run_dir), "steps": steps, "eval": eval_settings(cfg)})
     out_json = eval_dir / f"{family}_curve.json"
     if not fresh and out_json.is_file():
         stored = json.loads(out_json.read_text())
