@@ -3,6 +3,8 @@
 Suites:
   quick       the main job (CPU, <= 10 min): train Transfusion and the discrete baseline, generate, judge,
               write results/quick/ with plots (python -m bench quick --help)
+  study       the paper's ablations and the scaling comparison at toy scale, 2 seeds (CPU, <= 90 min;
+              python -m bench study --help)
   attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
               attention_provenance.json and plots/attention_*.png
   plots       redraw the plots of a results folder from its files
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.generation import main as generation_main
 
         return generation_main(argv[1:])
+    if argv[:1] == ["study"]:  # its own option parser
+        from bench.study import main as study_main
+
+        return study_main(argv[1:])
     if argv[:1] == ["quick"]:  # its own option parser
         from bench.quick import main as quick_main
 

@@ -1,0 +1,446 @@
+"""The ``study`` profile: the paper's ablations and the scaling comparison at toy scale, 2 seeds, on CPU.
+
+Every training of ``bench.study_grid.TRAININGS`` that the chosen groups need is trained for each seed with
+the quick profile's recipe and machinery (``bench.quick.train_family``: reused when finished, resumed when
+interrupted), then evaluated with each set of evaluation settings its rows ask for
+(``bench.quick.eval_family``: the same four metrics as the quick job, cached by fingerprint). Jobs run in
+``workers`` processes of one thread each, largest first; the first job of each family runs alone first,
+so that the shared autoencoders and latent caches are built once.
+
+Outputs in ``OUT`` (atomically): ``study_runs.csv`` (one line per row and seed), ``study.csv`` (mean and
+spread over seeds per row, with the paper's figures beside the matching rows), ``study.json``,
+``study_provenance.json`` and ``plots/`` (one figure per group). Training runs and evaluation files live
+in ``--runs-dir`` (not results), so a rerun after an interruption picks up where it stopped.
+
+Usage: ``python -m bench study [--groups masking,patch] [--seeds 0,1] [--workers 2] [--list]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.quick import QuickConfig
+from bench.study_grid import GROUP_TITLES, GROUPS, TRAININGS, Row, eval_key, rows_for
+from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+
+# (column, higher is better) of the four metrics every row reports
+METRICS: tuple[tuple[str, bool], ...] = (
+    ("text_bpb", False),
+    ("caption_accuracy", True),
+    ("t2i_alignment", True),
+    ("fid", False),
+)
+RUN_FIELDS: tuple[str, ...] = (
+    "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
+    "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "t2i_alignment", "fid", "kid",
+    "recon_fid", "train_wall_s", "eval_wall_s", "error",
+)  # fmt: skip
+SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *(m for m, _ in METRICS))
+
+
+@dataclass
+class StudyConfig:
+    """What the study runs; the defaults fit <= 90 min on 2 CPU cores (two one-thread workers)."""
+
+    groups: tuple[str, ...] = GROUPS
+    seeds: tuple[int, ...] = (0, 1)
+    workers: int = 2
+    # the quick profile's recipe for every training (steps, batch, data, evaluation sizes, ...)
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.groups = tuple(self.groups)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        rows_for(self.groups)  # names the unknown group
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"StudyConfig.seeds = {self.seeds} must be distinct and non-empty")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"StudyConfig.workers = {self.workers!r} must be a positive integer")
+        self.base()  # names a bad quick field
+
+    def base(self) -> QuickConfig:
+        return QuickConfig().replace(**{**self.quick, "threads": 1, "progress": False})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": list(self.groups), "seeds": list(self.seeds), "workers": self.workers,
+                "quick": self.base().to_dict()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- jobs
+def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dict[str, Any]]:
+    """One job per (training, seed), with every evaluation its rows need; largest models first."""
+    from transfusion.config import get_preset
+
+    base = cfg.base()
+    rows = rows_for(cfg.groups)
+    jobs = []
+    for name in dict.fromkeys(r.training for r in rows):
+        t = TRAININGS[name]
+        evals = {eval_key(r.eval): r.eval for r in rows if r.training == name}
+        model_overrides = {**base.model_overrides, **t.model}
+        size = get_preset(t.preset, **model_overrides)
+        for seed in cfg.seeds:
+            jobs.append({
+                "training": name,
+                "family": t.family,
+                "seed": seed,
+                "quick": base.replace(seed=seed, families=(t.family,), preset=t.preset,
+                                      model_overrides=model_overrides).to_dict(),
+                "evals": evals,
+                "run_dir": str(runs_dir / name / f"seed{seed}"),
+                "fresh": fresh,
+                "cost": size.dim**2 * size.n_layers * (2 if size.adapter == "unet" else 1),
+            })  # fmt: skip
+    jobs.sort(key=lambda j: -j["cost"])
+    return jobs
+
+
+def _metrics_of(ev: dict[str, Any]) -> dict[str, Any]:
+    fid = ev.get("fid") or {}
+    return {
+        "text_bpb": ev["text"]["bits_per_byte"],
+        "caption_accuracy": ev["caption"]["score"],
+        "t2i_alignment": ev["t2i"]["score"],
+        "fid": fid.get("fid"),
+        "kid": fid.get("kid"),
+        "recon_fid": fid.get("recon_fid"),
+        "eval_wall_s": ev.get("eval_wall_s"),
+        "fid_error": fid.get("error"),
+    }
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse) one training for one seed and run its evaluations; never raises."""
+    import torch
+
+    from bench.quick import eval_family, train_family
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(ImportError):  # diffusers' "install accelerate" advice, once per model load
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec: dict[str, Any] = {"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
+                           "errors": [], "reused": True}  # fmt: skip
+    t0 = time.perf_counter()
+    # the trainer's and evaluator's logs go to the run's own log file, not the study's console
+    with (
+        open(run_dir / "study_job.log", "a") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        cfg = QuickConfig.from_dict(job["quick"])
+        try:
+            summary = train_family(cfg, job["family"], run_dir, 1, job["fresh"])
+            rec["reused"] = bool(summary.pop("_reused", False))
+            rec["train"] = summary
+        except Exception as e:  # recorded; the study goes on
+            rec["errors"].append(f"train: {type(e).__name__}: {e}")
+            traceback.print_exc(file=log)
+            return rec
+        for key, overrides in job["evals"].items():
+            try:
+                ev = eval_family(
+                    cfg.replace(**overrides), job["family"], run_dir, run_dir / "eval" / key, job["fresh"]
+                )
+                rec["reused"] = rec["reused"] and bool(ev.get("_reused"))
+                rec["evals"][key] = _metrics_of(ev)
+            except Exception as e:
+                rec["errors"].append(f"eval {key}: {type(e).__name__}: {e}")
+                traceback.print_exc(file=log)
+    rec["wall_s"] = round(time.perf_counter() - t0, 2)
+    # what the job cost when it was computed, kept across reruns that only read it back
+    cost_file = run_dir / "study_job.json"
+    if not rec["reused"] and not rec["errors"]:
+        atomic_write_json(cost_file, {"compute_wall_s": rec["wall_s"]})
+    if cost_file.is_file():
+        rec["compute_wall_s"] = json.loads(cost_file.read_text()).get("compute_wall_s")
+    return rec
+
+
+def execute(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the jobs in ``workers`` processes; the first job of each family goes first, alone per family."""
+    from tqdm import tqdm
+
+    first: dict[str, dict] = {}
+    for j in jobs:
+        first.setdefault(j["family"], j)
+    warmup = list(first.values())
+    rest = [j for j in jobs if all(j is not w for w in warmup)]
+    records: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(jobs), desc="study", unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr
+    )
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        status = "failed" if rec["errors"] else ("reused" if rec["reused"] else "ok")
+        bar.set_postfix_str(f"{rec['training']} seed{rec['seed']}: {status}")
+        bar.update(1)
+
+    if workers == 1:  # in-process: easier to debug, no process start-up
+        for j in warmup + rest:
+            done(run_job(j))
+        bar.close()
+        return records
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # the families' first jobs build their autoencoders and latent caches, each exactly once
+        for fut in [pool.submit(run_job, j) for j in warmup]:
+            done(fut.result())
+        pending = {pool.submit(run_job, j) for j in rest}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(fut.result())
+    bar.close()
+    return records
+
+
+# ---------------------------------------------------------------------- tables
+def run_rows(rows: list[Row], records: list[dict[str, Any]], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One line per (row, seed): the training's summary and the row's evaluation."""
+    by_key = {(r["training"], r["seed"]): r for r in records}
+    out = []
+    for row in rows:
+        for seed in seeds:
+            rec = by_key.get((row.training, seed))
+            line: dict[str, Any] = {k: None for k in RUN_FIELDS}
+            line.update(group=row.group, label=row.label, training=row.training,
+                        family=TRAININGS[row.training].family, seed=seed)  # fmt: skip
+            errors = list(rec["errors"]) if rec else ["not run"]
+            if rec and rec["train"]:
+                for k in (
+                    "params",
+                    "steps",
+                    "train_flops",
+                    "final_loss",
+                    "final_diffusion_loss",
+                    "train_wall_s",
+                ):
+                    line[k] = rec["train"].get(k)
+            ev = (rec or {}).get("evals", {}).get(eval_key(row.eval))
+            if ev:
+                for k in (
+                    "text_bpb",
+                    "caption_accuracy",
+                    "t2i_alignment",
+                    "fid",
+                    "kid",
+                    "recon_fid",
+                    "eval_wall_s",
+                ):
+                    line[k] = ev.get(k)
+                if ev.get("fid_error"):
+                    errors.append(f"fid: {ev['fid_error']}")
+            line["status"] = "ok" if not errors else ("partial" if ev else "failed")
+            line["error"] = "; ".join(errors) or None
+            out.append(line)
+    return out
+
+
+def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds per row, with the paper's figures beside it."""
+    out = []
+    for row in rows:
+        mine = [ln for ln in lines if ln["group"] == row.group and ln["label"] == row.label]
+        s: dict[str, Any] = {"group": row.group, "label": row.label, "training": row.training,
+                             "family": TRAININGS[row.training].family,
+                             "n_seeds": sum(ln["status"] != "failed" for ln in mine)}  # fmt: skip
+        for stat in SUMMARY_STATS:
+            vals = [float(ln[stat]) for ln in mine if _is_number(ln[stat])]
+            s[f"{stat}_mean"] = sum(vals) / len(vals) if vals else None
+            s[f"{stat}_std"] = _sample_std(vals) if len(vals) > 1 else None
+        for k in ("paper_c4_ppl", "paper_cider", "paper_fid"):
+            s[k] = row.paper.get(k)
+        out.append(s)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _sample_std(vals: list[float]) -> float:
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def scaling_parity(summary: list[dict[str, Any]]) -> dict[str, dict | None]:
+    """Parity FLOP ratios read across the size ladder: Transfusion's (FLOPs, metric) points against the
+    largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
+    from transfusion.eval.parity import parity_flop_ratio
+
+    rows = [s for s in summary if s["group"] == "scaling"]
+    tf = sorted((s for s in rows if s["family"] == "transfusion" and s["train_flops_mean"]),
+                key=lambda s: s["train_flops_mean"])  # fmt: skip
+    disc = [s for s in rows if s["family"] == "discrete" and s["train_flops_mean"]]
+    out: dict[str, dict | None] = {}
+    if not tf or not disc:
+        return out
+    top = max(disc, key=lambda s: s["train_flops_mean"])
+    for metric, higher in METRICS:
+        pts = [(s["train_flops_mean"], s[f"{metric}_mean"]) for s in tf if _is_number(s[f"{metric}_mean"])]
+        target = top[f"{metric}_mean"]
+        if not pts or not _is_number(target):
+            out[metric] = None
+            continue
+        par = parity_flop_ratio([f for f, _ in pts], [v for _, v in pts], target, top["train_flops_mean"],
+                                lower_is_better=not higher)  # fmt: skip
+        out[metric] = {**par.as_dict(), "display": str(par), "baseline": top["label"]}
+    return out
+
+
+def _csv(lines: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if lines:
+        w = csv.DictWriter(buf, fieldnames=list(lines[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(lines)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- the profile
+def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh: bool = False,
+              progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) the study and write its result files; returns what ``study.json`` holds."""
+    from bench.quick import reference_scores
+    from bench.study_plots import plot_study
+
+    out, runs = Path(out_dir), Path(runs_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = rows_for(cfg.groups)
+    jobs = plan_jobs(cfg, runs, fresh)
+    records = execute(jobs, cfg.workers, progress)
+    lines = run_rows(rows, records, cfg.seeds)
+    summary = summarize_rows(rows, lines)
+    parity = scaling_parity(summary) if "scaling" in cfg.groups else {}
+    try:  # chance levels of the judge (shuffled pairs), drawn on the plots
+        references = reference_scores(cfg.base())
+    except Exception as e:
+        references = {"error": f"{type(e).__name__}: {e}"}
+    result = {
+        "profile": "study",
+        "config": cfg.to_dict(),
+        "runs_dir": str(runs),
+        "summary": summary,
+        "runs": lines,
+        "parity": parity,
+        "references": references,
+        "jobs": sorted(
+            ({k: v for k, v in r.items() if k != "evals"} for r in records),
+            key=lambda r: (r["training"], r["seed"]),
+        ),  # fmt: skip
+    }
+    try:
+        result["plots"] = [str(p) for p in plot_study(out, summary, lines, references)]
+    except Exception as e:  # the numbers stand without their pictures
+        result["plots_error"] = f"{type(e).__name__}: {e}"
+    result["total_wall_s"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out / "study.json", result)
+    atomic_write_text(out / "study_runs.csv", _csv(lines))
+    atomic_write_text(out / "study.csv", _csv(summary))
+    prov = provenance("cpu", cfg.seeds[0], profile="study", seeds=list(cfg.seeds), workers=cfg.workers,
+                      threads_per_worker=1, config=cfg.to_dict(), total_wall_s=result["total_wall_s"],
+                      files=["study.json", "study.csv", "study_runs.csv", "plots/"])  # fmt: skip
+    atomic_write_json(out / "study_provenance.json", prov)
+    return result
+
+
+def _listing(cfg: StudyConfig, runs_dir: Path) -> str:
+    jobs = plan_jobs(cfg, runs_dir)
+    lines = [f"{len(jobs)} jobs ({len(jobs) // len(cfg.seeds)} trainings x {len(cfg.seeds)} seeds):"]
+    for g in cfg.groups:
+        lines.append(f"  {g}: {GROUP_TITLES[g]}")
+        for r in rows_for((g,)):
+            t = TRAININGS[r.training]
+            lines.append(f"    {r.label:<24} {t.family} {t.preset} {t.model or ''} {r.eval or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench study",
+        description=(
+            "Study profile (CPU, <= 90 min with 2 workers): the paper's ablations (attention masking, patch "
+            "size, noise limiting), then lambda, CFG dropout, inference steps and guidance scale, and "
+            "Transfusion vs the discrete baseline across 3 sizes. Every row is trained for each seed with "
+            "the quick recipe and judged on the quick job's four metrics."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("results") / "study", help="results folder")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs") / "study",
+                   help="training runs and evaluations (reused and resumed on reruns)")  # fmt: skip
+    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of " + ",".join(GROUPS))
+    p.add_argument("--seeds", default="0,1", help="comma-separated training/evaluation seeds")
+    p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (quick default: 400)")
+    p.add_argument("--cache-dir", default=None, help="autoencoder/latent cache (default: TRANSFUSION_CACHE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a QuickConfig field for every training, e.g. --set n_t2i=32")  # fmt: skip
+    p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate instead of reusing")
+    p.add_argument("--list", action="store_true", help="print the grid and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    quick: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            quick[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            quick[key.strip()] = value
+    if args.steps is not None:
+        quick["steps"] = args.steps
+    if args.cache_dir is not None:
+        quick["cache_dir"] = args.cache_dir
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    try:
+        cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if args.list:
+        print(_listing(cfg, args.runs_dir))
+        return 0
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers
+    result = run_study(args.out, cfg, args.runs_dir, fresh=args.fresh, progress=not args.no_progress)
+    failed = [ln for ln in result["runs"] if ln["status"] != "ok"]
+    for ln in failed:
+        print(f"  {ln['group']}/{ln['label']} seed {ln['seed']}: {ln['status']}: {ln['error']}")
+    print(
+        f"total {result['total_wall_s']:.0f}s; wrote {args.out}/study.csv, study_runs.csv, study.json, plots/"
+    )
+    from bench.report import build_report
+
+    print(f"wrote {build_report(Path(args.out).parent)}")
+    return 1 if failed else 0
+
+
+__all__ = ["METRICS", "StudyConfig", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

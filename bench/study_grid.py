@@ -1,0 +1,146 @@
+"""The ``study`` profile's grid: which models it trains and which rows its tables show.
+
+A *training* is one model (family, size preset, ModelConfig overrides on top of the quick profile's); it is
+trained once per seed and may serve several rows. A *row* is one line of one table: a training evaluated
+with some evaluation settings (inference steps, guidance scale). The base Transfusion training (linear
+2x2 patches, bidirectional attention inside images, noise limiting at t <= 500, lambda 5, caption dropout
+0.1: the paper's recipe) appears in most groups; it is trained once.
+
+Groups mirror the paper's ablations (Tables 5-8) at toy scale, plus the three settings the paper never
+ablated (lambda, CFG dropout rate, inference steps) and the guidance scale, and a size ladder for the
+Transfusion-vs-discrete scaling comparison (Table 3's parity FLOP ratios, read across sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# name -> (preset, ModelConfig overrides): the size ladder of the scaling group
+SIZES: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": ("tiny", {}),
+    "small": ("tiny", {"dim": 192, "n_layers": 3, "ffn_multiple_of": 32}),
+    "S": ("S", {}),
+}
+
+
+@dataclass(frozen=True)
+class Training:
+    family: str  # "transfusion" | "discrete"
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+
+
+@dataclass(frozen=True)
+class Row:
+    group: str
+    label: str
+    training: str  # key of TRAININGS
+    eval: dict[str, Any] = field(default_factory=dict)  # QuickConfig evaluation overrides
+    # the paper's figures for the matching row (Tables 5, 6, 8 at 0.76B), to print beside ours
+    paper: dict[str, float] = field(default_factory=dict)
+
+
+def _tf(**model: Any) -> Training:
+    return Training("transfusion", model=model)
+
+
+TRAININGS: dict[str, Training] = {
+    "base": _tf(),
+    "linear-causal": _tf(causal_only_images=True),
+    "unet": _tf(adapter="unet"),
+    "unet-causal": _tf(adapter="unet", causal_only_images=True),
+    "linear-p1": _tf(patch_size=1),
+    "linear-p4": _tf(patch_size=4),
+    "linear-p8": _tf(patch_size=8),
+    "unet-p4": _tf(adapter="unet", patch_size=4),
+    "unet-p8": _tf(adapter="unet", patch_size=8),
+    "unet-no-noise-limit": _tf(adapter="unet", noise_limit_t=None),
+    "lambda-1": _tf(diffusion_lambda=1.0),
+    "lambda-20": _tf(diffusion_lambda=20.0),
+    "dropout-0": _tf(caption_dropout=0.0),
+    "dropout-0.3": _tf(caption_dropout=0.3),
+    **{
+        f"{family}-{size}": Training(family, preset, dict(model))
+        for family in ("transfusion", "discrete")
+        for size, (preset, model) in SIZES.items()
+        if (family, size) != ("transfusion", "tiny")  # that one is "base"
+    },
+}
+
+
+def _paper(cider: float, fid: float, c4: float) -> dict[str, float]:
+    return {"paper_c4_ppl": c4, "paper_cider": cider, "paper_fid": fid}
+
+
+ROWS: tuple[Row, ...] = (
+    # scaling: both families up the size ladder (parity FLOP ratios across sizes)
+    *(
+        Row(
+            "scaling",
+            f"{family} {size}",
+            "base" if (family, size) == ("transfusion", "tiny") else f"{family}-{size}",
+        )
+        for family in ("transfusion", "discrete")
+        for size in SIZES
+    ),
+    # Table 5: attention masking inside images, per adapter
+    Row("masking", "linear causal", "linear-causal", paper=_paper(12.7, 61.3, 10.4)),
+    Row("masking", "linear bidirectional", "base", paper=_paper(16.0, 20.3, 10.4)),
+    Row("masking", "U-Net causal", "unet-causal", paper=_paper(23.3, 16.8, 10.3)),
+    Row("masking", "U-Net bidirectional", "unet", paper=_paper(25.4, 16.7, 10.3)),
+    # Table 6: latent patch size (the paper's 1x1 row has no adapter; ours is linear)
+    Row("patch", "linear 1x1", "linear-p1", paper=_paper(12.0, 21.0, 10.3)),
+    Row("patch", "linear 2x2", "base", paper=_paper(16.0, 20.3, 10.4)),
+    Row("patch", "linear 4x4", "linear-p4", paper=_paper(14.3, 25.6, 10.9)),
+    Row("patch", "linear 8x8", "linear-p8", paper=_paper(11.3, 43.5, 11.7)),
+    Row("patch", "U-Net 2x2", "unet", paper=_paper(25.4, 16.7, 10.3)),
+    Row("patch", "U-Net 4x4", "unet-p4", paper=_paper(29.9, 16.0, 10.7)),
+    Row("patch", "U-Net 8x8", "unet-p8", paper=_paper(29.5, 16.1, 11.4)),
+    # Table 8: noise limiting t <= 500 for image-first pairs (U-Net 2x2)
+    Row("noise_limit", "U-Net, off", "unet-no-noise-limit", paper=_paper(25.4, 16.7, 10.3)),
+    Row("noise_limit", "U-Net, on", "unet", paper=_paper(29.4, 16.5, 10.3)),
+    # never ablated in the paper
+    Row("lambda", "lambda 1", "lambda-1"),
+    Row("lambda", "lambda 5", "base"),
+    Row("lambda", "lambda 20", "lambda-20"),
+    Row("cfg_dropout", "caption dropout 0", "dropout-0"),
+    Row("cfg_dropout", "caption dropout 0.1", "base"),
+    Row("cfg_dropout", "caption dropout 0.3", "dropout-0.3"),
+    Row("inference_steps", "25 DDPM steps", "base", eval={"num_diffusion_steps": 25}),
+    Row("inference_steps", "100 DDPM steps", "base", eval={"num_diffusion_steps": 100}),
+    Row("inference_steps", "250 DDPM steps", "base"),
+    Row("cfg_scale", "guidance 1 (off)", "base", eval={"guidance_scale": 1.0}),
+    Row("cfg_scale", "guidance 3", "base"),
+    Row("cfg_scale", "guidance 5", "base", eval={"guidance_scale": 5.0}),
+)
+
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
+
+GROUP_TITLES: dict[str, str] = {
+    "scaling": "Transfusion vs the discrete baseline across model sizes (paper Table 3, Figure 5)",
+    "masking": "Attention masking inside images (paper Table 5)",
+    "patch": "Latent patch size (paper Table 6)",
+    "noise_limit": "Noise limiting t <= 500 for image-first pairs (paper Table 8)",
+    "lambda": "Diffusion loss weight lambda (not ablated in the paper)",
+    "cfg_dropout": "Caption dropout rate for classifier-free guidance (not ablated in the paper)",
+    "inference_steps": "DDPM inference steps (not ablated in the paper)",
+    "cfg_scale": "Classifier-free guidance scale",
+}
+
+
+def eval_key(overrides: dict[str, Any]) -> str:
+    """A readable folder name for a set of evaluation overrides ("default" for none)."""
+    if not overrides:
+        return "default"
+    return "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def rows_for(groups: tuple[str, ...] | list[str]) -> list[Row]:
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown study group(s) {unknown}; valid: {list(GROUPS)}")
+    return [r for r in ROWS if r.group in groups]
+
+
+__all__ = ["GROUPS", "GROUP_TITLES", "ROWS", "SIZES", "TRAININGS", "Row", "Training", "eval_key", "rows_for"]

@@ -1,0 +1,100 @@
+"""Plots of the study profile: one figure per ablation group (mean over seeds with its spread; dots: each
+seed) and the scaling comparison (metric against training FLOPs, one line per family)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.study_grid import GROUP_TITLES
+
+_LABELS = {
+    "text_bpb": "bits per byte (lower is better)",
+    "caption_accuracy": "caption accuracy",
+    "t2i_alignment": "text-to-image alignment",
+    "fid": "FID, shapes CNN (lower is better)",
+}
+_CHANCE = {"caption_accuracy": "shuffled_caption_accuracy", "t2i_alignment": "shuffled_t2i_alignment"}
+
+
+def _chance_line(ax, metric: str, references: dict[str, Any] | None) -> None:
+    value = (references or {}).get(_CHANCE.get(metric, ""))
+    if isinstance(value, (int, float)):
+        ax.axhline(value, color="grey", ls="--", lw=1, label="chance (shuffled pairs)")
+        ax.legend(fontsize=7, loc="best")
+
+
+def plot_study(
+    out: Path,
+    summary: list[dict[str, Any]],
+    lines: list[dict[str, Any]],
+    references: dict[str, Any] | None = None,
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.study import METRICS
+
+    plots = Path(out) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    groups = list(dict.fromkeys(s["group"] for s in summary))
+    for group in groups:
+        rows = [s for s in summary if s["group"] == group]
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
+        for ax, (metric, _) in zip(axes[0], METRICS):
+            if group == "scaling":
+                _scaling_panel(ax, metric, rows, lines)
+            else:
+                _bar_panel(ax, metric, rows, lines)
+            _chance_line(ax, metric, references)
+            ax.set_title(_LABELS[metric], fontsize=9)
+            ax.grid(alpha=0.3)
+        seeds = sorted({ln["seed"] for ln in lines})
+        fig.suptitle(f"{GROUP_TITLES.get(group, group)}  (seeds {', '.join(map(str, seeds))})", fontsize=10)
+        fig.tight_layout()
+        path = plots / f"study_{group}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _bar_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str, Any]]) -> None:
+    xs = range(len(rows))
+    means = [r[f"{metric}_mean"] if r[f"{metric}_mean"] is not None else float("nan") for r in rows]
+    errs = [r[f"{metric}_std"] or 0.0 for r in rows]
+    # points, not bars: the axis zooms onto the differences instead of starting at zero
+    ax.errorbar(xs, means, yerr=errs, fmt="o", color="tab:blue", ms=7, capsize=4, label="mean +- std")
+    for x, r in zip(xs, rows):
+        ys = [ln[metric] for ln in lines if ln["group"] == r["group"] and ln["label"] == r["label"]]
+        ys = [y for y in ys if y is not None]
+        ax.plot([x] * len(ys), ys, "k.", ms=4)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
+
+
+def _scaling_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str, Any]]) -> None:
+    for family, color in (("transfusion", "tab:blue"), ("discrete", "tab:orange")):
+        fam = sorted(
+            (
+                r
+                for r in rows
+                if r["family"] == family and r["train_flops_mean"] and r[f"{metric}_mean"] is not None
+            ),
+            key=lambda r: r["train_flops_mean"],
+        )
+        if not fam:
+            continue
+        ax.plot([r["train_flops_mean"] for r in fam], [r[f"{metric}_mean"] for r in fam], "-o", color=color,
+                label=family)  # fmt: skip
+        pts = [ln for ln in lines if ln["group"] == "scaling" and ln["family"] == family]
+        ax.plot([ln["train_flops"] for ln in pts if ln[metric] is not None and ln["train_flops"]],
+                [ln[metric] for ln in pts if ln[metric] is not None and ln["train_flops"]], ".", color=color,
+                alpha=0.6)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs", fontsize=8)
+    ax.legend(fontsize=7)
