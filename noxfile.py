@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, quick (the main job), gpu (the prepared GPU run), attention (CPU sweep), report.
+"""Sessions: tests, lint, quick (the main job), study (ablations, <= 90 min), gpu (the prepared GPU run), attention (CPU sweep), report.
 
 Sessions run in the current environment (``python -m pip install -e ".[dev]"`` first): a fresh virtualenv
 per session would copy several GB of torch for nothing.
@@ -25,6 +25,12 @@ def lint(session: nox.Session) -> None:
 def quick(session: nox.Session) -> None:
     """The main job: both families trained, sampled and judged on CPU; results/quick/ with plots."""
     session.run("python", "-m", "bench", "quick", *session.posargs)
+
+
+@nox.session(python=False)
+def study(session: nox.Session) -> None:
+    """The paper's ablations and the size-ladder comparison at toy scale, 2 seeds: results/study/."""
+    session.run("python", "-m", "bench", "study", *session.posargs)
 
 
 @nox.session(python=False)

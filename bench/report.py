@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.plots import plot_attention
+from bench.study_report import study_section
 from bench.summary import summarize
 from transfusion.provenance import atomic_write_text
 
@@ -66,6 +67,8 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 if (folder / "plots" / f"{png}.png").exists():
                     sections.append(f"![{png}]({folder.name}/plots/{png}.png)")
             sections.append("")
+        if (folder / "study.csv").exists():
+            sections += study_section(folder)
         if (folder / "attention.csv").exists():
             plot_attention(folder)
             summary = summarize(folder).replace("# Attention", f"## Attention ({folder.name})", 1)
@@ -87,7 +90,7 @@ def build_report(results_root: Path = Path("results")) -> Path:
             sections += [text.replace("# Triton kernel", f"## Triton kernel ({folder.name}):", 1), ""]
         if any(
             (folder / f).exists()
-            for f in ("attention.csv", "generation.csv", "quick.csv", "kernel_resources.md")
+            for f in ("attention.csv", "generation.csv", "quick.csv", "kernel_resources.md", "study.csv")
         ):
             notes = folder / "NOTES.md"
             if notes.exists():

@@ -132,13 +132,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
         diffusers_logging.set_verbosity_error()
     run_dir = Path(job["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # beside the run directory, which the trainer may discard and rebuild
+    log_file = run_dir.parent / f"{run_dir.name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     rec: dict[str, Any] = {"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
                            "errors": [], "reused": True}  # fmt: skip
     t0 = time.perf_counter()
     # the trainer's and evaluator's logs go to the run's own log file, not the study's console
     with (
-        open(run_dir / "study_job.log", "a") as log,
+        open(log_file, "a") as log,
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):

@@ -1,0 +1,198 @@
+"""bench.study: the grid, the statistics, the cross-size parity and a drastically reduced run end to end."""
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from bench import study
+from bench.study_grid import GROUPS, ROWS, TRAININGS, eval_key, rows_for
+
+TINY = {
+    "model_overrides": {"max_seq_len": 256, "dim": 32, "n_heads": 2, "n_layers": 1},
+    "steps": 4,
+    "batch_rows": 2,
+    "train_examples": 48,
+    "log_every": 2,
+    "curve_points": 1,
+    "n_t2i": 3,
+    "n_caption": 3,
+    "n_text": 6,
+    "num_diffusion_steps": 3,
+    "caption_max_tokens": 6,
+    "fid_cnn": {"train_steps": 10, "train_images": 128, "batch_size": 32},
+    "autoencoder_options": {
+        "steps": 2,
+        "batch_size": 4,
+        "train_images": 16,
+        "val_images": 4,
+        "scale_images": 8,
+    },
+}
+
+
+def test_every_row_names_a_training_and_every_training_builds(tmp_path):
+    assert {r.training for r in ROWS} == set(TRAININGS)  # no training is trained for nothing
+    cfg = study.StudyConfig(seeds=(3, 5))
+    jobs = study.plan_jobs(cfg, tmp_path)
+    keys = [(j["training"], j["seed"]) for j in jobs]
+    assert len(keys) == len(set(keys)) == 2 * len(TRAININGS)
+    assert [j["cost"] for j in jobs] == sorted((j["cost"] for j in jobs), reverse=True)
+    from transfusion.config import get_preset
+
+    for j in jobs:
+        q = j["quick"]
+        assert q["seed"] == j["seed"] and q["families"] == [j["family"]] and q["threads"] == 1
+        model = get_preset(q["preset"], **q["model_overrides"])  # validates every override
+        for k, v in TRAININGS[j["training"]].model.items():
+            assert getattr(model, k) == v
+        # each distinct evaluation of the training's rows, once
+        wanted = {eval_key(r.eval) for r in ROWS if r.training == j["training"]}
+        assert set(j["evals"]) == wanted
+    base = next(j for j in jobs if j["training"] == "base")
+    assert set(base["evals"]) == {
+        "default",
+        "num_diffusion_steps=25",
+        "num_diffusion_steps=100",
+        "guidance_scale=1.0",
+        "guidance_scale=5.0",
+    }
+
+
+def test_bad_study_settings_name_the_field():
+    with pytest.raises(ValueError, match="nope"):
+        study.StudyConfig(groups=("masking", "nope"))
+    with pytest.raises(ValueError, match="seeds"):
+        study.StudyConfig(seeds=(1, 1))
+    with pytest.raises(ValueError, match="workers"):
+        study.StudyConfig(workers=0)
+    with pytest.raises(ValueError, match="n_tti"):
+        study.StudyConfig(quick={"n_tti": 3})
+
+
+def _record(training, seed, bpb, fid, flops=1e9, errors=()):
+    ev = {"text_bpb": bpb, "caption_accuracy": 0.5, "t2i_alignment": 0.25, "fid": fid, "kid": None}
+    return {
+        "training": training,
+        "seed": seed,
+        "train": {"params": 10, "steps": 4, "train_flops": flops},
+        "evals": {"default": ev} if not errors else {},
+        "errors": list(errors),
+        "reused": False,
+    }
+
+
+def test_rows_mean_and_sample_std_over_seeds_and_failures_counted():
+    rows = rows_for(("lambda",))
+    vals = {"lambda-1": [1.3, 1.7], "base": [0.9, 1.4], "lambda-20": [2.0, None]}
+    records = []
+    for training, (a, b) in vals.items():
+        records.append(_record(training, 0, a, 10 * a))
+        records.append(
+            _record(training, 1, b, 10 * b) if b else _record(training, 1, 0, 0, errors=["train: boom"])
+        )
+    lines = study.run_rows(rows, records, (0, 1))
+    assert len(lines) == 6
+    summary = {s["label"]: s for s in study.summarize_rows(rows, lines)}
+    for row in rows:
+        s = summary[row.label]
+        got = [v for v in vals[row.training] if v is not None]
+        assert s["n_seeds"] == len(got)
+        assert s["text_bpb_mean"] == pytest.approx(statistics.fmean(got))
+        assert s["fid_mean"] == pytest.approx(10 * statistics.fmean(got))
+        if len(got) > 1:
+            assert s["text_bpb_std"] == pytest.approx(statistics.stdev(got))
+        else:
+            assert s["text_bpb_std"] is None
+    failed = [ln for ln in lines if ln["status"] == "failed"]
+    assert len(failed) == 1 and "boom" in failed[0]["error"] and failed[0]["training"] == "lambda-20"
+
+
+def test_scaling_parity_reads_across_sizes():
+    def s(family, flops, bpb):
+        d = {"group": "scaling", "family": family, "label": f"{family} {flops:g}", "train_flops_mean": flops}
+        for m, _ in study.METRICS:
+            d[f"{m}_mean"] = None
+        d["text_bpb_mean"] = bpb
+        return d
+
+    summary = [
+        s("transfusion", 1e9, 2.0),
+        s("transfusion", 1e10, 1.0),
+        s("discrete", 1e9, 2.5),
+        s("discrete", 1e10, 1.5),
+    ]
+    par = study.scaling_parity(summary)
+    # Transfusion's line in log-FLOPs crosses the largest baseline's 1.5 halfway: at sqrt(1e9 * 1e10) FLOPs
+    assert par["text_bpb"]["kind"] == "exact"
+    assert par["text_bpb"]["ratio"] == pytest.approx(math.sqrt(1e9 * 1e10) / 1e10)
+    assert par["text_bpb"]["baseline"] == "discrete 1e+10"
+    assert par["fid"] is None
+
+
+def test_study_end_to_end_then_reused(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    quick_cfg = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    cfg = study.StudyConfig(groups=("masking", "cfg_scale"), seeds=(0, 1), workers=2, quick=quick_cfg)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    res = study.run_study(out, cfg, runs, progress=False)
+    assert "plots_error" not in res
+    lines = res["runs"]
+    assert len(lines) == 2 * (4 + 3)
+    assert all(ln["status"] == "ok" for ln in lines), [ln["error"] for ln in lines]
+    assert len(res["jobs"]) == 2 * 4  # base (shared by both groups), linear-causal, unet, unet-causal
+    by = {(ln["label"], ln["seed"]): ln for ln in lines}
+    for seed in (0, 1):
+        base, guided_off = by[("linear bidirectional", seed)], by[("guidance 1 (off)", seed)]
+        assert by[("guidance 3", seed)]["fid"] == base["fid"]  # the same training and evaluation
+        assert guided_off["train_flops"] == base["train_flops"]  # the same training ...
+        assert guided_off["fid"] != base["fid"]  # ... evaluated with different settings
+    assert by[("linear bidirectional", 0)]["final_loss"] != by[("linear bidirectional", 1)]["final_loss"]
+    for name in ("study.json", "study.csv", "study_runs.csv", "study_provenance.json"):
+        assert (out / name).is_file()
+    assert {p.name for p in (out / "plots").iterdir()} == {"study_masking.png", "study_cfg_scale.png"}
+    with open(out / "study.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [r["label"] for r in summary] == [r.label for r in rows_for(("masking", "cfg_scale"))]
+    assert float(summary[1]["paper_fid"]) > 0 and summary[-1]["paper_fid"] == ""
+    prov = json.loads((out / "study_provenance.json").read_text())
+    assert prov["seeds"] == [0, 1] and prov["profile"] == "study"
+    from bench.report import build_report
+
+    report = build_report(tmp_path).read_text()
+    assert "study profile (out)" in report and "![study_masking](out/plots/study_masking.png)" in report
+    bidir = summary[1]
+    assert f"| linear bidirectional | 2 | {float(bidir['text_bpb_mean']):.3g} ± " in report
+
+    # the study's base row is the quick profile's Transfusion row: same recipe, same machinery
+    from bench import quick
+
+    q = quick.run_quick(
+        tmp_path / "quick",
+        quick.QuickConfig.from_dict(
+            {**quick_cfg, "families": ["transfusion"], "threads": 1, "progress": False}
+        ),
+        runs_dir=tmp_path / "quick_runs",
+    )
+    qrow = q["families"][0]
+    for metric in ("text_bpb", "t2i_alignment", "caption_accuracy", "fid", "final_loss"):
+        assert by[("linear bidirectional", 0)][metric] == pytest.approx(qrow[metric], rel=1e-6)
+
+    again = study.run_study(out, cfg, runs, progress=False)
+    assert all(j["reused"] for j in again["jobs"])
+    assert [ln["fid"] for ln in again["runs"]] == [ln["fid"] for ln in lines]
+    assert all(j["compute_wall_s"] > 0 for j in again["jobs"])
+
+
+def test_cli_lists_the_grid_and_rejects_bad_options(capsys):
+    assert study.main(["--list", "--groups", "masking,patch"]) == 0
+    text = capsys.readouterr().out
+    assert "U-Net 8x8" in text and "linear causal" in text and "lambda" not in text
+    for bad in (["--groups", "masking,nope"], ["--seeds", "a"], ["--workers", "0"], ["--set", "n_tti=3"]):
+        with pytest.raises(SystemExit):
+            study.main(["--list", *bad])
+    assert "nope" in capsys.readouterr().err
+    assert set(GROUPS) >= {"masking", "patch", "noise_limit", "scaling"}
