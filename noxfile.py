@@ -1,4 +1,5 @@
-"""Sessions: tests, lint, quick (the main job), study (ablations, <= 90 min), gpu (the prepared GPU run), attention (CPU sweep), report.
+"""Sessions: tests, lint, quick (the main job), study (ablations, <= 90 min), gpu (the prepared GPU run),
+attention (CPU sweep), report.
 
 Sessions run in the current environment (``python -m pip install -e ".[dev]"`` first): a fresh virtualenv
 per session would copy several GB of torch for nothing.

@@ -25,7 +25,9 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,8 +175,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def execute(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the jobs in ``workers`` processes; the first job of each family goes first, alone per family."""
+def execute(
+    jobs: list[dict[str, Any]],
+    workers: int,
+    progress: bool = True,
+    worker: Callable[[dict[str, Any]], dict[str, Any]] = run_job,
+) -> list[dict[str, Any]]:
+    """Run the jobs in ``workers`` processes; the first job of each family goes first, alone per family.
+    A worker process that dies (killed, out of memory) fails its jobs, not the study."""
     from tqdm import tqdm
 
     first: dict[str, dict] = {}
@@ -193,22 +201,36 @@ def execute(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> 
         bar.set_postfix_str(f"{rec['training']} seed{rec['seed']}: {status}")
         bar.update(1)
 
+    def collect(fut: Future, job: dict[str, Any]) -> None:
+        try:
+            done(fut.result())
+        except Exception as e:
+            done({"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
+                  "errors": [f"worker: {type(e).__name__}: {e}"], "reused": False})  # fmt: skip
+
     if workers == 1:  # in-process: easier to debug, no process start-up
         for j in warmup + rest:
-            done(run_job(j))
+            done(worker(j))
         bar.close()
         return records
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         # the families' first jobs build their autoencoders and latent caches, each exactly once
-        for fut in [pool.submit(run_job, j) for j in warmup]:
-            done(fut.result())
-        pending = {pool.submit(run_job, j) for j in rest}
+        for fut, job in [(pool.submit(worker, j), j) for j in warmup]:
+            collect(fut, job)
+        pending: dict[Future, dict[str, Any]] = {}
+        for j in rest:
+            try:
+                pending[pool.submit(worker, j)] = j
+            except BrokenProcessPool as e:
+                failed: Future = Future()
+                failed.set_exception(e)
+                collect(failed, j)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                done(fut.result())
+                collect(fut, pending.pop(fut))
     bar.close()
     return records
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -196,3 +197,26 @@ def test_cli_lists_the_grid_and_rejects_bad_options(capsys):
             study.main(["--list", *bad])
     assert "nope" in capsys.readouterr().err
     assert set(GROUPS) >= {"masking", "patch", "noise_limit", "scaling"}
+
+
+def _worker_that_dies_on_linear_causal(job):
+    if job["training"] == "linear-causal":
+        os._exit(3)  # as a worker killed by the OOM killer would
+    train = {"steps": 1}
+    return {
+        "training": job["training"],
+        "seed": job["seed"],
+        "train": train,
+        "evals": {},
+        "errors": [],
+        "reused": False,
+    }
+
+
+def test_a_dead_worker_fails_its_jobs_not_the_study(tmp_path):
+    jobs = study.plan_jobs(study.StudyConfig(groups=("masking",), seeds=(0,)), tmp_path)
+    records = study.execute(jobs, workers=2, progress=False, worker=_worker_that_dies_on_linear_causal)
+    assert sorted(r["training"] for r in records) == sorted(j["training"] for j in jobs)
+    dead = next(r for r in records if r["training"] == "linear-causal")
+    assert dead["errors"] and "BrokenProcessPool" in dead["errors"][0]
+    assert any(not r["errors"] for r in records)  # the warm-up job finished before the death
