@@ -283,7 +283,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
     for row in rows:
         mine = [ln for ln in lines if ln["group"] == row.group and ln["label"] == row.label]
         s: dict[str, Any] = {"group": row.group, "label": row.label, "training": row.training,
-                             "family": TRAININGS[row.training].family,
+                             "family": TRAININGS[row.training].family, "series": row.series,
                              "n_seeds": sum(ln["status"] != "failed" for ln in mine)}  # fmt: skip
         for stat in SUMMARY_STATS:
             vals = [float(ln[stat]) for ln in mine if _is_number(ln[stat])]
@@ -396,7 +396,7 @@ def _listing(cfg: StudyConfig, runs_dir: Path) -> str:
         lines.append(f"  {g}: {GROUP_TITLES[g]}")
         for r in rows_for((g,)):
             t = TRAININGS[r.training]
-            lines.append(f"    {r.label:<24} {t.family} {t.preset} {t.model or ''} {r.eval or ''}".rstrip())
+            lines.append(f"    {r.label:<28} {t.family} {t.preset} {t.model or ''} {r.eval or ''}".rstrip())
     return "\n".join(lines)
 
 

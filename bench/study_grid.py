@@ -37,8 +37,10 @@ class Row:
     label: str
     training: str  # key of TRAININGS
     eval: dict[str, Any] = field(default_factory=dict)  # QuickConfig evaluation overrides
-    # the paper's figures for the matching row (Tables 5, 6, 8 at 0.76B), to print beside ours
+    # the paper's figures for the matching row (Tables 5, 6, 8 at 0.76B; Table 7 per size), beside ours
     paper: dict[str, float] = field(default_factory=dict)
+    # size-ladder groups: the line this row belongs to (plotted against training FLOPs); "" elsewhere
+    series: str = ""
 
 
 def _tf(**model: Any) -> Training:
@@ -66,6 +68,11 @@ TRAININGS: dict[str, Training] = {
         for size, (preset, model) in SIZES.items()
         if (family, size) != ("transfusion", "tiny")  # that one is "base"
     },
+    **{
+        f"unet-{size}": Training("transfusion", preset, {**model, "adapter": "unet"})
+        for size, (preset, model) in SIZES.items()
+        if size != "tiny"  # that one is "unet"
+    },
 }
 
 
@@ -73,16 +80,39 @@ def _paper(cider: float, fid: float, c4: float) -> dict[str, float]:
     return {"paper_c4_ppl": c4, "paper_cider": cider, "paper_fid": fid}
 
 
+def _ladder(line: str, size: str) -> str:
+    """The training of a size-ladder row: family (transfusion, discrete) or adapter (linear, unet)."""
+    if size == "tiny":
+        return {"transfusion": "base", "linear": "base", "unet": "unet"}.get(line, f"{line}-{size}")
+    return f"transfusion-{size}" if line == "linear" else f"{line}-{size}"
+
+
+_ADAPTER_NAMES = {"linear": "linear", "unet": "U-Net"}
+
+# paper Table 7 (CIDEr, FID, C4 perplexity) at the sizes our ladder stands in for
+_TABLE7 = {
+    "linear": (("0.16B", (6.2, 37.6, 14.8)), ("0.37B", (11.1, 21.5, 12.0)), ("1.4B", (19.1, 19.4, 9.5))),
+    "unet": (("0.16B", (15.3, 18.8, 14.4)), ("0.37B", (21.1, 18.1, 11.8)), ("1.4B", (28.1, 16.6, 9.4))),
+}
+
 ROWS: tuple[Row, ...] = (
     # scaling: both families up the size ladder (parity FLOP ratios across sizes)
     *(
-        Row(
-            "scaling",
-            f"{family} {size}",
-            "base" if (family, size) == ("transfusion", "tiny") else f"{family}-{size}",
-        )
+        Row("scaling", f"{family} {size}", _ladder(family, size), series=family)
         for family in ("transfusion", "discrete")
         for size in SIZES
+    ),
+    # Table 7: linear vs U-Net adapters up the ladder (the paper's rows are 0.16B, 0.37B and 1.4B)
+    *(
+        Row(
+            "adapter_scaling",
+            f"{_ADAPTER_NAMES[adapter]} {size} (paper {paper_size})",
+            _ladder(adapter, size),
+            paper=_paper(*figures),
+            series=adapter,
+        )  # fmt: skip
+        for adapter, rows in _TABLE7.items()
+        for size, (paper_size, figures) in zip(SIZES, rows)
     ),
     # Table 5: attention masking inside images, per adapter
     Row("masking", "linear causal", "linear-causal", paper=_paper(12.7, 61.3, 10.4)),
@@ -119,6 +149,7 @@ GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 
 GROUP_TITLES: dict[str, str] = {
     "scaling": "Transfusion vs the discrete baseline across model sizes (paper Table 3, Figure 5)",
+    "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
     "patch": "Latent patch size (paper Table 6)",
     "noise_limit": "Noise limiting t <= 500 for image-first pairs (paper Table 8)",

@@ -1,5 +1,5 @@
 """Plots of the study profile: one figure per ablation group (mean over seeds with its spread; dots: each
-seed) and the scaling comparison (metric against training FLOPs, one line per family)."""
+seed) and, for the size ladders, metric against training FLOPs with one line per family or adapter."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def plot_study(
         rows = [s for s in summary if s["group"] == group]
         fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
         for ax, (metric, _) in zip(axes[0], METRICS):
-            if group == "scaling":
-                _scaling_panel(ax, metric, rows, lines)
+            if any(r["series"] for r in rows):
+                _ladder_panel(ax, metric, rows, lines)
             else:
                 _bar_panel(ax, metric, rows, lines)
             _chance_line(ax, metric, references)
@@ -77,24 +77,25 @@ def _bar_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str
     ax.set_xticklabels([r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
 
 
-def _scaling_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str, Any]]) -> None:
-    for family, color in (("transfusion", "tab:blue"), ("discrete", "tab:orange")):
-        fam = sorted(
+def _ladder_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str, Any]]) -> None:
+    """One line per series (family or adapter) through its sizes' means; dots: each seed."""
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for series, color in zip(dict.fromkeys(r["series"] for r in rows), colors):
+        mine = sorted(
             (
                 r
                 for r in rows
-                if r["family"] == family and r["train_flops_mean"] and r[f"{metric}_mean"] is not None
+                if r["series"] == series and r["train_flops_mean"] and r[f"{metric}_mean"] is not None
             ),
             key=lambda r: r["train_flops_mean"],
         )
-        if not fam:
+        if not mine:
             continue
-        ax.plot([r["train_flops_mean"] for r in fam], [r[f"{metric}_mean"] for r in fam], "-o", color=color,
-                label=family)  # fmt: skip
-        pts = [ln for ln in lines if ln["group"] == "scaling" and ln["family"] == family]
-        ax.plot([ln["train_flops"] for ln in pts if ln[metric] is not None and ln["train_flops"]],
-                [ln[metric] for ln in pts if ln[metric] is not None and ln["train_flops"]], ".", color=color,
-                alpha=0.6)  # fmt: skip
+        ax.plot([r["train_flops_mean"] for r in mine], [r[f"{metric}_mean"] for r in mine], "-o", color=color,
+                label=series)  # fmt: skip
+        labels = {r["label"] for r in mine}
+        pts = [ln for ln in lines if ln["label"] in labels and ln[metric] is not None and ln["train_flops"]]
+        ax.plot([ln["train_flops"] for ln in pts], [ln[metric] for ln in pts], ".", color=color, alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs", fontsize=8)
     ax.legend(fontsize=7)

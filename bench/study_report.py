@@ -54,12 +54,13 @@ def study_section(folder: Path) -> list[str]:
     for group, rows in df.groupby("group", sort=False):
         paper_cols = [(k, name) for k, name in _PAPER if rows[k].notna().any()]
         cols = ["row", "seeds", *(name for _, name in _METRICS), *(name for _, name in paper_cols)]
-        if group == "scaling":
+        ladder = rows["series"].notna().any()
+        if ladder:
             cols.insert(2, "train FLOPs")
         table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in rows.iterrows():
             cells = [str(r["label"]), str(r["n_seeds"])]
-            if group == "scaling":
+            if ladder:
                 cells.append(f"{r['train_flops_mean']:.3g}")
             cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m, _ in _METRICS]
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]

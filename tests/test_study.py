@@ -220,3 +220,26 @@ def test_a_dead_worker_fails_its_jobs_not_the_study(tmp_path):
     dead = next(r for r in records if r["training"] == "linear-causal")
     assert dead["errors"] and "BrokenProcessPool" in dead["errors"][0]
     assert any(not r["errors"] for r in records)  # the warm-up job finished before the death
+
+
+def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.study_plots import plot_study
+    from bench.study_report import study_section
+
+    rows = rows_for(("adapter_scaling",))
+    records = [
+        _record(t, seed, bpb=1.0 / (i + 1) + seed / 10, fid=50.0 - i, flops=10.0 ** (9 + i % 3))
+        for i, t in enumerate(dict.fromkeys(r.training for r in rows))
+        for seed in (0, 1)
+    ]
+    lines = study.run_rows(rows, records, (0, 1))
+    summary = study.summarize_rows(rows, lines)
+    assert {s["series"] for s in summary} == {"linear", "unet"}
+    (png,) = plot_study(tmp_path, summary, lines)
+    assert png.name == "study_adapter_scaling.png" and png.stat().st_size > 10_000
+    (tmp_path / "study.csv").write_text(study._csv(summary))
+    text = "\n".join(study_section(tmp_path))
+    assert "| row | seeds | train FLOPs | bits/byte |" in text and "paper FID" in text
+    linear_s = next(s for s in summary if s["label"].startswith("linear S"))
+    assert f"| {linear_s['label']} | 2 | 1e+11 | {linear_s['text_bpb_mean']:.3g} ± " in text
