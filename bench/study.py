@@ -10,7 +10,8 @@ so that the shared autoencoders and latent caches are built once.
 Outputs in ``OUT`` (atomically): ``study_runs.csv`` (one line per row and seed), ``study.csv`` (mean and
 spread over seeds per row, with the paper's figures beside the matching rows), ``study.json``,
 ``study_provenance.json`` and ``plots/`` (one figure per group). Training runs and evaluation files live
-in ``--runs-dir`` (not results), so a rerun after an interruption picks up where it stopped.
+in ``--runs-dir`` (not results), so a rerun after an interruption picks up where it stopped; each job's
+console output goes to ``RUNS/<training>/seed<k>.log``.
 
 Usage: ``python -m bench study [--groups masking,patch] [--seeds 0,1] [--workers 2] [--list]``.
 """
@@ -379,11 +380,14 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     except Exception as e:  # the numbers stand without their pictures
         result["plots_error"] = f"{type(e).__name__}: {e}"
     result["total_wall_s"] = round(time.perf_counter() - t0, 2)
+    # the jobs' own times when they were computed: what a fresh study costs, however many reruns it took
+    result["jobs_compute_s"] = round(sum(j.get("compute_wall_s") or 0.0 for j in result["jobs"]), 1)
     atomic_write_json(out / "study.json", result)
     atomic_write_text(out / "study_runs.csv", _csv(lines))
     atomic_write_text(out / "study.csv", _csv(summary))
     prov = provenance("cpu", cfg.seeds[0], profile="study", seeds=list(cfg.seeds), workers=cfg.workers,
                       threads_per_worker=1, config=cfg.to_dict(), total_wall_s=result["total_wall_s"],
+                      jobs_compute_s=result["jobs_compute_s"],
                       files=["study.json", "study.csv", "study_runs.csv", "plots/"])  # fmt: skip
     atomic_write_json(out / "study_provenance.json", prov)
     return result
@@ -455,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     for ln in failed:
         print(f"  {ln['group']}/{ln['label']} seed {ln['seed']}: {ln['status']}: {ln['error']}")
     print(
-        f"total {result['total_wall_s']:.0f}s; wrote {args.out}/study.csv, study_runs.csv, study.json, plots/"
+        f"total {result['total_wall_s']:.0f}s (the jobs' own compute: {result['jobs_compute_s']:.0f}s in "
+        f"{cfg.workers} workers); wrote {args.out}/study.csv, study_runs.csv, study.json, plots/"
     )
     from bench.report import build_report
 
