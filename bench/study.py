@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.quick import QuickConfig
-from bench.study_grid import GROUP_TITLES, GROUPS, TRAININGS, Row, eval_key, rows_for
+from bench.study_grid import GROUP_TITLES, GROUPS, TRAININGS, Row, eval_key, rows_for, varied_model_fields
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 # (column, higher is better) of the four metrics every row reports
@@ -70,6 +70,17 @@ class StudyConfig:
             raise ValueError(f"StudyConfig.seeds = {self.seeds} must be distinct and non-empty")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"StudyConfig.workers = {self.workers!r} must be a positive integer")
+        per_job = sorted(set(self.quick) & {"seed", "families", "preset", "threads", "progress"})
+        if per_job:
+            raise ValueError(f"StudyConfig.quick sets {per_job}, which the study sets per job; use --seeds")
+        varied = sorted(
+            set(self.quick.get("model_overrides", {})) & varied_model_fields(rows_for(self.groups))
+        )
+        if varied:
+            raise ValueError(
+                f"StudyConfig.quick.model_overrides sets {varied}, which the study's rows vary; "
+                "a common value would make their labels wrong"
+            )
         self.base()  # names a bad quick field
 
     def base(self) -> QuickConfig:
@@ -81,6 +92,13 @@ class StudyConfig:
 
 
 # ---------------------------------------------------------------------- jobs
+def eval_overrides(row: Row, base: QuickConfig) -> dict[str, Any]:
+    """The row's evaluation settings that differ from the base recipe: a row that names the default
+    (250 steps, guidance 3) shares the default evaluation, and stays true when ``--set`` changes it."""
+    d = base.to_dict()
+    return {k: v for k, v in row.eval.items() if d[k] != v}
+
+
 def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dict[str, Any]]:
     """One job per (training, seed), with every evaluation its rows need; largest models first."""
     from transfusion.config import get_preset
@@ -90,7 +108,7 @@ def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dic
     jobs = []
     for name in dict.fromkeys(r.training for r in rows):
         t = TRAININGS[name]
-        evals = {eval_key(r.eval): r.eval for r in rows if r.training == name}
+        evals = {eval_key(o): o for o in (eval_overrides(r, base) for r in rows if r.training == name)}
         model_overrides = {**base.model_overrides, **t.model}
         size = get_preset(t.preset, **model_overrides)
         for seed in cfg.seeds:
@@ -139,8 +157,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     log_file = run_dir.parent / f"{run_dir.name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     rec: dict[str, Any] = {"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
-                           "errors": [], "reused": True}  # fmt: skip
-    t0 = time.perf_counter()
+                           "eval_errors": {}, "errors": [], "reused": True}  # fmt: skip
     # the trainer's and evaluator's logs go to the run's own log file, not the study's console
     with (
         open(log_file, "a") as log,
@@ -163,16 +180,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 )
                 rec["reused"] = rec["reused"] and bool(ev.get("_reused"))
                 rec["evals"][key] = _metrics_of(ev)
-            except Exception as e:
-                rec["errors"].append(f"eval {key}: {type(e).__name__}: {e}")
+            except Exception as e:  # fails the rows of this evaluation only
+                rec["eval_errors"][key] = f"eval {key}: {type(e).__name__}: {e}"
                 traceback.print_exc(file=log)
-    rec["wall_s"] = round(time.perf_counter() - t0, 2)
-    # what the job cost when it was computed, kept across reruns that only read it back
-    cost_file = run_dir / "study_job.json"
-    if not rec["reused"] and not rec["errors"]:
-        atomic_write_json(cost_file, {"compute_wall_s": rec["wall_s"]})
-    if cost_file.is_file():
-        rec["compute_wall_s"] = json.loads(cost_file.read_text()).get("compute_wall_s")
+    # What the job costs when computed, read from its stored results, so reruns that reuse them still
+    # report it: training wall time plus each evaluation's (the shared autoencoders are not counted).
+    parts = [summary.get("train_wall_s")] + [ev.get("eval_wall_s") for ev in rec["evals"].values()]
+    rec["compute_s"] = round(sum(float(x) for x in parts if _is_number(x)), 2)
     return rec
 
 
@@ -182,15 +196,16 @@ def execute(
     progress: bool = True,
     worker: Callable[[dict[str, Any]], dict[str, Any]] = run_job,
 ) -> list[dict[str, Any]]:
-    """Run the jobs in ``workers`` processes; the first job of each family goes first, alone per family.
-    A worker process that dies (killed, out of memory) fails its jobs, not the study."""
+    """Run the jobs in ``workers`` one-thread processes, in the given order, except that a family's first
+    job runs before the rest of that family (it builds the family's autoencoder and latent cache, which
+    the others then read). A worker process that dies (killed, out of memory) breaks the pool: the jobs
+    not finished by then are recorded as failed, the study's files are still written, and a rerun resumes
+    them from their checkpoints."""
     from tqdm import tqdm
 
     first: dict[str, dict] = {}
     for j in jobs:
         first.setdefault(j["family"], j)
-    warmup = list(first.values())
-    rest = [j for j in jobs if all(j is not w for w in warmup)]
     records: list[dict[str, Any]] = []
     bar = tqdm(
         total=len(jobs), desc="study", unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr
@@ -202,52 +217,61 @@ def execute(
         bar.set_postfix_str(f"{rec['training']} seed{rec['seed']}: {status}")
         bar.update(1)
 
-    def collect(fut: Future, job: dict[str, Any]) -> None:
-        try:
-            done(fut.result())
-        except Exception as e:
-            done({"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
-                  "errors": [f"worker: {type(e).__name__}: {e}"], "reused": False})  # fmt: skip
+    def failed(job: dict[str, Any], e: BaseException) -> dict[str, Any]:
+        error = f"worker: {type(e).__name__}: {e}"
+        return {"training": job["training"], "seed": job["seed"], "train": None, "evals": {},
+                "eval_errors": {}, "errors": [error], "reused": False}  # fmt: skip
 
     if workers == 1:  # in-process: easier to debug, no process start-up
-        for j in warmup + rest:
+        for j in [*first.values(), *(j for j in jobs if j not in first.values())]:
             done(worker(j))
         bar.close()
         return records
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # the families' first jobs build their autoencoders and latent caches, each exactly once
-        for fut, job in [(pool.submit(worker, j), j) for j in warmup]:
-            collect(fut, job)
         pending: dict[Future, dict[str, Any]] = {}
-        for j in rest:
-            try:
-                pending[pool.submit(worker, j)] = j
-            except BrokenProcessPool as e:
-                failed: Future = Future()
-                failed.set_exception(e)
-                collect(failed, j)
+
+        def submit(batch: list[dict[str, Any]]) -> None:
+            for j in batch:
+                try:
+                    pending[pool.submit(worker, j)] = j
+                except BrokenProcessPool as e:
+                    done(failed(j, e))
+
+        submit(list(first.values()))
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                collect(fut, pending.pop(fut))
+                job = pending.pop(fut)
+                try:
+                    done(fut.result())
+                except Exception as e:
+                    done(failed(job, e))
+                if job is first[job["family"]]:  # the family's caches exist now: release its other jobs
+                    submit([j for j in jobs if j["family"] == job["family"] and j is not job])
     bar.close()
     return records
 
 
 # ---------------------------------------------------------------------- tables
-def run_rows(rows: list[Row], records: list[dict[str, Any]], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def run_rows(
+    rows: list[Row], records: list[dict[str, Any]], seeds: tuple[int, ...], base: QuickConfig | None = None
+) -> list[dict[str, Any]]:
     """One line per (row, seed): the training's summary and the row's evaluation."""
     by_key = {(r["training"], r["seed"]): r for r in records}
+    base = base or QuickConfig()
     out = []
     for row in rows:
+        key = eval_key(eval_overrides(row, base))
         for seed in seeds:
             rec = by_key.get((row.training, seed))
             line: dict[str, Any] = {k: None for k in RUN_FIELDS}
             line.update(group=row.group, label=row.label, training=row.training,
                         family=TRAININGS[row.training].family, seed=seed)  # fmt: skip
             errors = list(rec["errors"]) if rec else ["not run"]
+            if rec and key in rec.get("eval_errors", {}):
+                errors.append(rec["eval_errors"][key])
             if rec and rec["train"]:
                 for k in (
                     "params",
@@ -258,7 +282,7 @@ def run_rows(rows: list[Row], records: list[dict[str, Any]], seeds: tuple[int, .
                     "train_wall_s",
                 ):
                     line[k] = rec["train"].get(k)
-            ev = (rec or {}).get("evals", {}).get(eval_key(row.eval))
+            ev = (rec or {}).get("evals", {}).get(key)
             if ev:
                 for k in (
                     "text_bpb",
@@ -272,6 +296,8 @@ def run_rows(rows: list[Row], records: list[dict[str, Any]], seeds: tuple[int, .
                     line[k] = ev.get(k)
                 if ev.get("fid_error"):
                     errors.append(f"fid: {ev['fid_error']}")
+            if rec and not ev and not errors:
+                errors.append(f"eval {key}: not run")
             line["status"] = "ok" if not errors else ("partial" if ev else "failed")
             line["error"] = "; ".join(errors) or None
             out.append(line)
@@ -290,6 +316,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
             vals = [float(ln[stat]) for ln in mine if _is_number(ln[stat])]
             s[f"{stat}_mean"] = sum(vals) / len(vals) if vals else None
             s[f"{stat}_std"] = _sample_std(vals) if len(vals) > 1 else None
+            s[f"{stat}_n"] = len(vals)
         for k in ("paper_c4_ppl", "paper_cider", "paper_fid"):
             s[k] = row.paper.get(k)
         out.append(s)
@@ -324,8 +351,12 @@ def scaling_parity(summary: list[dict[str, Any]]) -> dict[str, dict | None]:
         if not pts or not _is_number(target):
             out[metric] = None
             continue
-        par = parity_flop_ratio([f for f, _ in pts], [v for _, v in pts], target, top["train_flops_mean"],
-                                lower_is_better=not higher)  # fmt: skip
+        try:
+            par = parity_flop_ratio([f for f, _ in pts], [v for _, v in pts], target, top["train_flops_mean"],
+                                    lower_is_better=not higher)  # fmt: skip
+        except ValueError as e:  # e.g. two sizes with equal FLOPs: recorded, the study's files still written
+            out[metric] = {"error": str(e), "display": "-", "baseline": top["label"]}
+            continue
         out[metric] = {**par.as_dict(), "display": str(par), "baseline": top["label"]}
     return out
 
@@ -355,7 +386,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     rows = rows_for(cfg.groups)
     jobs = plan_jobs(cfg, runs, fresh)
     records = execute(jobs, cfg.workers, progress)
-    lines = run_rows(rows, records, cfg.seeds)
+    lines = run_rows(rows, records, cfg.seeds, cfg.base())
     summary = summarize_rows(rows, lines)
     parity = scaling_parity(summary) if "scaling" in cfg.groups else {}
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
@@ -381,7 +412,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
         result["plots_error"] = f"{type(e).__name__}: {e}"
     result["total_wall_s"] = round(time.perf_counter() - t0, 2)
     # the jobs' own times when they were computed: what a fresh study costs, however many reruns it took
-    result["jobs_compute_s"] = round(sum(j.get("compute_wall_s") or 0.0 for j in result["jobs"]), 1)
+    result["jobs_compute_s"] = round(sum(j.get("compute_s") or 0.0 for j in result["jobs"]), 1)
     atomic_write_json(out / "study.json", result)
     atomic_write_text(out / "study_runs.csv", _csv(lines))
     atomic_write_text(out / "study.csv", _csv(summary))

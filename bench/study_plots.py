@@ -93,8 +93,12 @@ def _ladder_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[
             continue
         ax.plot([r["train_flops_mean"] for r in mine], [r[f"{metric}_mean"] for r in mine], "-o", color=color,
                 label=series)  # fmt: skip
-        labels = {r["label"] for r in mine}
-        pts = [ln for ln in lines if ln["label"] in labels and ln[metric] is not None and ln["train_flops"]]
+        keys = {(r["group"], r["label"]) for r in mine}
+        pts = [
+            ln
+            for ln in lines
+            if (ln["group"], ln["label"]) in keys and ln[metric] is not None and ln["train_flops"]
+        ]
         ax.plot([ln["train_flops"] for ln in pts], [ln[metric] for ln in pts], ".", color=color, alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs", fontsize=8)

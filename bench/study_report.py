@@ -19,12 +19,14 @@ _METRICS = (
 _PAPER = (("paper_c4_ppl", "paper C4 ppl"), ("paper_cider", "paper CIDEr"), ("paper_fid", "paper FID"))
 
 
-def _cell(mean: object, std: object) -> str:
+def _cell(mean: object, std: object, n: object, n_seeds: object) -> str:
+    """mean ± sample std over seeds; (n=k) when fewer seeds than the row's have this metric."""
     if not isinstance(mean, float) or math.isnan(mean):
         return "-"
-    if isinstance(std, float) and not math.isnan(std):
-        return f"{mean:.3g} ± {std:.2g}"
-    return f"{mean:.3g}"
+    text = f"{mean:.3g} ± {std:.2g}" if isinstance(std, float) and not math.isnan(std) else f"{mean:.3g}"
+    if isinstance(n, (int, float)) and isinstance(n_seeds, (int, float)) and n < n_seeds:
+        text += f" (n={int(n)})"
+    return text
 
 
 def study_section(folder: Path) -> list[str]:
@@ -32,7 +34,10 @@ def study_section(folder: Path) -> list[str]:
     info = json.loads((folder / "study.json").read_text()) if (folder / "study.json").exists() else {}
     seeds = info.get("config", {}).get("seeds", [])
     refs = info.get("references") or {}
-    steps = info.get("config", {}).get("quick", {}).get("steps")
+    # the steps the trained models actually reached (a finished longer run is reused, not retrained)
+    runs = pd.read_csv(folder / "study_runs.csv") if (folder / "study_runs.csv").exists() else None
+    reached = sorted({int(x) for x in runs["steps"].dropna()}) if runs is not None else []
+    steps = " or ".join(map(str, reached)) or info.get("config", {}).get("quick", {}).get("steps")
     lines = [
         f"## Ablations and scaling at toy scale, study profile ({folder.name})",
         "",
@@ -41,9 +46,9 @@ def study_section(folder: Path) -> list[str]:
         "± the sample standard deviation over seeds. Our columns stand in for the paper's: bits per byte of",
         "held-out captions for C4 perplexity, the judge's caption accuracy for CIDEr, its text-to-image",
         "alignment for the CLIP score, FID in the shapes-CNN feature space for COCO FID. The paper's figures",
-        "(0.76B, Tables 5, 6 and 8) stand beside the rows they match; its Tables 5 and 6 were trained",
-        "without noise limiting (their U-Net 2x2 row is Table 8's 'off'), ours keep it on except in the",
-        "noise-limit group.",
+        "stand beside the rows they match (0.76B in Tables 5, 6 and 8; in Table 7 the sizes our ladder",
+        "stands in for); its Tables 5 and 6 were trained without noise limiting (their U-Net 2x2 row is",
+        "Table 8's 'off'), ours keep it on except in the noise-limit group.",
     ]
     if refs.get("shuffled_caption_accuracy") is not None:
         lines += [
@@ -62,7 +67,7 @@ def study_section(folder: Path) -> list[str]:
             cells = [str(r["label"]), str(r["n_seeds"])]
             if ladder:
                 cells.append(f"{r['train_flops_mean']:.3g}")
-            cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m, _ in _METRICS]
+            cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"]) for m, _ in _METRICS]
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]

@@ -50,7 +50,7 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
         for k, v in TRAININGS[j["training"]].model.items():
             assert getattr(model, k) == v
         # each distinct evaluation of the training's rows, once
-        wanted = {eval_key(r.eval) for r in ROWS if r.training == j["training"]}
+        wanted = {eval_key(study.eval_overrides(r, cfg.base())) for r in ROWS if r.training == j["training"]}
         assert set(j["evals"]) == wanted
     base = next(j for j in jobs if j["training"] == "base")
     assert set(base["evals"]) == {
@@ -71,6 +71,11 @@ def test_bad_study_settings_name_the_field():
         study.StudyConfig(workers=0)
     with pytest.raises(ValueError, match="n_tti"):
         study.StudyConfig(quick={"n_tti": 3})
+    with pytest.raises(ValueError, match="seed"):
+        study.StudyConfig(quick={"seed": 3})
+    with pytest.raises(ValueError, match="adapter"):  # the masking rows vary it
+        study.StudyConfig(groups=("masking",), quick={"model_overrides": {"adapter": "unet"}})
+    study.StudyConfig(groups=("masking",), quick={"model_overrides": {"dim": 64}})  # no row varies the size
 
 
 def _record(training, seed, bpb, fid, flops=1e9, errors=()):
@@ -80,6 +85,7 @@ def _record(training, seed, bpb, fid, flops=1e9, errors=()):
         "seed": seed,
         "train": {"params": 10, "steps": 4, "train_flops": flops},
         "evals": {"default": ev} if not errors else {},
+        "eval_errors": {},
         "errors": list(errors),
         "reused": False,
     }
@@ -109,6 +115,19 @@ def test_rows_mean_and_sample_std_over_seeds_and_failures_counted():
             assert s["text_bpb_std"] is None
     failed = [ln for ln in lines if ln["status"] == "failed"]
     assert len(failed) == 1 and "boom" in failed[0]["error"] and failed[0]["training"] == "lambda-20"
+
+
+def test_a_failed_evaluation_fails_its_rows_only():
+    rows = rows_for(("cfg_scale",))  # guidance 1 (off), 3 (the default evaluation), 5
+    rec = _record("base", 0, 1.0, 20.0)
+    rec["evals"]["guidance_scale=1.0"] = dict(rec["evals"]["default"])
+    rec["eval_errors"]["guidance_scale=5.0"] = "eval guidance_scale=5.0: RuntimeError: boom"
+    status = {ln["label"]: (ln["status"], ln["error"]) for ln in study.run_rows(rows, [rec], (0,))}
+    assert status["guidance 1 (off)"] == ("ok", None) and status["guidance 3"] == ("ok", None)
+    assert status["guidance 5"][0] == "failed" and "boom" in status["guidance 5"][1]
+    del rec["evals"]["guidance_scale=1.0"]  # neither result nor error: not silently "ok"
+    status = {ln["label"]: ln["status"] for ln in study.run_rows(rows, [rec], (0,))}
+    assert status["guidance 1 (off)"] == "failed"
 
 
 def test_scaling_parity_reads_across_sizes():
@@ -185,7 +204,11 @@ def test_study_end_to_end_then_reused(tmp_path):
     again = study.run_study(out, cfg, runs, progress=False)
     assert all(j["reused"] for j in again["jobs"])
     assert [ln["fid"] for ln in again["runs"]] == [ln["fid"] for ln in lines]
-    assert all(j["compute_wall_s"] > 0 for j in again["jobs"])
+    # what the jobs cost is read back from their stored results, not from the (fast) rerun
+    cost = {(j["training"], j["seed"]): j["compute_s"] for j in res["jobs"]}
+    assert all(c > 0 for c in cost.values())
+    assert {(j["training"], j["seed"]): j["compute_s"] for j in again["jobs"]} == cost
+    assert again["jobs_compute_s"] == pytest.approx(sum(cost.values()), abs=0.1)
 
 
 def test_cli_lists_the_grid_and_rejects_bad_options(capsys):
