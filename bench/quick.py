@@ -846,6 +846,20 @@ def _summary_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_set_options(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options -> {KEY: VALUE}, VALUE read as JSON when it parses, else as a string."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench quick",
@@ -890,14 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["cache_dir"] = args.cache_dir
     if args.no_progress:
         changes["progress"] = False
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            changes[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key.strip()] = value
+    changes.update(parse_set_options(args.set, p))
     try:
         cfg = QuickConfig().replace(**changes)
     except (TypeError, ValueError) as e:

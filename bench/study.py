@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig
+from bench.quick import QuickConfig, parse_set_options
 from bench.study_grid import GROUP_TITLES, GROUPS, TRAININGS, Row, eval_key, rows_for, varied_model_fields
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
@@ -459,15 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the grid and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    quick: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            quick[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            quick[key.strip()] = value
+    quick = parse_set_options(args.set, p)
     if args.steps is not None:
         quick["steps"] = args.steps
     if args.cache_dir is not None:

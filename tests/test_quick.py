@@ -9,29 +9,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
 from bench import quick  # noqa: E402
+from tests.tiny_quick import TINY_QUICK  # noqa: E402
 
-TINY = {
-    "model_overrides": {"max_seq_len": 256, "dim": 32, "n_heads": 2, "n_layers": 1},
-    "steps": 4,
-    "batch_rows": 2,
-    "train_examples": 48,
-    "log_every": 2,
-    "n_t2i": 3,
-    "n_caption": 3,
-    "n_text": 6,
-    "num_diffusion_steps": 3,
-    "caption_max_tokens": 6,
-    "threads": 1,
-    "progress": False,
-    "fid_cnn": {"train_steps": 10, "train_images": 128, "batch_size": 32},
-    "autoencoder_options": {
-        "steps": 2,
-        "batch_size": 4,
-        "train_images": 16,
-        "val_images": 4,
-        "scale_images": 8,
-    },
-}
+TINY = {**TINY_QUICK, "threads": 1, "progress": False}
 
 
 def _config(tmp_path, **changes):
