@@ -79,6 +79,8 @@ def _bar_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str
 
 def _ladder_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[str, Any]]) -> None:
     """One line per series (family or adapter) through its sizes' means; dots: each seed."""
+    from matplotlib.ticker import NullFormatter
+
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     for series, color in zip(dict.fromkeys(r["series"] for r in rows), colors):
         mine = sorted(
@@ -101,5 +103,6 @@ def _ladder_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[
         ]
         ax.plot([ln["train_flops"] for ln in pts], [ln[metric] for ln in pts], ".", color=color, alpha=0.6)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
     ax.set_xlabel("training FLOPs", fontsize=8)
     ax.legend(fontsize=7)
