@@ -318,6 +318,40 @@ def test_scheduler_matches_the_training_schedule(model):
         torch.testing.assert_close(s.alphas_cumprod, model.schedule.alphas_cumprod)
 
 
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_sampling_with_the_exact_eps_of_gaussian_data_recovers_it(scheduler):
+    """The whole image loop (timesteps the model sees, scheduler set-up, CFG, steps) against a known answer:
+    for latents x0 ~ N(mu, sigma^2) the best eps prediction has a closed form, E[eps | x_t] =
+    sqrt(1 - a_t) (x_t - sqrt(a_t) mu) / (a_t sigma^2 + 1 - a_t); fed to the sampler in place of the
+    network, its samples must come out with mean mu and standard deviation sigma."""
+    m = tiny(seed=5)
+    mu, sigma = 0.7, 0.5
+    alphas = m.schedule.alphas_cumprod.double()
+    seen: dict[str, torch.Tensor] = {}
+    encode = m.adapter.encode
+
+    def spy(x_t, t):  # what the model is shown: the noisy latents and their timesteps
+        seen["x"], seen["t"] = x_t.double(), t
+        return encode(x_t, t)
+
+    def exact_eps(hidden, ctx):
+        a = alphas[seen["t"]].view(-1, 1, 1, 1)
+        return (torch.sqrt(1 - a) * (seen["x"] - a.sqrt() * mu) / (a * sigma**2 + 1 - a)).float()
+
+    m.adapter.encode, m.adapter.decode = spy, exact_eps
+    prompts = [[10, 11, 12]] * 32
+    x = text_to_image(
+        m, prompts, generator=gens(*range(32)), guidance_scale=3.0, scheduler=scheduler, num_steps=250
+    )
+    assert x.shape == (32, 4, 4, 4)
+    assert abs(x.mean().item() - mu) < 0.04 and abs(x.std().item() - sigma) < 0.03
+    # a sampler that showed the model the wrong timesteps would leave most of the noise in
+    coarse = text_to_image(
+        m, prompts, generator=gens(*range(32)), guidance_scale=3.0, scheduler=scheduler, num_steps=10
+    )
+    assert abs(coarse.std().item() - sigma) > abs(x.std().item() - sigma)  # more steps, closer
+
+
 # ====================================================================== API, CLI, benchmark
 def test_text_to_image_and_caption_with_a_tokenizer():
     from transfusion.data import ByteTokenizer
