@@ -37,7 +37,9 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
     assert set(base["evals"]) == {
         "default",
         "num_diffusion_steps=25",
+        "num_diffusion_steps=50",
         "num_diffusion_steps=100",
+        "num_diffusion_steps=500",
         "guidance_scale=1.0",
         "guidance_scale=5.0",
     }
