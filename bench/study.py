@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.quick import QuickConfig, parse_set_options
-from bench.study_grid import GROUP_TITLES, GROUPS, TRAININGS, Row, eval_key, rows_for, varied_model_fields
+from bench.study_grid import (
+    FAMILY_LADDERS,
+    GROUP_TITLES,
+    GROUPS,
+    TRAININGS,
+    Row,
+    eval_key,
+    rows_for,
+    varied_model_fields,
+)
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 # (column, higher is better) of the four metrics every row reports
@@ -331,12 +340,12 @@ def _sample_std(vals: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def scaling_parity(summary: list[dict[str, Any]]) -> dict[str, dict | None]:
-    """Parity FLOP ratios read across the size ladder: Transfusion's (FLOPs, metric) points against the
-    largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
+def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dict[str, dict | None]:
+    """Parity FLOP ratios read across a family size ladder: Transfusion's (FLOPs, metric) points against
+    the largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
     from transfusion.eval.parity import parity_flop_ratio
 
-    rows = [s for s in summary if s["group"] == "scaling"]
+    rows = [s for s in summary if s["group"] == group]
     tf = sorted((s for s in rows if s["family"] == "transfusion" and s["train_flops_mean"]),
                 key=lambda s: s["train_flops_mean"])  # fmt: skip
     disc = [s for s in rows if s["family"] == "discrete" and s["train_flops_mean"]]
@@ -387,7 +396,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     records = execute(jobs, cfg.workers, progress)
     lines = run_rows(rows, records, cfg.seeds, cfg.base())
     summary = summarize_rows(rows, lines)
-    parity = scaling_parity(summary) if "scaling" in cfg.groups else {}
+    parity = {g: scaling_parity(summary, g) for g in cfg.groups if g in FAMILY_LADDERS}
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
         references = reference_scores(cfg.base())
     except Exception as e:

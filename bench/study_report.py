@@ -71,8 +71,8 @@ def study_section(folder: Path) -> list[str]:
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
-        if group == "scaling" and info.get("parity"):
-            parts = [f"{m}: {p['display']}" for m, p in info["parity"].items() if p]
+        if (info.get("parity") or {}).get(group):
+            parts = [f"{m}: {p['display']}" for m, p in info["parity"][group].items() if p]
             if parts:
                 lines += [
                     "Parity FLOP ratios read across the sizes (the share of the largest discrete model's",

@@ -114,8 +114,8 @@ def test_a_failed_evaluation_fails_its_rows_only():
 
 
 def test_scaling_parity_reads_across_sizes():
-    def s(family, flops, bpb):
-        d = {"group": "scaling", "family": family, "label": f"{family} {flops:g}", "train_flops_mean": flops}
+    def s(family, flops, bpb, group="scaling"):
+        d = {"group": group, "family": family, "label": f"{family} {flops:g}", "train_flops_mean": flops}
         for m, _ in study.METRICS:
             d[f"{m}_mean"] = None
         d["text_bpb_mean"] = bpb
@@ -133,6 +133,11 @@ def test_scaling_parity_reads_across_sizes():
     assert par["text_bpb"]["ratio"] == pytest.approx(math.sqrt(1e9 * 1e10) / 1e10)
     assert par["text_bpb"]["baseline"] == "discrete 1e+10"
     assert par["fid"] is None
+    # each ladder group is read on its own rows
+    other = study.scaling_parity(
+        [s("transfusion", 1e9, 1.0, "x"), s("discrete", 1e10, 1.5, "x"), *summary], "x"
+    )
+    assert other["text_bpb"]["kind"] == "at_most" and other["text_bpb"]["ratio"] == pytest.approx(0.1)
 
 
 def test_study_end_to_end_then_reused(tmp_path):
