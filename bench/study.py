@@ -57,6 +57,8 @@ RUN_FIELDS: tuple[str, ...] = (
     "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "t2i_alignment", "fid", "kid",
     "recon_fid", "train_wall_s", "eval_wall_s", "error",
 )  # fmt: skip
+_TRAIN_FIELDS = ("params", "steps", "train_flops", "final_loss", "final_diffusion_loss", "train_wall_s")
+_EVAL_FIELDS = ("text_bpb", "caption_accuracy", "t2i_alignment", "fid", "kid", "recon_fid", "eval_wall_s")
 SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *(m for m, _ in METRICS))
 
 
@@ -231,7 +233,8 @@ def execute(
                 "eval_errors": {}, "errors": [error], "reused": False}  # fmt: skip
 
     if workers == 1:  # in-process: easier to debug, no process start-up
-        for j in [*first.values(), *(j for j in jobs if j not in first.values())]:
+        warmups = list(first.values())
+        for j in [*warmups, *(j for j in jobs if all(j is not w for w in warmups))]:
             done(worker(j))
         bar.close()
         return records
@@ -281,26 +284,11 @@ def run_rows(
             if rec and key in rec.get("eval_errors", {}):
                 errors.append(rec["eval_errors"][key])
             if rec and rec["train"]:
-                for k in (
-                    "params",
-                    "steps",
-                    "train_flops",
-                    "final_loss",
-                    "final_diffusion_loss",
-                    "train_wall_s",
-                ):
+                for k in _TRAIN_FIELDS:
                     line[k] = rec["train"].get(k)
             ev = (rec or {}).get("evals", {}).get(key)
             if ev:
-                for k in (
-                    "text_bpb",
-                    "caption_accuracy",
-                    "t2i_alignment",
-                    "fid",
-                    "kid",
-                    "recon_fid",
-                    "eval_wall_s",
-                ):
+                for k in _EVAL_FIELDS:
                     line[k] = ev.get(k)
                 if ev.get("fid_error"):
                     errors.append(f"fid: {ev['fid_error']}")

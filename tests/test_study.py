@@ -254,3 +254,24 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
     assert "| row | seeds | train FLOPs | bits/byte |" in text and "paper FID" in text
     linear_s = next(s for s in summary if s["label"].startswith("linear S"))
     assert f"| {linear_s['label']} | 2 | 1e+11 | {linear_s['text_bpb_mean']:.3g} ± " in text
+
+
+def test_one_worker_runs_in_process_each_familys_first_job_first(tmp_path):
+    jobs = study.plan_jobs(study.StudyConfig(groups=("scaling",), seeds=(0,)), tmp_path)
+    order = []
+
+    def worker(job):
+        order.append(job["training"])
+        return {
+            "training": job["training"],
+            "seed": job["seed"],
+            "train": {},
+            "evals": {},
+            "errors": [],
+            "reused": False,
+        }
+
+    records = study.execute(jobs, workers=1, progress=False, worker=worker)
+    firsts = {next(j["training"] for j in jobs if j["family"] == fam) for fam in ("transfusion", "discrete")}
+    assert set(order[:2]) == firsts and sorted(order) == sorted(j["training"] for j in jobs)
+    assert len(records) == len(jobs)
