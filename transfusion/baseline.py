@@ -35,9 +35,10 @@ Sampling (text to image with classifier-free guidance, image to text) is in
 
 Training is ``transfusion.train``'s "discrete" family (``transfusion train --model discrete``): a quick VQ
 autoencoder (or a saved one) gives the codes, its codebook size becomes ``ModelConfig.codebook_size``, and
-the loop, optimizer, checkpoints, metrics and FLOPs accounting are Transfusion's. QK-norm
-(``ModelConfig.qk_norm``, Chameleon's stabiliser) is supported but off by default, as for Transfusion, so
-that switching the family changes nothing else in a run's configuration.
+the loop, optimizer, checkpoints, metrics and FLOPs accounting are Transfusion's. Chameleon's
+stabilisers, QK-norm (``ModelConfig.qk_norm``) and the z-loss (``ModelConfig.z_loss``,
+``transfusion.z_loss``), are supported but off by default, as for Transfusion, so that switching the
+family changes nothing else in a run's configuration.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from transfusion.packing import (
     text_ids,
 )
 from transfusion.training_data import MixedModalStream, StreamConfig, document_for
+from transfusion.z_loss import z_loss
 
 
 # ====================================================================== vocabulary
@@ -342,8 +344,8 @@ class DiscreteStream(MixedModalStream):
 class DiscreteOutput:
     """Losses of one forward pass (columns shared with ``TransfusionOutput``)."""
 
-    loss: torch.Tensor  # mean cross-entropy over every target token (text and image codes)
-    lm_loss: torch.Tensor  # == loss
+    loss: torch.Tensor  # mean cross-entropy over every target token (+ cfg.z_loss * z_loss)
+    lm_loss: torch.Tensor  # the mean cross-entropy (== loss without z-loss)
     diffusion_loss: torch.Tensor  # always 0 (no continuous images)
     text_loss: torch.Tensor  # detached: mean over targets outside the codebook (0 when there are none)
     image_loss: torch.Tensor  # detached: mean over code targets (0 when there are none)
@@ -352,6 +354,7 @@ class DiscreteOutput:
     n_image_tokens: int
     n_images: int = 0  # continuous images (always 0; images are code tokens here)
     hidden: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None  # mean logsumexp^2 of the LM logits, when cfg.z_loss > 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -485,9 +488,13 @@ class DiscreteLM(nn.Module):
         targets = batch.lm_targets.reshape(-1)[mask]
         n_lm = int(targets.numel())
         zero = flat.sum() * 0.0
+        z = None
         if n_lm:
-            per_token = F.cross_entropy(self.lm_head(flat[mask]).float(), targets, reduction="none")
+            logits = self.lm_head(flat[mask])
+            per_token = F.cross_entropy(logits.float(), targets, reduction="none")
             loss = per_token.mean()
+            if self.cfg.z_loss > 0:
+                z = z_loss(logits)
             is_image = self.vocab.is_code(targets)
             n_image = int(is_image.sum())
             with torch.no_grad():
@@ -497,8 +504,10 @@ class DiscreteLM(nn.Module):
         else:
             loss, n_image = zero, 0
             text_loss = image_loss = zero.detach()
+            if self.cfg.z_loss > 0:
+                z = zero
         return DiscreteOutput(
-            loss=loss,
+            loss=loss if z is None else loss + self.cfg.z_loss * z,
             lm_loss=loss,
             diffusion_loss=zero.detach(),
             text_loss=text_loss,
@@ -507,6 +516,7 @@ class DiscreteLM(nn.Module):
             n_text_tokens=n_lm - n_image,
             n_image_tokens=n_image,
             hidden=hidden if return_hidden else None,
+            z_loss=z,
         )
 
     def num_params(self) -> dict[str, int]:

@@ -288,10 +288,9 @@ def _train_epilog() -> str:
     lines.append("")
     lines.append(_LATENTS_AND_RESUME_HELP)
     lines.append("model families (--model, same as train.family): transfusion (default) | discrete")
-    lines.append(
-        "  discrete: the Chameleon-style baseline on VQ codes; every other key means the same. QK-norm"
-    )
-    lines.append("  (model.qk_norm=true, Chameleon's stabiliser) is off by default for both families.")
+    lines.append("  discrete: the Chameleon-style baseline on VQ codes; every other key means the same.")
+    lines.append("  Chameleon's stabilisers, QK-norm (model.qk_norm=true) and the z-loss")
+    lines.append("  (model.z_loss=1e-5), are off by default for both families.")
     lines.append("")
     lines.append("example: transfusion train --preset tiny --steps 200 --device cpu --out runs/tiny lr=2e-3")
     return "\n".join(lines)

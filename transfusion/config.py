@@ -38,6 +38,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attention: str = "sdpa"  # attention backend name (see transfusion.attention)
     qk_norm: bool = False  # RMSNorm on per-head q and k (the discrete baseline's stabiliser)
+    # weight of the z-loss, mean(logsumexp(LM logits)^2) over LM targets, added to the loss: Chameleon's
+    # other stabiliser (it used 1e-5); 0 disables it
+    z_loss: float = 0.0
     init_std: float = 0.02
     # ---- image latents and adapters
     latent_channels: int = 4
@@ -127,6 +130,10 @@ class ModelConfig:
                 f"ModelConfig.noise_limit_t = {self.noise_limit_t!r} must be None or an integer in "
                 f"[0, num_train_timesteps = {self.num_train_timesteps})"
             )
+        if isinstance(self.z_loss, bool) or not (
+            isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss) and self.z_loss >= 0
+        ):
+            raise ValueError(f"ModelConfig.z_loss = {self.z_loss!r} must be finite and >= 0")
         if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout <= 1.0):
             raise ValueError(f"ModelConfig.caption_dropout = {self.caption_dropout!r} must be in [0, 1]")
         if (

@@ -67,6 +67,13 @@ class LossPart:
     weight: float = 1.0
 
 
+def _z_loss_part(cfg: ModelConfig, out, total_lm: int) -> list[LossPart]:
+    """The z-loss term (per LM target, like the LM loss), only when ``cfg.z_loss`` turns it on."""
+    if cfg.z_loss <= 0:
+        return []
+    return [LossPart("z", out.z_loss, out.n_lm_tokens, total_lm, float(cfg.z_loss))]
+
+
 @dataclass
 class TrainingData:
     """What a family's data preparation hands the loop."""
@@ -199,6 +206,7 @@ class TransfusionFamily(ModelFamily):
         return [
             LossPart("lm", out.lm_loss, out.n_lm_tokens, int(batch.lm_mask.sum()), 1.0),
             LossPart("diffusion", out.diffusion_loss, i1 - i0, N, float(cfg.diffusion_lambda)),
+            *_z_loss_part(cfg, out, int(batch.lm_mask.sum())),
         ]
 
     def analytic_flops(self, model_cfg: ModelConfig, batch: PackedBatch) -> dict[str, float]:
@@ -279,6 +287,7 @@ class DiscreteFamily(ModelFamily):
             LossPart("diffusion", out.diffusion_loss, 0, 0, 0.0),
             LossPart("text", out.text_loss, out.n_text_tokens, n_text, 0.0),
             LossPart("image", out.image_loss, out.n_image_tokens, n_image, 0.0),
+            *_z_loss_part(_unwrap(model).cfg, out, int(batch.lm_mask.sum())),
         ]
 
     def analytic_flops(self, model_cfg: ModelConfig, batch: PackedBatch) -> dict[str, float]:

@@ -10,7 +10,8 @@ Training forward pass on a ``PackedBatch`` (see ``transfusion.packing``):
    or ``layout.causal_only()`` when ``cfg.causal_only_images`` (the attention ablation).
 4. Losses: ``lm_loss`` = mean cross-entropy over the positions with an LM target; ``diffusion_loss`` =
    MSE between the adapter's decoded eps prediction and the true noise, per image then mean over images;
-   ``loss = lm_loss + cfg.diffusion_lambda * diffusion_loss``.
+   ``loss = lm_loss + cfg.diffusion_lambda * diffusion_loss``, plus ``cfg.z_loss * z_loss`` when the
+   z-loss is on (``transfusion.z_loss``; off by default).
 
 Caption dropout (classifier-free guidance) is done in data prep (``pack_documents(caption_dropout=...)``),
 not here: the model trains on whatever captions the batch holds.
@@ -32,13 +33,14 @@ from transfusion.diffusion import NoiseSchedule, diffusion_loss, sample_timestep
 from transfusion.layout import AttentionLayout
 from transfusion.model import KVCache, Transformer
 from transfusion.packing import PackedBatch
+from transfusion.z_loss import z_loss
 
 
 @dataclass
 class TransfusionOutput:
     """Losses of one forward pass, plus what evaluation may want to look at."""
 
-    loss: torch.Tensor  # lm_loss + lambda * diffusion_loss
+    loss: torch.Tensor  # lm_loss + lambda * diffusion_loss (+ cfg.z_loss * z_loss)
     lm_loss: torch.Tensor
     diffusion_loss: torch.Tensor
     timesteps: torch.Tensor  # (N,) the timesteps used for the images
@@ -46,6 +48,7 @@ class TransfusionOutput:
     n_lm_tokens: int
     n_images: int
     hidden: torch.Tensor | None = None  # (B, L, dim) final hidden states when asked for
+    z_loss: torch.Tensor | None = None  # mean logsumexp^2 of the LM logits, when cfg.z_loss > 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -216,11 +219,16 @@ class Transfusion(nn.Module):
         # Only positions with a target go through the LM head (saves the vocab-sized matmul elsewhere).
         mask = batch.lm_mask.reshape(-1)
         n_lm = int(mask.sum())
+        z = None
         if n_lm:
             logits = self.lm_head(flat[mask])
             lm_loss = F.cross_entropy(logits.float(), batch.lm_targets.reshape(-1)[mask])
+            if cfg.z_loss > 0:
+                z = z_loss(logits)
         else:
             lm_loss = flat.sum() * 0.0
+            if cfg.z_loss > 0:
+                z = lm_loss
 
         eps_pred = None
         if N:
@@ -230,6 +238,8 @@ class Transfusion(nn.Module):
         else:
             diff_loss = flat.sum() * 0.0
         loss = lm_loss + cfg.diffusion_lambda * diff_loss
+        if z is not None:
+            loss = loss + cfg.z_loss * z
         return TransfusionOutput(
             loss=loss,
             lm_loss=lm_loss,
@@ -239,6 +249,7 @@ class Transfusion(nn.Module):
             n_lm_tokens=n_lm,
             n_images=N,
             hidden=hidden if return_hidden else None,
+            z_loss=z,
         )
 
     def num_params(self) -> dict[str, int]:
