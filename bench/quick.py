@@ -50,7 +50,8 @@ FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
 CSV_FIELDS: tuple[str, ...] = (
     "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
     "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
-    "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "text_bpb", "recon_alignment",
+    "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "caption_empty", "text_bpb",
+    "recon_alignment",
     "fid", "kid", "recon_fid", "parity_text_bpb", "parity_caption_accuracy", "parity_t2i_alignment",
     "parity_fid",
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
@@ -540,6 +541,14 @@ def reference_scores(cfg: QuickConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- rows and files
+def empty_caption_share(captions: list[str] | None) -> float | None:
+    """Share of generated captions with no text (the model ended the caption at once): a caption score
+    below the shuffled-pair chance level usually comes from these."""
+    if not captions:
+        return None
+    return sum(not c.strip() for c in captions) / len(captions)
+
+
 def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {k: None for k in CSV_FIELDS}
     row["family"] = family
@@ -551,6 +560,7 @@ def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: lis
         row["t2i_exact"] = ev["t2i"]["exact"]
         row["caption_accuracy"] = ev["caption"]["score"]
         row["caption_exact"] = ev["caption"]["exact"]
+        row["caption_empty"] = empty_caption_share(ev.get("generated_captions"))
         row["text_bpb"] = ev["text"]["bits_per_byte"]
         row["recon_alignment"] = ev["recon_alignment"]["score"]
         for key in ("fid", "kid", "recon_fid"):

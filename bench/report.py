@@ -13,8 +13,8 @@ from transfusion.provenance import atomic_write_text
 
 QUICK_COLUMNS = [
     "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
-    "caption_accuracy", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr", "parity_text_bpb",
-    "parity_caption_accuracy", "parity_t2i_alignment", "parity_fid",
+    "caption_accuracy", "caption_empty", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr",
+    "parity_text_bpb", "parity_caption_accuracy", "parity_t2i_alignment", "parity_fid",
 ]  # fmt: skip
 
 
@@ -46,6 +46,7 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "reconstructions of real test images, the ceiling either family can reach through it).",
                 "`fid`: FID of the generated images against the prompts' real images in the suite's",
                 "shapes-CNN feature space (`recon_fid`: the same for the autoencoder's reconstructions).",
+                "`caption_empty`: the share of captions ended at once (<EOS> right after the image).",
                 "",
                 _csv_table(folder / "quick.csv", QUICK_COLUMNS),
                 "",

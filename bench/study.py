@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig, parse_set_options
+from bench.quick import QuickConfig, empty_caption_share, parse_set_options
 from bench.study_grid import (
     FAMILY_LADDERS,
     GROUP_TITLES,
@@ -54,12 +54,22 @@ METRICS: tuple[tuple[str, bool], ...] = (
 )
 RUN_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
-    "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "t2i_alignment", "fid", "kid",
+    "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "caption_empty", "t2i_alignment",
+    "fid", "kid",
     "recon_fid", "train_wall_s", "eval_wall_s", "error",
 )  # fmt: skip
 _TRAIN_FIELDS = ("params", "steps", "train_flops", "final_loss", "final_diffusion_loss", "train_wall_s")
-_EVAL_FIELDS = ("text_bpb", "caption_accuracy", "t2i_alignment", "fid", "kid", "recon_fid", "eval_wall_s")
-SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *(m for m, _ in METRICS))
+_EVAL_FIELDS = (
+    "text_bpb",
+    "caption_accuracy",
+    "caption_empty",
+    "t2i_alignment",
+    "fid",
+    "kid",
+    "recon_fid",
+    "eval_wall_s",
+)
+SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *(m for m, _ in METRICS), "caption_empty")
 
 
 @dataclass
@@ -142,6 +152,7 @@ def _metrics_of(ev: dict[str, Any]) -> dict[str, Any]:
     return {
         "text_bpb": ev["text"]["bits_per_byte"],
         "caption_accuracy": ev["caption"]["score"],
+        "caption_empty": empty_caption_share(ev.get("generated_captions")),
         "t2i_alignment": ev["t2i"]["score"],
         "fid": fid.get("fid"),
         "kid": fid.get("kid"),

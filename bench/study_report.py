@@ -13,6 +13,7 @@ from bench.study_grid import GROUP_TITLES
 _METRICS = (
     ("text_bpb", "bits/byte"),
     ("caption_accuracy", "caption acc"),
+    ("caption_empty", "empty caps"),
     ("t2i_alignment", "t2i align"),
     ("fid", "FID"),
 )
@@ -48,7 +49,9 @@ def study_section(folder: Path) -> list[str]:
         "alignment for the CLIP score, FID in the shapes-CNN feature space for COCO FID. The paper's figures",
         "stand beside the rows they match (0.76B in Tables 5, 6 and 8; in Table 7 the sizes our ladder",
         "stands in for); its Tables 5 and 6 were trained without noise limiting (their U-Net 2x2 row is",
-        "Table 8's 'off'), ours keep it on except in the noise-limit group.",
+        "Table 8's 'off'), ours keep it on except in the noise-limit group. `empty caps`: the share of",
+        "captions ended at once (<EOS> right after the image); each scores 0, so many of them put a",
+        "caption accuracy below chance.",
     ]
     if refs.get("shuffled_caption_accuracy") is not None:
         lines += [

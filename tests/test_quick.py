@@ -44,6 +44,8 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         assert r["n_t2i"] == 3 and r["n_caption"] == 3 and r["n_text"] == 6
         assert r["ae_kind"] == ("vae" if fam == "transfusion" else "vq")
         assert r["fid"] > 0 and r["recon_fid"] >= 0  # finite numbers from torch-fidelity (KID needs n > 3)
+        captions = json.loads((out / "eval" / f"{fam}.json").read_text())["generated_captions"]
+        assert r["caption_empty"] == sum(c.strip() == "" for c in captions) / 3
     assert rows["transfusion"]["final_diffusion_loss"] > 0
     # compute curves: one point per kept checkpoint (4 steps, 4 curve points), FLOPs increasing; the last
     # point is the final model with the evaluation's prompts and seed, so it reproduces every metric

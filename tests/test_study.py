@@ -100,6 +100,13 @@ def test_rows_mean_and_sample_std_over_seeds_and_failures_counted():
     assert len(failed) == 1 and "boom" in failed[0]["error"] and failed[0]["training"] == "lambda-20"
 
 
+def test_empty_caption_share():
+    from bench.quick import empty_caption_share
+
+    assert empty_caption_share(["a red circle", "", "  ", "two"]) == 0.5
+    assert empty_caption_share([]) is None and empty_caption_share(None) is None
+
+
 def test_a_failed_evaluation_fails_its_rows_only():
     rows = rows_for(("cfg_scale",))  # guidance 1 (off), 3 (the default evaluation), 5
     rec = _record("base", 0, 1.0, 20.0)
@@ -251,7 +258,9 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
     assert png.name == "study_adapter_scaling.png" and png.stat().st_size > 10_000
     (tmp_path / "study.csv").write_text(study._csv(summary))
     text = "\n".join(study_section(tmp_path))
-    assert "| row | seeds | train FLOPs | bits/byte |" in text and "paper FID" in text
+    assert (
+        "| row | seeds | train FLOPs | bits/byte | caption acc | empty caps |" in text and "paper FID" in text
+    )
     linear_s = next(s for s in summary if s["label"].startswith("linear S"))
     assert f"| {linear_s['label']} | 2 | 1e+11 | {linear_s['text_bpb_mean']:.3g} ± " in text
 
