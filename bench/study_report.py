@@ -21,7 +21,8 @@ _PAPER = (("paper_c4_ppl", "paper C4 ppl"), ("paper_cider", "paper CIDEr"), ("pa
 
 
 def _cell(mean: object, std: object, n: object, n_seeds: object) -> str:
-    """mean ± sample std over seeds; (n=k) when fewer seeds than the row's have this metric."""
+    """mean ± sample std over seeds; (n=k) when fewer seeds than the row's have this metric; "-" when
+    the metric is missing (also from a study.csv written before the metric existed)."""
     if not isinstance(mean, float) or math.isnan(mean):
         return "-"
     text = f"{mean:.3g} ± {std:.2g}" if isinstance(std, float) and not math.isnan(std) else f"{mean:.3g}"
@@ -70,7 +71,10 @@ def study_section(folder: Path) -> list[str]:
             cells = [str(r["label"]), str(r["n_seeds"])]
             if ladder:
                 cells.append(f"{r['train_flops_mean']:.3g}")
-            cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"]) for m, _ in _METRICS]
+            cells += [
+                _cell(r.get(f"{m}_mean"), r.get(f"{m}_std"), r.get(f"{m}_n"), r["n_seeds"])
+                for m, _ in _METRICS
+            ]
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
