@@ -96,6 +96,10 @@ class QuickConfig:
     guidance_scale: float = 3.0  # Transfusion: CFG on eps; baseline: CFG on code logits (1 = off)
     image_temperature: float = 1.0  # the baseline's code sampling temperature
     caption_max_tokens: int = 64
+    # captions have at least this many tokens (greedy decoding may not end them at once): caption dropout
+    # packs a dropped caption-first pair exactly like an empty image-first caption, so without it a share
+    # of captions comes out empty and scores 0 (caption_empty measures that share)
+    caption_min_tokens: int = 1
     # FID/KID of the generated images against the prompts' real images, in the suite's shapes-CNN
     # feature space (transfusion.eval.fid); fid_cnn overrides FeatureCNNConfig fields.
     fid: bool = True
@@ -376,6 +380,7 @@ def _caption_images(cfg: QuickConfig, family: str, lm: _Loaded, images: torch.Te
                 autoencoder=lm.autoencoder,
                 tokenizer=lm.tokenizer,
                 max_new_tokens=cfg.caption_max_tokens,
+                min_new_tokens=cfg.caption_min_tokens,
             )
         )
     from transfusion.baseline_sampling import caption_images
@@ -387,6 +392,7 @@ def _caption_images(cfg: QuickConfig, family: str, lm: _Loaded, images: torch.Te
         codes,
         special=special_tokens(lm.tokenizer),
         max_new_tokens=cfg.caption_max_tokens,
+        min_new_tokens=cfg.caption_min_tokens,
         temperature=0.0,
         text_vocab=int(lm.tokenizer.vocab_size),
     )

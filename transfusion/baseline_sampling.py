@@ -314,11 +314,13 @@ def caption_images(
     generator: Generators = None,
     text_vocab: int | None = None,
     return_logits: bool = False,
+    min_new_tokens: int = 0,
 ) -> CaptionSamples:
     """Caption each (h, w) code grid of ``codes`` (N, h, w) (see the module docstring).
 
     ``text_vocab``: draw only ids below it (pass the tokenizer's ``vocab_size`` when the model's text
-    vocabulary is larger); default: the model's whole text vocabulary. ``generator``: one for the batch, or
+    vocabulary is larger); default: the model's whole text vocabulary. ``min_new_tokens``: ``<EOS>`` is not
+    drawn before this many tokens (1: no empty caption). ``generator``: one for the batch, or
     a list of one per image (image i draws from generator i only).
     """
     special = special or SpecialTokens()
@@ -327,6 +329,12 @@ def caption_images(
     check_sampling(temperature, top_k)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens!r} must be a positive integer")
+    if (
+        isinstance(min_new_tokens, bool)
+        or not isinstance(min_new_tokens, int)
+        or not (0 <= min_new_tokens <= max_new_tokens)
+    ):
+        raise ValueError(f"min_new_tokens = {min_new_tokens!r} must be an integer in [0, {max_new_tokens}]")
     limit = vocab.text_vocab if text_vocab is None else text_vocab
     if isinstance(limit, bool) or not isinstance(limit, int) or not special.eos < limit <= vocab.text_vocab:
         raise ValueError(
@@ -356,6 +364,8 @@ def caption_images(
         if t != special.eos:
             banned[t] = True
 
+    banned_early = banned.clone()
+    banned_early[special.eos] = True
     cache = KVCache(cfg.n_layers)
     logits = _step(model, tokens, pads, 0, cache)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
@@ -364,7 +374,8 @@ def caption_images(
     for s in range(max_new_tokens):
         if return_logits:
             kept.append(logits.clone())
-        tok = draw(logits.masked_fill(banned, float("-inf")), temperature, top_k, gens)
+        now = banned_early if s < min_new_tokens else banned
+        tok = draw(logits.masked_fill(now, float("-inf")), temperature, top_k, gens)
         tok = torch.where(finished, special.pad, tok)
         drawn.append(tok)
         finished |= tok == special.eos

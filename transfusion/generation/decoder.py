@@ -288,6 +288,9 @@ class Decoder:
         base |= set(range(limit, self.mc.vocab_size))
         self.banned = sorted(base)
         self.banned_no_image = sorted(base | {special.boi})
+        # the same while a row is under min_new_tokens: <EOS> may not end it yet
+        self.banned_early = sorted(base | {special.eos})
+        self.banned_no_image_early = sorted(base | {special.boi, special.eos})
 
     # ------------------------------------------------------------------ embedding helpers
     def _embed(self, tokens: torch.Tensor, patch_index: torch.Tensor, latents, t: torch.Tensor):
@@ -367,7 +370,10 @@ class Decoder:
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
         c = self.cfg
         allow = c.allow_images and (c.max_images is None or row.images < c.max_images)
-        banned = self.banned if allow else self.banned_no_image
+        if row.out.num_tokens < c.min_new_tokens:
+            banned = self.banned_early if allow else self.banned_no_image_early
+        else:
+            banned = self.banned if allow else self.banned_no_image
         return sample_token(logits, banned, c.temperature, c.top_k, row.generator)
 
     # ------------------------------------------------------------------ images

@@ -34,6 +34,8 @@ class SamplingConfig:
     Text (LM mode):
         max_new_tokens: text tokens to sample per row (``<BOI>`` and ``<EOS>`` count; image patches and the
             inserted ``<EOI>`` do not). 0: only complete an image that the prompt opens with ``<BOI>``.
+        min_new_tokens: ``<EOS>`` is not drawn before this many text tokens (1: no empty caption; caption
+            dropout in training makes an image-first prefix end at once with a real probability).
         temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
         top_k: keep only the k most likely tokens (None: all).
         allow_images: whether the model may sample ``<BOI>`` (a prompt ending with ``<BOI>`` always gets
@@ -56,6 +58,7 @@ class SamplingConfig:
     """
 
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_k: int | None = None
     allow_images: bool = True
@@ -80,6 +83,8 @@ class SamplingConfig:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be an integer >= 0")
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
+            raise bad("min_new_tokens", f"must be an integer in [0, max_new_tokens = {self.max_new_tokens}]")
         if not is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
