@@ -51,8 +51,8 @@ def study_section(folder: Path) -> list[str]:
         "stand beside the rows they match (0.76B in Tables 5, 6 and 8; in Table 7 the sizes our ladder",
         "stands in for); its Tables 5 and 6 were trained without noise limiting (their U-Net 2x2 row is",
         "Table 8's 'off'), ours keep it on except in the noise-limit group. `empty caps`: the share of",
-        "captions ended at once (<EOS> right after the image); each scores 0, so many of them put a",
-        "caption accuracy below chance.",
+        "captions ended at once (<EOS> right after the image), each scoring 0; the evaluation's one-token",
+        "floor (`caption_min_tokens`, default 1) keeps it at 0.",
     ]
     if refs.get("shuffled_caption_accuracy") is not None:
         lines += [
