@@ -510,17 +510,23 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
     return result
 
 
+def fid_against(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor) -> dict[str, Any]:
+    """``fid_kid`` of generated against real images in the suite's feature space, as configured."""
+    from transfusion.eval.features import FeatureCNNConfig
+    from transfusion.eval.fid import fid_kid
+
+    cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
+    return fid_kid(
+        real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=cache, seed=cfg.seed
+    )
+
+
 def _fid_scores(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor, recon: torch.Tensor) -> dict:
     """FID/KID of the generated images and (the autoencoder's floor) of the reconstructions, against the
     prompts' real images. A failure is recorded, not raised: the other metrics stand on their own."""
     try:
-        from transfusion.eval.features import FeatureCNNConfig
-        from transfusion.eval.fid import fid_kid
-
-        cnn = FeatureCNNConfig(**cfg.fid_cnn)
-        cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
-        gen = fid_kid(real, generated, cnn_config=cnn, cache_dir=cache, seed=cfg.seed)
-        rec = fid_kid(real, recon, cnn_config=cnn, cache_dir=cache, seed=cfg.seed)
+        gen = fid_against(cfg, real, generated)
+        rec = fid_against(cfg, real, recon)
     except Exception as e:  # recorded in the results; the row keeps its other metrics
         return {"error": f"{type(e).__name__}: {e}"}
     return {"fid": gen["fid"], "kid": gen["kid_mean"], "recon_fid": rec["fid"], "recon_kid": rec["kid_mean"],
@@ -555,6 +561,21 @@ def empty_caption_share(captions: list[str] | None) -> float | None:
     return sum(not c.strip() for c in captions) / len(captions)
 
 
+def eval_metrics(ev: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one stored evaluation (``eval_family``'s result), as table columns."""
+    fid = ev.get("fid") or {}
+    return {
+        "t2i_alignment": ev["t2i"]["score"],
+        "caption_accuracy": ev["caption"]["score"],
+        "caption_empty": empty_caption_share(ev.get("generated_captions")),
+        "text_bpb": ev["text"]["bits_per_byte"],
+        "fid": fid.get("fid"),
+        "kid": fid.get("kid"),
+        "recon_fid": fid.get("recon_fid"),
+        "eval_wall_s": ev.get("eval_wall_s"),
+    }
+
+
 def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {k: None for k in CSV_FIELDS}
     row["family"] = family
@@ -562,33 +583,28 @@ def family_row(family: str, train_sum: dict | None, ev: dict | None, errors: lis
         if k in row:
             row[k] = v
     if ev:
-        row["t2i_alignment"] = ev["t2i"]["score"]
+        row.update(eval_metrics(ev))
         row["t2i_exact"] = ev["t2i"]["exact"]
-        row["caption_accuracy"] = ev["caption"]["score"]
         row["caption_exact"] = ev["caption"]["exact"]
-        row["caption_empty"] = empty_caption_share(ev.get("generated_captions"))
-        row["text_bpb"] = ev["text"]["bits_per_byte"]
         row["recon_alignment"] = ev["recon_alignment"]["score"]
-        for key in ("fid", "kid", "recon_fid"):
-            row[key] = (ev.get("fid") or {}).get(key)
         row["n_t2i"] = ev["t2i"]["n"]
         row["n_caption"] = ev["caption"]["n"]
         row["n_text"] = ev["text"]["n_texts"]
-        row["eval_wall_s"] = ev.get("eval_wall_s")
     row["status"] = "ok" if not errors else ("partial" if train_sum or ev else "failed")
     row["error"] = "; ".join(errors) if errors else None
     return {k: _finite(v) for k, v in row.items()}
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] | list[str] = CSV_FIELDS) -> str:
+    """CSV text of ``rows`` with columns ``fields`` (None -> empty cell)."""
     import csv
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     return buf.getvalue()
 
 

@@ -125,41 +125,39 @@ def _fid(cfg, real: torch.Tensor, generated: torch.Tensor) -> float | None:
     other metrics stand on their own and the curve shows a gap)."""
     if not cfg.fid:
         return None
-    from transfusion.eval.features import FeatureCNNConfig
-    from transfusion.eval.fid import fid_kid
+    from bench.quick import fid_against
 
-    cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
     try:
-        out = fid_kid(
-            real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=cache, seed=cfg.seed
-        )
+        out = fid_against(cfg, real, generated)
     except Exception:
         return None
     return float(out["fid"])
 
 
+def metric_parity(points: list[dict], final: dict, metric: str, lower_is_better: bool) -> dict | None:
+    """Where the curve ``points`` (dicts with ``train_flops`` and ``metric``) first reaches ``final``'s value
+    of ``metric``, as a share of ``final``'s training FLOPs; None when either side lacks the metric."""
+    from transfusion.eval.parity import parity_flop_ratio
+
+    pts = [p for p in points if p.get(metric) is not None]
+    if not pts or final.get(metric) is None:
+        return None
+    parity = parity_flop_ratio(
+        [p["train_flops"] for p in pts],
+        [p[metric] for p in pts],
+        target=final[metric],
+        baseline_flops=final["train_flops"],
+        lower_is_better=lower_is_better,
+    )
+    return {**parity.as_dict(), "display": str(parity)}
+
+
 def parity_ratios(curves: dict[str, dict | None]) -> dict[str, dict | None]:
     """Per metric: where Transfusion's curve reaches the discrete baseline's final value, as a share of
     the baseline's training FLOPs (None when either curve is missing)."""
-    from transfusion.eval.parity import parity_flop_ratio
-
     tf, base = curves.get("transfusion") or {}, curves.get("discrete") or {}
     final = (base.get("points") or [{}])[-1]
-    out: dict[str, dict | None] = {}
-    for metric, lower in CURVE_METRICS.items():
-        pts = [p for p in tf.get("points", []) if p.get(metric) is not None]
-        if not pts or final.get(metric) is None:
-            out[metric] = None
-            continue
-        parity = parity_flop_ratio(
-            [p["train_flops"] for p in pts],
-            [p[metric] for p in pts],
-            target=final[metric],
-            baseline_flops=final["train_flops"],
-            lower_is_better=lower,
-        )
-        out[metric] = {**parity.as_dict(), "display": str(parity)}
-    return out
+    return {m: metric_parity(tf.get("points", []), final, m, lower) for m, lower in CURVE_METRICS.items()}
 
 
 def plot_curves(

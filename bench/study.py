@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig, empty_caption_share, parse_set_options
+from bench.quick import QuickConfig, eval_metrics, parse_set_options, to_csv
+from bench.quick_curves import CURVE_METRICS, metric_parity
 from bench.study_grid import (
     FAMILY_LADDERS,
     GROUP_TITLES,
@@ -45,13 +46,6 @@ from bench.study_grid import (
 )
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
-# (column, higher is better) of the four metrics every row reports
-METRICS: tuple[tuple[str, bool], ...] = (
-    ("text_bpb", False),
-    ("caption_accuracy", True),
-    ("t2i_alignment", True),
-    ("fid", False),
-)
 RUN_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
     "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "caption_empty", "t2i_alignment",
@@ -69,7 +63,7 @@ _EVAL_FIELDS = (
     "recon_fid",
     "eval_wall_s",
 )
-SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *(m for m, _ in METRICS), "caption_empty")
+SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *CURVE_METRICS, "caption_empty")
 
 
 @dataclass
@@ -148,18 +142,7 @@ def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dic
 
 
 def _metrics_of(ev: dict[str, Any]) -> dict[str, Any]:
-    fid = ev.get("fid") or {}
-    return {
-        "text_bpb": ev["text"]["bits_per_byte"],
-        "caption_accuracy": ev["caption"]["score"],
-        "caption_empty": empty_caption_share(ev.get("generated_captions")),
-        "t2i_alignment": ev["t2i"]["score"],
-        "fid": fid.get("fid"),
-        "kid": fid.get("kid"),
-        "recon_fid": fid.get("recon_fid"),
-        "eval_wall_s": ev.get("eval_wall_s"),
-        "fid_error": fid.get("error"),
-    }
+    return {**eval_metrics(ev), "fid_error": (ev.get("fid") or {}).get("error")}
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -342,8 +325,6 @@ def _sample_std(vals: list[float]) -> float:
 def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dict[str, dict | None]:
     """Parity FLOP ratios read across a family size ladder: Transfusion's (FLOPs, metric) points against
     the largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
-    from transfusion.eval.parity import parity_flop_ratio
-
     rows = [s for s in summary if s["group"] == group]
     tf = sorted((s for s in rows if s["family"] == "transfusion" and s["train_flops_mean"]),
                 key=lambda s: s["train_flops_mean"])  # fmt: skip
@@ -352,32 +333,18 @@ def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dic
     if not tf or not disc:
         return out
     top = max(disc, key=lambda s: s["train_flops_mean"])
-    for metric, higher in METRICS:
-        pts = [(s["train_flops_mean"], s[f"{metric}_mean"]) for s in tf if _is_number(s[f"{metric}_mean"])]
-        target = top[f"{metric}_mean"]
-        if not pts or not _is_number(target):
-            out[metric] = None
-            continue
+
+    def point(s: dict[str, Any]) -> dict[str, Any]:  # a size's means as a curve point
+        return {"train_flops": s["train_flops_mean"], **{m: s[f"{m}_mean"] for m in CURVE_METRICS}}
+
+    for metric, lower in CURVE_METRICS.items():
         try:
-            par = parity_flop_ratio([f for f, _ in pts], [v for _, v in pts], target, top["train_flops_mean"],
-                                    lower_is_better=not higher)  # fmt: skip
+            par = metric_parity([point(s) for s in tf], point(top), metric, lower)
         except ValueError as e:  # e.g. two sizes with equal FLOPs: recorded, the study's files still written
             out[metric] = {"error": str(e), "display": "-", "baseline": top["label"]}
             continue
-        out[metric] = {**par.as_dict(), "display": str(par), "baseline": top["label"]}
+        out[metric] = None if par is None else {**par, "baseline": top["label"]}
     return out
-
-
-def _csv(lines: list[dict[str, Any]]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    if lines:
-        w = csv.DictWriter(buf, fieldnames=list(lines[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(lines)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------- the profile
@@ -421,8 +388,8 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     # the jobs' own times when they were computed: what a fresh study costs, however many reruns it took
     result["jobs_compute_s"] = round(sum(j.get("compute_s") or 0.0 for j in result["jobs"]), 1)
     atomic_write_json(out / "study.json", result)
-    atomic_write_text(out / "study_runs.csv", _csv(lines))
-    atomic_write_text(out / "study.csv", _csv(summary))
+    atomic_write_text(out / "study_runs.csv", to_csv(lines, RUN_FIELDS))
+    atomic_write_text(out / "study.csv", to_csv(summary, list(summary[0]) if summary else []))
     prov = provenance("cpu", cfg.seeds[0], profile="study", seeds=list(cfg.seeds), workers=cfg.workers,
                       threads_per_worker=1, config=cfg.to_dict(), total_wall_s=result["total_wall_s"],
                       jobs_compute_s=result["jobs_compute_s"],
@@ -498,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["METRICS", "StudyConfig", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
+__all__ = ["StudyConfig", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
 
 
 if __name__ == "__main__":

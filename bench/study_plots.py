@@ -35,7 +35,7 @@ def plot_study(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.study import METRICS
+    from bench.quick_curves import CURVE_METRICS
 
     plots = Path(out) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -43,8 +43,10 @@ def plot_study(
     groups = list(dict.fromkeys(s["group"] for s in summary))
     for group in groups:
         rows = [s for s in summary if s["group"] == group]
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
-        for ax, (metric, _) in zip(axes[0], METRICS):
+        fig, axes = plt.subplots(
+            1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.6), squeeze=False
+        )
+        for ax, metric in zip(axes[0], CURVE_METRICS):
             if any(r["series"] for r in rows):
                 _ladder_panel(ax, metric, rows, lines)
             else:

@@ -9,6 +9,8 @@ import statistics
 import pytest
 
 from bench import study
+from bench.quick import to_csv
+from bench.quick_curves import CURVE_METRICS
 from bench.study_grid import GROUPS, ROWS, TRAININGS, eval_key, rows_for
 from tests.tiny_quick import TINY_QUICK
 
@@ -123,7 +125,7 @@ def test_a_failed_evaluation_fails_its_rows_only():
 def test_scaling_parity_reads_across_sizes():
     def s(family, flops, bpb, group="scaling"):
         d = {"group": group, "family": family, "label": f"{family} {flops:g}", "train_flops_mean": flops}
-        for m, _ in study.METRICS:
+        for m in CURVE_METRICS:
             d[f"{m}_mean"] = None
         d["text_bpb_mean"] = bpb
         return d
@@ -256,7 +258,7 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
     assert {s["series"] for s in summary} == {"linear", "unet"}
     (png,) = plot_study(tmp_path, summary, lines)
     assert png.name == "study_adapter_scaling.png" and png.stat().st_size > 10_000
-    (tmp_path / "study.csv").write_text(study._csv(summary))
+    (tmp_path / "study.csv").write_text(to_csv(summary, list(summary[0])))
     text = "\n".join(study_section(tmp_path))
     assert (
         "| row | seeds | train FLOPs | bits/byte | caption acc | empty caps |" in text and "paper FID" in text

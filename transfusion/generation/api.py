@@ -172,7 +172,7 @@ def _discrete_caption(model, x, autoencoder, tokenizer, generator, config, optio
             x,
             special=special,
             max_new_tokens=min(cfg.max_new_tokens, room),
-            min_new_tokens=min(cfg.min_new_tokens, cfg.max_new_tokens, room),
+            min_new_tokens=min(cfg.min_new_tokens, room),  # SamplingConfig keeps it <= max_new_tokens
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             generator=row_generators(generator, n),
