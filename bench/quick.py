@@ -52,8 +52,8 @@ CSV_FIELDS: tuple[str, ...] = (
     "final_text_loss", "final_image_loss", "train_flops", "train_wall_s", "ae_kind", "ae_psnr",
     "t2i_alignment", "t2i_exact", "caption_accuracy", "caption_exact", "caption_empty", "text_bpb",
     "recon_alignment",
-    "fid", "kid", "recon_fid", "parity_text_bpb", "parity_caption_accuracy", "parity_t2i_alignment",
-    "parity_fid",
+    "fid", "kid", "recon_fid", "latent_std_ratio", "parity_text_bpb", "parity_caption_accuracy",
+    "parity_t2i_alignment", "parity_fid",
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
 )  # fmt: skip
 
@@ -94,6 +94,9 @@ class QuickConfig:
     scheduler: str = "ddpm"  # the paper: 250 DDPM steps
     num_diffusion_steps: int = 250
     guidance_scale: float = 3.0  # Transfusion: CFG on eps; baseline: CFG on code logits (1 = off)
+    # Transfusion: clamp each denoising step's x_0 estimate to [-r, r] (None: no clamp, the paper's recipe);
+    # see SamplingConfig.clip_sample_range and latent_std_ratio in the results
+    clip_sample_range: float | None = None
     image_temperature: float = 1.0  # the baseline's code sampling temperature
     caption_max_tokens: int = 64
     # captions have at least this many tokens (greedy decoding may not end them at once): caption dropout
@@ -105,6 +108,12 @@ class QuickConfig:
     fid: bool = True
     fid_cnn: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.clip_sample_range is not None:  # checked now, not after the trainings
+            from transfusion.generation import SamplingConfig
+
+            SamplingConfig(clip_sample_range=self.clip_sample_range)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -339,21 +348,26 @@ def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
     return [ds[i] for i in range(min(n, len(ds)))]
 
 
-def _generate_images(cfg: QuickConfig, family: str, lm: _Loaded, prompts: list[str]) -> torch.Tensor:
+def _generate_images(
+    cfg: QuickConfig, family: str, lm: _Loaded, prompts: list[str], with_latents: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoded images for ``prompts``; with ``with_latents`` also Transfusion's latents (None: discrete)."""
     if family == "transfusion":
         from transfusion.generation import text_to_image
 
         guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
-        return text_to_image(
+        latents = text_to_image(
             lm.model,
             prompts,
             tokenizer=lm.tokenizer,
-            autoencoder=lm.autoencoder,
             generator=cfg.seed,
             scheduler=cfg.scheduler,
             num_steps=cfg.num_diffusion_steps,
             guidance_scale=guidance,
-        ).float()
+            clip_sample_range=cfg.clip_sample_range,
+        )
+        images = lm.autoencoder.decode(latents).cpu().float()
+        return (images, latents) if with_latents else images
     from transfusion.baseline_sampling import generate_images
     from transfusion.train import special_tokens
 
@@ -366,7 +380,8 @@ def _generate_images(cfg: QuickConfig, family: str, lm: _Loaded, prompts: list[s
         temperature=cfg.image_temperature,
         generator=gen,
     )
-    return lm.autoencoder.decode_codes(samples.codes).float().cpu()
+    images = lm.autoencoder.decode_codes(samples.codes).float().cpu()
+    return (images, None) if with_latents else images
 
 
 def _caption_images(cfg: QuickConfig, family: str, lm: _Loaded, images: torch.Tensor) -> list[str]:
@@ -418,7 +433,7 @@ def stored_run_fingerprint(run_dir: Path) -> str | None:
 
 def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
-    eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "image_temp", "caption_", "fid")
+    eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "clip_", "image_temp", "caption_", "fid")
     return {
         k: v
         for k, v in cfg.to_dict().items()
@@ -458,10 +473,11 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
     cap_items = items[: cfg.n_caption]
     cap_images = torch.stack([it["image"] for it in cap_items])
     timings: dict[str, float] = {}
+    latent_stats = None
 
     with torch.no_grad():
         t = time.perf_counter()
-        gen_images = _generate_images(cfg, family, lm, prompts)
+        gen_images, gen_latents = _generate_images(cfg, family, lm, prompts, with_latents=True)
         timings["t2i_s"] = time.perf_counter() - t
         t2i = text_to_image_alignment(gen_images, prompts)
 
@@ -479,7 +495,9 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         t = time.perf_counter()
         truth = torch.stack([it["image"] for it in items[: cfg.n_t2i]])
         if family == "transfusion":
-            recon = lm.autoencoder.decode(lm.autoencoder.encode(truth))
+            true_latents = lm.autoencoder.encode(truth)
+            recon = lm.autoencoder.decode(true_latents)
+            latent_stats = latent_std_stats(gen_latents, true_latents)
         else:
             recon = lm.autoencoder.decode_codes(lm.autoencoder.encode_codes(truth))
         recon_align = text_to_image_alignment(recon.float().cpu(), prompts)
@@ -498,6 +516,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         "text": bpb.as_dict(),
         "recon_alignment": recon_align.as_dict(),
         "fid": fid,
+        "t2i_latents": latent_stats,
         "prompts": prompts,
         "generated_captions": captions,
         "true_captions": [it["caption"] for it in cap_items],
@@ -561,6 +580,13 @@ def empty_caption_share(captions: list[str] | None) -> float | None:
     return sum(not c.strip() for c in captions) / len(captions)
 
 
+def latent_std_stats(generated: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """Std of the generated latents against that of the prompts' real images' latents: near 1 for a sound
+    sampler; well above 1 when the denoising loop drives latents off the data's scale."""
+    gen_std, real_std = float(generated.float().std()), float(real.float().std())
+    return {"std": gen_std, "real_std": real_std, "ratio": gen_std / real_std}
+
+
 def eval_metrics(ev: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one stored evaluation (``eval_family``'s result), as table columns."""
     fid = ev.get("fid") or {}
@@ -572,6 +598,7 @@ def eval_metrics(ev: dict[str, Any]) -> dict[str, Any]:
         "fid": fid.get("fid"),
         "kid": fid.get("kid"),
         "recon_fid": fid.get("recon_fid"),
+        "latent_std_ratio": (ev.get("t2i_latents") or {}).get("ratio"),
         "eval_wall_s": ev.get("eval_wall_s"),
     }
 

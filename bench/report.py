@@ -13,7 +13,8 @@ from transfusion.provenance import atomic_write_text
 
 QUICK_COLUMNS = [
     "family", "status", "steps", "train_flops", "final_loss", "final_text_loss", "t2i_alignment",
-    "caption_accuracy", "caption_empty", "text_bpb", "recon_alignment", "fid", "recon_fid", "ae_psnr",
+    "caption_accuracy", "caption_empty", "text_bpb", "recon_alignment", "fid", "recon_fid",
+    "latent_std_ratio", "ae_psnr",
     "parity_text_bpb", "parity_caption_accuracy", "parity_t2i_alignment", "parity_fid",
 ]  # fmt: skip
 
@@ -47,6 +48,8 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "`fid`: FID of the generated images against the prompts' real images in the suite's",
                 "shapes-CNN feature space (`recon_fid`: the same for the autoencoder's reconstructions).",
                 "`caption_empty`: the share of captions ended at once (<EOS> right after the image).",
+                "`latent_std_ratio`: the std of Transfusion's generated latents over that of the prompts'",
+                "real images' latents (1: the data's scale; well above 1: the sampler drove them off it).",
                 "",
                 _csv_table(folder / "quick.csv", QUICK_COLUMNS),
                 "",

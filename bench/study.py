@@ -50,7 +50,7 @@ RUN_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
     "final_loss", "final_diffusion_loss", "text_bpb", "caption_accuracy", "caption_empty", "t2i_alignment",
     "fid", "kid",
-    "recon_fid", "train_wall_s", "eval_wall_s", "error",
+    "recon_fid", "latent_std_ratio", "train_wall_s", "eval_wall_s", "error",
 )  # fmt: skip
 _TRAIN_FIELDS = ("params", "steps", "train_flops", "final_loss", "final_diffusion_loss", "train_wall_s")
 _EVAL_FIELDS = (
@@ -61,9 +61,16 @@ _EVAL_FIELDS = (
     "fid",
     "kid",
     "recon_fid",
+    "latent_std_ratio",
     "eval_wall_s",
 )
-SUMMARY_STATS: tuple[str, ...] = ("params", "train_flops", *CURVE_METRICS, "caption_empty")
+SUMMARY_STATS: tuple[str, ...] = (
+    "params",
+    "train_flops",
+    *CURVE_METRICS,
+    "caption_empty",
+    "latent_std_ratio",
+)
 
 
 @dataclass

@@ -120,6 +120,22 @@ ROWS: tuple[Row, ...] = (
         Row("scaling_50_steps", f"discrete {size}", _ladder("discrete", size), series="discrete")
         for size in SIZES
     ),
+    # the same models at 250 steps with every step's x_0 estimate clamped to [-10, 10] (the data latents
+    # have unit std and stay within about 6): without the clamp their latents grow with the step count
+    *(
+        Row(
+            "scaling_x0_clip",
+            f"transfusion {size}, x0 clip 10",
+            _ladder("transfusion", size),
+            eval={"clip_sample_range": 10.0},
+            series="transfusion",
+        )  # fmt: skip
+        for size in SIZES
+    ),
+    *(
+        Row("scaling_x0_clip", f"discrete {size}", _ladder("discrete", size), series="discrete")
+        for size in SIZES
+    ),
     # Table 7: linear vs U-Net adapters up the ladder (the paper's rows are 0.16B, 0.37B and 1.4B)
     *(
         Row(
@@ -160,6 +176,11 @@ ROWS: tuple[Row, ...] = (
     Row("inference_steps", "100 DDPM steps", "base", eval={"num_diffusion_steps": 100}),
     Row("inference_steps", "250 DDPM steps", "base", eval={"num_diffusion_steps": 250}),
     Row("inference_steps", "500 DDPM steps", "base", eval={"num_diffusion_steps": 500}),
+    *(
+        Row("x0_clip", f"{steps} steps{label}", "base", eval={"num_diffusion_steps": steps, **clip})
+        for steps in (50, 250, 500)
+        for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
+    ),
     Row("cfg_scale", "guidance 1 (off)", "base", eval={"guidance_scale": 1.0}),
     Row("cfg_scale", "guidance 3", "base", eval={"guidance_scale": 3.0}),
     Row("cfg_scale", "guidance 5", "base", eval={"guidance_scale": 5.0}),
@@ -167,11 +188,12 @@ ROWS: tuple[Row, ...] = (
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
-FAMILY_LADDERS: tuple[str, ...] = ("scaling", "scaling_50_steps")
+FAMILY_LADDERS: tuple[str, ...] = ("scaling", "scaling_50_steps", "scaling_x0_clip")
 
 GROUP_TITLES: dict[str, str] = {
     "scaling": "Transfusion vs the discrete baseline across model sizes (paper Table 3, Figure 5)",
     "scaling_50_steps": "The same comparison with Transfusion's images drawn in 50 DDPM steps instead of 250",
+    "scaling_x0_clip": "The same comparison with Transfusion's x_0 estimates clamped to [-10, 10]",
     "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
     "patch": "Latent patch size (paper Table 6)",
@@ -179,6 +201,7 @@ GROUP_TITLES: dict[str, str] = {
     "lambda": "Diffusion loss weight lambda (not ablated in the paper)",
     "cfg_dropout": "Caption dropout rate for classifier-free guidance (not ablated in the paper)",
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
+    "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
     "cfg_scale": "Classifier-free guidance scale",
 }
 

@@ -13,7 +13,17 @@ _LABELS = {
     "caption_accuracy": "caption accuracy",
     "t2i_alignment": "text-to-image alignment",
     "fid": "FID, shapes CNN (lower is better)",
+    "latent_std_ratio": "generated / real latent std (1 = data's scale)",
 }
+# groups about the image sampler also show how far its latents drift from the data's scale
+LATENT_PANEL_GROUPS = (
+    "scaling",
+    "scaling_50_steps",
+    "scaling_x0_clip",
+    "inference_steps",
+    "x0_clip",
+    "cfg_scale",
+)
 _CHANCE = {"caption_accuracy": "shuffled_caption_accuracy", "t2i_alignment": "shuffled_t2i_alignment"}
 
 
@@ -43,15 +53,18 @@ def plot_study(
     groups = list(dict.fromkeys(s["group"] for s in summary))
     for group in groups:
         rows = [s for s in summary if s["group"] == group]
-        fig, axes = plt.subplots(
-            1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.6), squeeze=False
-        )
-        for ax, metric in zip(axes[0], CURVE_METRICS):
+        metrics = list(CURVE_METRICS)
+        if group in LATENT_PANEL_GROUPS and any(r.get("latent_std_ratio_mean") is not None for r in rows):
+            metrics.append("latent_std_ratio")
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
             if any(r["series"] for r in rows):
                 _ladder_panel(ax, metric, rows, lines)
             else:
                 _bar_panel(ax, metric, rows, lines)
             _chance_line(ax, metric, references)
+            if metric == "latent_std_ratio":
+                ax.axhline(1.0, color="grey", ls="--", lw=1)
             ax.set_title(_LABELS[metric], fontsize=9)
             ax.grid(alpha=0.3)
         seeds = sorted({ln["seed"] for ln in lines})

@@ -274,6 +274,8 @@ def test_tokenizer_vocabulary_limit_is_enforced(model):
         ({"max_new_tokens": -1}, "max_new_tokens = -1"),
         ({"guidance_scale": float("inf")}, "guidance_scale = inf"),
         ({"eta": 0.5}, "eta = 0.5 is a DDIM option"),
+        ({"clip_sample_range": 0.0}, "clip_sample_range = 0.0 must be None or a finite number > 0"),
+        ({"clip_sample_range": float("nan")}, "clip_sample_range = nan"),
         ({"steps": 3}, "unknown sampling option(s) ['steps']"),
     ],
 )
@@ -350,6 +352,39 @@ def test_sampling_with_the_exact_eps_of_gaussian_data_recovers_it(scheduler):
         m, prompts, generator=gens(*range(32)), guidance_scale=3.0, scheduler=scheduler, num_steps=10
     )
     assert abs(coarse.std().item() - sigma) > abs(x.std().item() - sigma)  # more steps, closer
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_clip_sample_range_clamps_every_x0_estimate(model, scheduler):
+    """Each step's x_0 estimate (recomputed here from the traced x_t, eps and t with the training schedule)
+    is clamped to [-r, r]; the last step lands on that estimate (abar_prev = 1, no noise), so the image
+    equals the clamped estimate of the last step. A range above every estimate changes nothing."""
+    prompts = [[[BOS, 10, 11, BOI]], [[BOS, 12, BOI]]]
+    opts = dict(scheduler=scheduler, num_steps=4, guidance_scale=2.0, max_new_tokens=0)
+    free, free_trace = collect(model, prompts, generator=gens(0, 1), **opts)
+
+    def estimates(trace):
+        out = []
+        for e in (e for e in trace if e["kind"] == "eps"):
+            t = torch.full((e["x_t"].shape[0],), e["t"])
+            out.append(model.schedule.predict_x0(e["x_t"].double(), e["eps"].double(), t))
+        return out
+
+    x0_free = estimates(free_trace)
+    largest = max(float(x.abs().max()) for x in x0_free)
+    r = 0.5 * float(x0_free[-1].abs().max())  # cuts the last estimate for sure
+    clipped, clipped_trace = collect(model, prompts, clip_sample_range=r, generator=gens(0, 1), **opts)
+    final = torch.stack([g.images[0] for g in clipped])
+    last = [e for e in clipped_trace if e["kind"] == "eps"][-1]
+    expected = estimates([last])[0].clamp(-r, r).float()
+    torch.testing.assert_close(final, expected, atol=1e-5, rtol=1e-5)
+    assert float(final.abs().max()) == pytest.approx(r) and float(final.abs().max()) <= r + 1e-6
+    assert float(torch.stack([g.images[0] for g in free]).abs().max()) > r
+    # the first step saw the same x_t and eps, so only the clamp tells the runs apart afterwards
+    torch.testing.assert_close(clipped_trace[0]["eps"], free_trace[0]["eps"])
+    assert clipped_trace[0]["kind"] == "eps"
+    loose, _ = collect(model, prompts, clip_sample_range=2 * largest, generator=gens(0, 1), **opts)
+    assert_same_generations(loose, free, atol=1e-6)
 
 
 # ====================================================================== API, CLI, benchmark
@@ -452,6 +487,10 @@ def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, source):
     assert "missing config.json" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(run), "--image", str(tmp_path / "none.png")]) == 2
     assert "no such image file" in capsys.readouterr().err
+    assert generate_main([*argv, "--steps", "2", "--clip-sample-range", "10", "--device", "cpu"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert generate_main([*argv, "--clip-sample-range", "-1"]) == 2
+    assert "clip_sample_range = -1.0 must be None or a finite number > 0" in capsys.readouterr().err
 
 
 def test_generation_benchmark_writes_csv_and_provenance(tmp_path):

@@ -8,8 +8,11 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
+import torch  # noqa: E402
+
 from bench import quick  # noqa: E402
 from tests.tiny_quick import TINY_QUICK  # noqa: E402
+from transfusion.generation import load_run, text_to_image  # noqa: E402
 
 TINY = {**TINY_QUICK, "threads": 1, "progress": False}
 
@@ -47,6 +50,24 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         captions = json.loads((out / "eval" / f"{fam}.json").read_text())["generated_captions"]
         assert r["caption_empty"] == sum(c.strip() == "" for c in captions) / 3
     assert rows["transfusion"]["final_diffusion_loss"] > 0
+    # latent_std_ratio, recomputed through the public API: the same prompts, seed and sampler settings
+    assert rows["discrete"]["latent_std_ratio"] is None
+    cfg = _config(tmp_path)
+    run = load_run(out / "runs" / "transfusion")
+    items = quick._test_items(cfg, cfg.n_t2i)
+    with torch.no_grad():
+        latents = text_to_image(
+            run.model,
+            [it["caption"] for it in items],
+            tokenizer=run.tokenizer,
+            generator=cfg.seed,
+            num_steps=cfg.num_diffusion_steps,
+            guidance_scale=cfg.guidance_scale,
+        )
+        real = run.autoencoder.encode(torch.stack([it["image"] for it in items]))
+    assert rows["transfusion"]["latent_std_ratio"] == pytest.approx(
+        float(latents.std() / real.std()), rel=1e-5
+    )
     # compute curves: one point per kept checkpoint (4 steps, 4 curve points), FLOPs increasing; the last
     # point is the final model with the evaluation's prompts and seed, so it reproduces every metric
     for fam, points in res["curves"].items():
@@ -104,13 +125,25 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
     assert {r["family"]: r["steps"] for r in longer["families"]} == {"transfusion": 6, "discrete": 6}
 
 
+def test_clip_sample_range_reaches_the_sampler_and_is_checked_up_front(tmp_path):
+    """The last DDPM step lands on the clamped x_0 estimate, so every generated latent lies in [-r, r]."""
+    r = 0.05
+    res = quick.run_quick(tmp_path / "q", _config(tmp_path, families=("transfusion",), clip_sample_range=r))
+    ev = json.loads((tmp_path / "q" / "eval" / "transfusion.json").read_text())
+    assert ev["t2i_latents"]["std"] <= r
+    (row,) = res["families"]
+    assert row["latent_std_ratio"] == pytest.approx(ev["t2i_latents"]["std"] / ev["t2i_latents"]["real_std"])
+    with pytest.raises(ValueError, match="clip_sample_range = 0 must be None or a finite number > 0"):
+        _config(tmp_path, clip_sample_range=0)
+
+
 def test_a_failing_stage_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     real = quick._generate_images
 
-    def broken(cfg, family, lm, prompts):
+    def broken(cfg, family, lm, prompts, **options):
         if family == "discrete":
             raise RuntimeError("sampler exploded")
-        return real(cfg, family, lm, prompts)
+        return real(cfg, family, lm, prompts, **options)
 
     monkeypatch.setattr(quick, "_generate_images", broken)
     out = tmp_path / "quick"

@@ -44,6 +44,10 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
         "num_diffusion_steps=500",
         "guidance_scale=1.0",
         "guidance_scale=5.0",
+        # the x0-clip rows: 250 steps is the default, so that row shares the scaling_x0_clip evaluation
+        "clip_sample_range=10.0",
+        "clip_sample_range=10.0-num_diffusion_steps=50",
+        "clip_sample_range=10.0-num_diffusion_steps=500",
     }
 
 

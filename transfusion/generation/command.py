@@ -50,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=_guidance, default=3.0, help="classifier-free guidance scale, or none (default 3)"
     )
+    p.add_argument(
+        "--clip-sample-range",
+        type=float,
+        default=None,
+        metavar="R",
+        help="clamp each denoising step's x_0 estimate to [-R, R] (default: no clamp, the paper's recipe); "
+        "a loose R such as 10 stops small models' latents from growing with the step count",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
@@ -89,6 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             num_steps=args.steps,
             guidance_scale=args.guidance,
+            clip_sample_range=args.clip_sample_range,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

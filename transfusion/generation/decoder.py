@@ -398,7 +398,12 @@ class Decoder:
         gens = [rows[b].generator for b in S]
         shape = (1, mc.latent_channels, mc.latent_size, mc.latent_size)
         sched = make_scheduler(
-            c.scheduler, mc.num_train_timesteps, c.steps, c.timestep_spacing, self.model.schedule
+            c.scheduler,
+            mc.num_train_timesteps,
+            c.steps,
+            c.timestep_spacing,
+            self.model.schedule,
+            clip_sample_range=c.clip_sample_range,
         )
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev, torch.float32)
         x = x * sched.init_noise_sigma

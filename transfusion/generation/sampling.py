@@ -52,6 +52,14 @@ class SamplingConfig:
             has abar = 2.4e-9: the x_0 estimate there divides the eps error by 5e-5, which blows up
             an imperfect (or untrained) model's samples.
         eta: DDIM's stochasticity (0: deterministic DDIM).
+        clip_sample_range: clamp each step's x_0 estimate to [-r, r] (diffusers' ``clip_sample``); None:
+            no clamp (the paper's recipe). The estimate (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+            multiplies the eps error by 1 / sqrt(abar_t), over 100 at the first DDPM steps: a small
+            model's estimates there reach tens of times the data's scale, the step carries part of that
+            into x_t, off the distribution the model was trained on, and the model does not pull it
+            back, so its latents grow with the number of steps taken near t = T. A loose range (well
+            above the data latents' largest values, e.g. 10 for unit-variance latents) leaves sound
+            estimates untouched.
     Execution:
         use_cache: reuse the KV cache of the prefix (True) or recompute every row from scratch at every
             forward pass (False; the reference and the "no prefix KV reuse" baseline).
@@ -69,6 +77,7 @@ class SamplingConfig:
     guidance_scale: float | None = 3.0
     timestep_spacing: str = "leading"
     eta: float = 0.0
+    clip_sample_range: float | None = None
     use_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -103,6 +112,10 @@ class SamplingConfig:
             raise bad("eta", "must be a finite number >= 0")
         if self.eta > 0 and self.scheduler != "ddim":
             raise bad("eta", "is a DDIM option; use scheduler='ddim'")
+        if self.clip_sample_range is not None and (
+            not is_num(self.clip_sample_range) or self.clip_sample_range <= 0
+        ):
+            raise bad("clip_sample_range", "must be None or a finite number > 0")
 
     @property
     def steps(self) -> int:
@@ -164,11 +177,17 @@ def sample_token(
 
 # ---------------------------------------------------------------------- diffusers schedulers
 def make_scheduler(
-    name: str, num_train_timesteps: int, num_steps: int, timestep_spacing: str = "leading", schedule=None
+    name: str,
+    num_train_timesteps: int,
+    num_steps: int,
+    timestep_spacing: str = "leading",
+    schedule=None,
+    clip_sample_range: float | None = None,
 ):
     """A diffusers DDPM/DDIM scheduler set up like training: squaredcos_cap_v2, epsilon prediction.
 
-    ``clip_sample`` is off: our latents are VAE latents scaled to unit variance, not pixels in [-1, 1].
+    ``clip_sample`` is off unless ``clip_sample_range`` is given: our latents are VAE latents scaled to
+    unit variance, not pixels in [-1, 1], so diffusers' default range of 1 would cut real values.
     When ``schedule`` (a ``transfusion.diffusion.NoiseSchedule``) is given, the scheduler's cumulative
     alphas are checked against it.
     """
@@ -178,7 +197,8 @@ def make_scheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
-        clip_sample=False,
+        clip_sample=clip_sample_range is not None,
+        clip_sample_range=1.0 if clip_sample_range is None else float(clip_sample_range),
         timestep_spacing=timestep_spacing,
     )
     if name == "ddpm":
