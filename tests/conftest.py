@@ -8,6 +8,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_session():
+    """The whole test session runs tiny models with one torch thread (see ``one_thread``); tests that need
+    more set it themselves. Restored at the end."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models: as fast as two, and immune to oversubscription when

@@ -15,8 +15,6 @@ from transfusion.eval.features import (
 )
 from transfusion.eval.fid import fid_kid, to_uint8_images
 
-torch.set_num_threads(1)
-
 CFG = FeatureCNNConfig(train_steps=200, train_images=2048)
 N = 250
 
