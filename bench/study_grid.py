@@ -64,6 +64,7 @@ TRAININGS: dict[str, Training] = {
     "lambda-20": _tf(diffusion_lambda=20.0),
     "dropout-0": _tf(caption_dropout=0.0),
     "dropout-0.3": _tf(caption_dropout=0.3),
+    "v-pred": _tf(prediction_type="v_prediction"),
     **{
         f"{family}-{size}": Training(family, preset, dict(model))
         for family in ("transfusion", "discrete")
@@ -181,6 +182,12 @@ ROWS: tuple[Row, ...] = (
         for steps in (50, 250, 500)
         for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
     ),
+    # what the image head predicts: the paper's eps, or v, whose x_0 estimate stays bounded near t = T
+    *(
+        Row("prediction", f"{name}{label}", training, eval=clip)
+        for name, training in (("epsilon", "base"), ("v-prediction", "v-pred"))
+        for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
+    ),
     Row("cfg_scale", "guidance 1 (off)", "base", eval={"guidance_scale": 1.0}),
     Row("cfg_scale", "guidance 3", "base", eval={"guidance_scale": 3.0}),
     Row("cfg_scale", "guidance 5", "base", eval={"guidance_scale": 5.0}),
@@ -202,6 +209,7 @@ GROUP_TITLES: dict[str, str] = {
     "cfg_dropout": "Caption dropout rate for classifier-free guidance (not ablated in the paper)",
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
     "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
+    "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
     "cfg_scale": "Classifier-free guidance scale",
 }
 

@@ -22,6 +22,7 @@ LATENT_PANEL_GROUPS = (
     "scaling_x0_clip",
     "inference_steps",
     "x0_clip",
+    "prediction",
     "cfg_scale",
 )
 _CHANCE = {"caption_accuracy": "shuffled_caption_accuracy", "t2i_alignment": "shuffled_t2i_alignment"}

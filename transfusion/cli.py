@@ -291,6 +291,8 @@ def _train_epilog() -> str:
     lines.append("  discrete: the Chameleon-style baseline on VQ codes; every other key means the same.")
     lines.append("  Chameleon's stabilisers, QK-norm (model.qk_norm=true) and the z-loss")
     lines.append("  (model.z_loss=1e-5), are off by default for both families.")
+    lines.append("image head: model.prediction_type=epsilon (the paper: predict the noise) | v_prediction")
+    lines.append("  (predict v = sqrt(abar) eps - sqrt(1 - abar) x0; the sampler follows the run's choice).")
     lines.append("")
     lines.append("example: transfusion train --preset tiny --steps 200 --device cpu --out runs/tiny lr=2e-3")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from typing import Any
 
 PATCH_SIZES = (1, 2, 4, 8)
 ADAPTERS = ("linear", "unet")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class ModelConfig:
     num_train_timesteps: int = 1000
     diffusion_lambda: float = 5.0  # L = L_LM + lambda * L_DDPM
     noise_limit_t: int | None = 500  # image-first images get t <= this; None disables noise limiting
+    # what the image head predicts: "epsilon" (the paper: the noise) or "v_prediction" (Salimans & Ho's
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0, whose x_0 estimate stays bounded near t = T)
+    prediction_type: str = "epsilon"
     caption_dropout: float = 0.1  # applied in data prep (transfusion.packing), recorded here
     causal_only_images: bool = False  # ablation: no bidirectional attention inside images
     # ---- discrete baseline
@@ -129,6 +133,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.noise_limit_t = {self.noise_limit_t!r} must be None or an integer in "
                 f"[0, num_train_timesteps = {self.num_train_timesteps})"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"ModelConfig.prediction_type = {self.prediction_type!r} must be one of {PREDICTION_TYPES}"
             )
         if isinstance(self.z_loss, bool) or not (
             isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss) and self.z_loss >= 0
@@ -239,6 +247,7 @@ __all__ = [
     "LADDER_PRESETS",
     "PAPER_PRESETS",
     "PATCH_SIZES",
+    "PREDICTION_TYPES",
     "PRESETS",
     "ModelConfig",
     "get_preset",

@@ -8,8 +8,10 @@ steps; its betas and cumulative alphas equal diffusers' ``DDPMScheduler(beta_sch
     beta_t      = min(1 - alpha_bar((t + 1) / T) / alpha_bar(t / T), 0.999)
     x_t         = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,   abar_t = prod_{s <= t} (1 - beta_s)
 
-The model predicts eps; the loss is the MSE between predicted and true eps, averaged over each image's
-elements, then over images (paper: "diffusion loss per image").
+The model predicts eps (the paper) or, with ``prediction_type="v_prediction"``, the velocity
+v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers' ``get_velocity``). The loss is
+the MSE between prediction and target, averaged over each image's elements, then over images (paper:
+"diffusion loss per image").
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class NoiseSchedule:
         abar = self._abar(t, x_t)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0, the v-prediction target."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+        abar = self._abar(t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod[torch.as_tensor(t).long()]
         return abar / (1 - abar)
@@ -76,6 +85,17 @@ def epsilon_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> to
     """The regression target of epsilon prediction: the noise itself (x0 and t kept for a uniform API)."""
     del x0, t
     return noise
+
+
+def diffusion_target(
+    prediction_type: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The regression target of ``prediction_type``: "epsilon" (the noise) or "v_prediction" (v)."""
+    if prediction_type == "epsilon":
+        return epsilon_target(x0, noise, t)
+    if prediction_type == "v_prediction":
+        return schedule.velocity(x0, noise, t)
+    raise ValueError(f"prediction_type = {prediction_type!r} must be 'epsilon' or 'v_prediction'")
 
 
 def sample_timesteps(
@@ -119,6 +139,7 @@ __all__ = [
     "cosine_alpha_bar",
     "cosine_betas",
     "diffusion_loss",
+    "diffusion_target",
     "epsilon_target",
     "sample_timesteps",
 ]

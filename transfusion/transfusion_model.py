@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from transfusion.adapters import AdapterContext, build_adapter
 from transfusion.config import ModelConfig
-from transfusion.diffusion import NoiseSchedule, diffusion_loss, sample_timesteps
+from transfusion.diffusion import NoiseSchedule, diffusion_loss, diffusion_target, sample_timesteps
 from transfusion.layout import AttentionLayout
 from transfusion.model import KVCache, Transformer
 from transfusion.packing import PackedBatch
@@ -44,7 +44,9 @@ class TransfusionOutput:
     lm_loss: torch.Tensor
     diffusion_loss: torch.Tensor
     timesteps: torch.Tensor  # (N,) the timesteps used for the images
-    eps_pred: torch.Tensor | None  # (N, C, H, W) predicted noise, None without images
+    # (N, C, H, W) the image head's prediction: the noise (cfg.prediction_type "epsilon") or v; None without
+    # images
+    eps_pred: torch.Tensor | None
     n_lm_tokens: int
     n_images: int
     hidden: torch.Tensor | None = None  # (B, L, dim) final hidden states when asked for
@@ -234,7 +236,8 @@ class Transfusion(nn.Module):
         if N:
             img_hidden = flat[patch_index.reshape(-1)].view(N, patch_index.shape[1], -1)
             eps_pred = self.adapter.decode(img_hidden, ctx)
-            diff_loss = diffusion_loss(eps_pred, noise)
+            target = diffusion_target(cfg.prediction_type, self.schedule, batch.latents, noise, timesteps)
+            diff_loss = diffusion_loss(eps_pred, target)
         else:
             diff_loss = flat.sum() * 0.0
         loss = lm_loss + cfg.diffusion_lambda * diff_loss

@@ -18,7 +18,8 @@ step of a diffusers DDPM/DDIM scheduler. With classifier-free guidance the uncon
 same batch: their prefix is the caption-dropped form of the document, exactly as training's caption
 dropout (``transfusion.packing.apply_caption_dropout``) makes it: the text since the previous image (or
 since the document start) keeps only its special tokens, so ``<BOS> caption <BOI>`` becomes
-``<BOS> <BOI>``.
+``<BOS> <BOI>``. Guidance combines the model's predictions linearly, eps or v alike (``prediction_type``;
+the scheduler is set up with the same type), and the trace's "eps" entries hold those predictions.
 
 After the last step the clean latents x_0 enter the context as the image: they are embedded at t = 0
 (the timestep embedding of a clean image; training shows later tokens the image at its sampled noise
@@ -404,6 +405,7 @@ class Decoder:
             c.timestep_spacing,
             self.model.schedule,
             clip_sample_range=c.clip_sample_range,
+            prediction_type=mc.prediction_type,
         )
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev, torch.float32)
         x = x * sched.init_noise_sigma
@@ -556,7 +558,8 @@ def generate(
             are rejected in prompts and never sampled).
         add_bos: prepend ``<BOS>`` to prompts that do not start with it.
         trace: called with a dict for every LM step ({"kind": "logits", "rows", "logits"}) and every
-            denoising step ({"kind": "eps", "rows", "t", "x_t", "eps_cond", "eps_uncond", "eps"}).
+            denoising step ({"kind": "eps", "rows", "t", "x_t", "eps_cond", "eps_uncond", "eps"}; under
+            ``prediction_type="v_prediction"`` the "eps" entries hold the predicted v).
 
     Returns one ``Generation`` per prompt. Bad prompts or settings raise ValueError before any compute.
 

@@ -183,8 +183,10 @@ def make_scheduler(
     timestep_spacing: str = "leading",
     schedule=None,
     clip_sample_range: float | None = None,
+    prediction_type: str = "epsilon",
 ):
-    """A diffusers DDPM/DDIM scheduler set up like training: squaredcos_cap_v2, epsilon prediction.
+    """A diffusers DDPM/DDIM scheduler set up like training: squaredcos_cap_v2, and the model's
+    ``prediction_type`` ("epsilon" or "v_prediction").
 
     ``clip_sample`` is off unless ``clip_sample_range`` is given: our latents are VAE latents scaled to
     unit variance, not pixels in [-1, 1], so diffusers' default range of 1 would cut real values.
@@ -196,7 +198,7 @@ def make_scheduler(
     common = dict(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=clip_sample_range is not None,
         clip_sample_range=1.0 if clip_sample_range is None else float(clip_sample_range),
         timestep_spacing=timestep_spacing,
