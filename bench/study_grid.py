@@ -65,6 +65,8 @@ TRAININGS: dict[str, Training] = {
     "dropout-0": _tf(caption_dropout=0.0),
     "dropout-0.3": _tf(caption_dropout=0.3),
     "v-pred": _tf(prediction_type="v_prediction"),
+    "no-loss-after-drop": _tf(loss_after_dropped_caption=False),
+    "dropout-0.3-no-loss-after-drop": _tf(caption_dropout=0.3, loss_after_dropped_caption=False),
     **{
         f"{family}-{size}": Training(family, preset, dict(model))
         for family in ("transfusion", "discrete")
@@ -182,6 +184,18 @@ ROWS: tuple[Row, ...] = (
         for steps in (50, 250, 500)
         for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
     ),
+    # the empty-caption ambiguity: a dropped caption-first pair packs like an empty image-first caption;
+    # without the loss on the token after its <EOI> it no longer teaches that. Captions decoded freely
+    # (no one-token floor) show the share of empty ones, and with the floor as in the other groups.
+    *(
+        Row("dropped_caption_loss", f"dropout {rate}, {how}{floor}", training, eval=ev)
+        for rate, trainings in (
+            ("0.1", (("paper", "base"), ("no loss after drop", "no-loss-after-drop"))),
+            ("0.3", (("paper", "dropout-0.3"), ("no loss after drop", "dropout-0.3-no-loss-after-drop"))),
+        )
+        for how, training in trainings
+        for floor, ev in ((", free captions", {"caption_min_tokens": 0}), ("", {}))
+    ),
     # what the image head predicts: the paper's eps, or v, whose x_0 estimate stays bounded near t = T
     *(
         Row("prediction", f"{name}{label}", training, eval=clip)
@@ -209,6 +223,7 @@ GROUP_TITLES: dict[str, str] = {
     "cfg_dropout": "Caption dropout rate for classifier-free guidance (not ablated in the paper)",
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
     "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
+    "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
     "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
     "cfg_scale": "Classifier-free guidance scale",
 }

@@ -14,17 +14,25 @@ _LABELS = {
     "t2i_alignment": "text-to-image alignment",
     "fid": "FID, shapes CNN (lower is better)",
     "latent_std_ratio": "generated / real latent std (1 = data's scale)",
+    "caption_empty": "share of empty captions",
 }
-# groups about the image sampler also show how far its latents drift from the data's scale
-LATENT_PANEL_GROUPS = (
-    "scaling",
-    "scaling_50_steps",
-    "scaling_x0_clip",
-    "inference_steps",
-    "x0_clip",
-    "prediction",
-    "cfg_scale",
-)
+# one more panel for the groups it concerns: how far the sampler's latents drift from the data's scale,
+# and the share of captions ended at once
+EXTRA_PANELS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "scaling",
+            "scaling_50_steps",
+            "scaling_x0_clip",
+            "inference_steps",
+            "x0_clip",
+            "prediction",
+            "cfg_scale",
+        ),
+        "latent_std_ratio",
+    ),
+    **dict.fromkeys(("cfg_dropout", "dropped_caption_loss"), "caption_empty"),
+}
 _CHANCE = {"caption_accuracy": "shuffled_caption_accuracy", "t2i_alignment": "shuffled_t2i_alignment"}
 
 
@@ -55,8 +63,9 @@ def plot_study(
     for group in groups:
         rows = [s for s in summary if s["group"] == group]
         metrics = list(CURVE_METRICS)
-        if group in LATENT_PANEL_GROUPS and any(r.get("latent_std_ratio_mean") is not None for r in rows):
-            metrics.append("latent_std_ratio")
+        extra = EXTRA_PANELS.get(group)
+        if extra and any(r.get(f"{extra}_mean") is not None for r in rows):
+            metrics.append(extra)
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             if any(r["series"] for r in rows):

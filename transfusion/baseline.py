@@ -245,6 +245,7 @@ def pack_discrete_documents(
     caption_dropout: float = 0.0,
     generator: torch.Generator | None = None,
     num_rows: int | None = None,
+    loss_after_dropped_caption: bool = True,
 ) -> PackedBatch:
     """Pack documents for ``DiscreteLM`` (see the module docstring).
 
@@ -255,6 +256,7 @@ def pack_discrete_documents(
             builds the training recipe's documents.
         seq_len, num_rows: as for ``pack_documents``.
         caption_dropout, generator: caption dropout for classifier-free guidance, as for ``pack_documents``.
+        loss_after_dropped_caption: as for ``pack_documents``.
 
     Returns a ``PackedBatch`` without continuous images (``num_images == 0``; causal layout) whose tokens
     hold the code tokens and whose LM targets exclude ``<EOI>``. Errors name the document and segment.
@@ -262,13 +264,20 @@ def pack_discrete_documents(
     special = special or SpecialTokens()
     if len(documents) == 0:
         raise ValueError("documents is empty; nothing to pack")
-    docs, _, _ = discrete_documents(documents, vocab, special, caption_dropout, generator)
+    docs, _, dropped = discrete_documents(documents, vocab, special, caption_dropout, generator)
     batch = pack_documents(
         docs, seq_len, patch_size=1, special=special, vocab_size=vocab.size, num_rows=num_rows
     )
     # <EOI> after the last code is forced at sampling time: no loss on it (as in Transfusion).
     drop = torch.zeros_like(batch.lm_mask)
     drop[:, :-1] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
+    if not loss_after_dropped_caption:
+        # each document's <EOI>s are its images in order, as ``dropped`` lists them
+        flags = iter(dropped)
+        for r, s, e in batch.doc_spans:
+            for p in (s + torch.nonzero(batch.tokens[r, s:e] == special.eoi).flatten()).tolist():
+                if next(flags):
+                    drop[r, p] = True
     lm_mask = batch.lm_mask & ~drop
     lm_targets = torch.where(lm_mask, batch.lm_targets, IGNORE_INDEX)
     return replace(batch, lm_targets=lm_targets, lm_mask=lm_mask)
@@ -336,6 +345,7 @@ class DiscreteStream(MixedModalStream):
             caption_dropout=self.config.caption_dropout,
             generator=generator,
             num_rows=self.config.batch_rows,
+            loss_after_dropped_caption=self.config.loss_after_dropped_caption,
         )
 
 

@@ -60,6 +60,9 @@ class ModelConfig:
     # v = sqrt(abar) eps - sqrt(1 - abar) x0, whose x_0 estimate stays bounded near t = T)
     prediction_type: str = "epsilon"
     caption_dropout: float = 0.1  # applied in data prep (transfusion.packing), recorded here
+    # False: no LM loss on the token after a caption-dropped image's <EOI> (packing.pack_documents); the
+    # dropped pair otherwise reads as an image-first pair with an empty caption
+    loss_after_dropped_caption: bool = True
     causal_only_images: bool = False  # ablation: no bidirectional attention inside images
     # ---- discrete baseline
     # VQ codebook entries appended after the text vocabulary (discrete baseline only; 0 = none)
@@ -142,6 +145,9 @@ class ModelConfig:
             isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss) and self.z_loss >= 0
         ):
             raise ValueError(f"ModelConfig.z_loss = {self.z_loss!r} must be finite and >= 0")
+        for name in ("qk_norm", "causal_only_images", "loss_after_dropped_caption"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r} must be true or false")
         if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout <= 1.0):
             raise ValueError(f"ModelConfig.caption_dropout = {self.caption_dropout!r} must be in [0, 1]")
         if (

@@ -27,6 +27,11 @@ Caption dropout (for classifier-free guidance) happens HERE, in data prep, not i
 probability ``caption_dropout`` the content tokens of the text segment right before a caption-first
 image are removed, keeping its special tokens (e.g. a leading BOS), which leaves the "empty caption".
 The image-first flag is computed before dropout, so a captionless image is not noise-limited.
+
+A dropped caption-first pair packs as ``<BOS> <BOI> image <EOI> <EOS>``, which is exactly an image-first
+pair with an empty caption: trained as is, the model learns that an image-first prefix often ends at once.
+``loss_after_dropped_caption=False`` takes no loss on the token after such an image's ``<EOI>``, so the
+dropped pairs teach only the unconditional image (the paper's recipe keeps that loss: True).
 """
 
 from __future__ import annotations
@@ -244,6 +249,7 @@ def pack_documents(
     caption_dropout: float = 0.0,
     generator: torch.Generator | None = None,
     num_rows: int | None = None,
+    loss_after_dropped_caption: bool = True,
 ) -> PackedBatch:
     """Pack documents into rows of ``seq_len`` tokens (see the module docstring for the rules).
 
@@ -257,6 +263,8 @@ def pack_documents(
         caption_dropout: probability of dropping each caption-first image's caption (classifier-free
             guidance training); ``generator`` drives the draws.
         num_rows: pad the batch with empty rows up to this many (error if the documents need more).
+        loss_after_dropped_caption: False: no LM loss on the token after the ``<EOI>`` of an image whose
+            caption was dropped (see the module docstring).
 
     All inputs are checked before anything is built; errors name the document (and segment).
     """
@@ -351,6 +359,10 @@ def pack_documents(
     same_doc = (doc_index[:, :-1] == doc_index[:, 1:]) & (doc_index[:, :-1] >= 0)
     lm_mask = torch.zeros((n_rows, seq_len), dtype=torch.bool)
     lm_mask[:, :-1] = same_doc & (kinds_t[:, :-1] != 1) & (kinds_t[:, 1:] == 0)
+    if not loss_after_dropped_caption:
+        for r, _, e, _, _, drop, _ in images:
+            if drop:
+                lm_mask[r, e] = False  # e: the image's <EOI>, whose target is the token after it
     lm_targets = torch.full((n_rows, seq_len), IGNORE_INDEX, dtype=torch.long)
     lm_targets[:, :-1] = torch.where(lm_mask[:, :-1], tokens[:, 1:], IGNORE_INDEX)
 

@@ -353,6 +353,7 @@ def stream_config(tc: TrainConfig, mc: ModelConfig, patch_size: int) -> StreamCo
         caption_first_prob=tc.caption_first_prob,
         caption_dropout=mc.caption_dropout,
         seed=tc.seed,
+        loss_after_dropped_caption=mc.loss_after_dropped_caption,
     )
 
 

@@ -64,6 +64,7 @@ class StreamConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     shuffle: bool = True
+    loss_after_dropped_caption: bool = True  # see transfusion.packing
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_rows", "patch_size"):
@@ -74,6 +75,9 @@ class StreamConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"{name} = {v!r} must be in [0, 1]")
+        flag = self.loss_after_dropped_caption
+        if not isinstance(flag, bool):
+            raise ValueError(f"loss_after_dropped_caption = {flag!r} must be a bool")
 
 
 def document_for(caption: Sequence[int], latent: torch.Tensor, caption_first: bool, special: SpecialTokens):
@@ -208,6 +212,7 @@ class MixedModalStream:
             caption_dropout=self.config.caption_dropout,
             generator=generator,
             num_rows=self.config.batch_rows,
+            loss_after_dropped_caption=self.config.loss_after_dropped_caption,
         )
 
     def batch_at(self, next_example: int, batch_index: int) -> tuple[PackedBatch, int]:
