@@ -67,6 +67,7 @@ TRAININGS: dict[str, Training] = {
     "v-pred": _tf(prediction_type="v_prediction"),
     "no-loss-after-drop": _tf(loss_after_dropped_caption=False),
     "dropout-0.3-no-loss-after-drop": _tf(caption_dropout=0.3, loss_after_dropped_caption=False),
+    "discrete-no-loss-after-drop": Training("discrete", model={"loss_after_dropped_caption": False}),
     **{
         f"{family}-{size}": Training(family, preset, dict(model))
         for family in ("transfusion", "discrete")
@@ -188,12 +189,13 @@ ROWS: tuple[Row, ...] = (
     # without the loss on the token after its <EOI> it no longer teaches that. Captions decoded freely
     # (no one-token floor) show the share of empty ones, and with the floor as in the other groups.
     *(
-        Row("dropped_caption_loss", f"dropout {rate}, {how}{floor}", training, eval=ev)
-        for rate, trainings in (
-            ("0.1", (("paper", "base"), ("no loss after drop", "no-loss-after-drop"))),
-            ("0.3", (("paper", "dropout-0.3"), ("no loss after drop", "dropout-0.3-no-loss-after-drop"))),
+        Row("dropped_caption_loss", f"{line}, {how}{floor}", training, eval=ev)
+        for line, paper, switched in (
+            ("dropout 0.1", "base", "no-loss-after-drop"),
+            ("dropout 0.3", "dropout-0.3", "dropout-0.3-no-loss-after-drop"),
+            ("discrete", "discrete-tiny", "discrete-no-loss-after-drop"),
         )
-        for how, training in trainings
+        for how, training in (("paper", paper), ("no loss after drop", switched))
         for floor, ev in ((", free captions", {"caption_min_tokens": 0}), ("", {}))
     ),
     # what the image head predicts: the paper's eps, or v, whose x_0 estimate stays bounded near t = T
