@@ -93,6 +93,24 @@ def _ladder(line: str, size: str) -> str:
     return f"transfusion-{size}" if line == "linear" else f"{line}-{size}"
 
 
+def _family_ladder(group: str, suffix: str, transfusion_eval: dict[str, Any]) -> list[Row]:
+    """Both families up the size ladder, Transfusion's images drawn with ``transfusion_eval`` (the
+    baseline's rows are its default evaluation)."""
+    return [
+        *(
+            Row(
+                group,
+                f"transfusion {size}, {suffix}",
+                _ladder("transfusion", size),
+                eval=transfusion_eval,
+                series="transfusion",
+            )  # fmt: skip
+            for size in SIZES
+        ),
+        *(Row(group, f"discrete {size}", _ladder("discrete", size), series="discrete") for size in SIZES),
+    ]
+
+
 _ADAPTER_NAMES = {"linear": "linear", "unet": "U-Net"}
 
 # paper Table 7 (CIDEr, FID, C4 perplexity) at the sizes our ladder stands in for
@@ -110,36 +128,10 @@ ROWS: tuple[Row, ...] = (
     ),
     # the same models with Transfusion's images drawn in 50 DDPM steps instead of 250 (its FID depends on
     # the step count; the baseline samples codes, so its rows are its default evaluation)
-    *(
-        Row(
-            "scaling_50_steps",
-            f"transfusion {size}, 50 steps",
-            _ladder("transfusion", size),
-            eval={"num_diffusion_steps": 50},
-            series="transfusion",
-        )  # fmt: skip
-        for size in SIZES
-    ),
-    *(
-        Row("scaling_50_steps", f"discrete {size}", _ladder("discrete", size), series="discrete")
-        for size in SIZES
-    ),
+    *_family_ladder("scaling_50_steps", "50 steps", {"num_diffusion_steps": 50}),
     # the same models at 250 steps with every step's x_0 estimate clamped to [-10, 10] (the data latents
     # have unit std and stay within about 6): without the clamp their latents grow with the step count
-    *(
-        Row(
-            "scaling_x0_clip",
-            f"transfusion {size}, x0 clip 10",
-            _ladder("transfusion", size),
-            eval={"clip_sample_range": 10.0},
-            series="transfusion",
-        )  # fmt: skip
-        for size in SIZES
-    ),
-    *(
-        Row("scaling_x0_clip", f"discrete {size}", _ladder("discrete", size), series="discrete")
-        for size in SIZES
-    ),
+    *_family_ladder("scaling_x0_clip", "x0 clip 10", {"clip_sample_range": 10.0}),
     # Table 7: linear vs U-Net adapters up the ladder (the paper's rows are 0.16B, 0.37B and 1.4B)
     *(
         Row(
