@@ -53,8 +53,9 @@ def study_section(folder: Path) -> list[str]:
         "stands in for); its Tables 5 and 6 were trained without noise limiting (their U-Net 2x2 row is",
         "Table 8's 'off'), ours keep it on except in the noise-limit group. `empty caps`: the share of",
         "captions ended at once (<EOS> right after the image), each scoring 0; the evaluation's one-token",
-        "floor (`caption_min_tokens`, default 1) keeps it at 0. `latent std ratio`: the std of",
-        "Transfusion's generated latents over that of the prompts' real latents (1: the data's scale).",
+        "floor (`caption_min_tokens`, default 1) keeps it at 0 except in the rows marked 'free captions'.",
+        "`latent std ratio`: the std of Transfusion's generated latents over that of the prompts' real",
+        "latents (1: the data's scale).",
     ]
     if refs.get("shuffled_caption_accuracy") is not None:
         lines += [

@@ -272,10 +272,13 @@ def pack_discrete_documents(
     drop = torch.zeros_like(batch.lm_mask)
     drop[:, :-1] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
     if not loss_after_dropped_caption:
-        # each document's <EOI>s are its images in order, as ``dropped`` lists them
+        # an image ends where <EOI> follows a code: each document's image ends in order, as ``dropped``
+        # lists them
+        ends = torch.zeros_like(batch.lm_mask)
+        ends[:, 1:] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
         flags = iter(dropped)
         for r, s, e in batch.doc_spans:
-            for p in (s + torch.nonzero(batch.tokens[r, s:e] == special.eoi).flatten()).tolist():
+            for p in (s + torch.nonzero(ends[r, s:e]).flatten()).tolist():
                 if next(flags):
                     drop[r, p] = True
     lm_mask = batch.lm_mask & ~drop
