@@ -43,6 +43,7 @@ from bench.study_grid import (
     eval_key,
     rows_for,
     varied_model_fields,
+    varied_recipe_fields,
 )
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
@@ -102,6 +103,12 @@ class StudyConfig:
                 f"StudyConfig.quick.model_overrides sets {varied}, which the study's rows vary; "
                 "a common value would make their labels wrong"
             )
+        recipe = sorted(set(self.quick) & varied_recipe_fields(rows_for(self.groups)))
+        if recipe:
+            raise ValueError(
+                f"StudyConfig.quick sets {recipe}, which some of the study's trainings set themselves; "
+                "a common value would make their labels wrong"
+            )
         self.base()  # names a bad quick field
 
     def base(self) -> QuickConfig:
@@ -138,7 +145,7 @@ def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dic
                 "family": t.family,
                 "seed": seed,
                 "quick": base.replace(seed=seed, families=(t.family,), preset=t.preset,
-                                      model_overrides=model_overrides).to_dict(),
+                                      model_overrides=model_overrides, **t.recipe).to_dict(),
                 "evals": evals,
                 "run_dir": str(runs_dir / name / f"seed{seed}"),
                 "fresh": fresh,
@@ -412,7 +419,8 @@ def _listing(cfg: StudyConfig, runs_dir: Path) -> str:
         lines.append(f"  {g}: {GROUP_TITLES[g]}")
         for r in rows_for((g,)):
             t = TRAININGS[r.training]
-            lines.append(f"    {r.label:<28} {t.family} {t.preset} {t.model or ''} {r.eval or ''}".rstrip())
+            parts = (t.family, t.preset, t.model or "", t.recipe or "", r.eval or "")
+            lines.append(f"    {r.label:<28} " + " ".join(str(x) for x in parts if x != ""))
     return "\n".join(lines)
 
 
@@ -421,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench study",
         description=(
             "Study profile (CPU, <= 90 min with 2 workers): the paper's ablations (attention masking, patch "
-            "size, noise limiting), then lambda, CFG dropout, inference steps and guidance scale, and "
-            "Transfusion vs the discrete baseline across 3 sizes. Every row is trained for each seed with "
-            "the quick recipe and judged on the quick job's four metrics."
+            "size, noise limiting), then lambda, CFG dropout, inference steps, guidance scale, the x_0 "
+            "clamp, eps vs v prediction, the loss after dropped captions, and Transfusion vs the discrete "
+            "baseline across 3 sizes (and at size S with a lower learning rate). Every row is trained for "
+            "each seed with the quick recipe and judged on the quick job's metrics. --list prints the grid."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("results") / "study", help="results folder")

@@ -31,6 +31,7 @@ class Training:
     family: str  # "transfusion" | "discrete"
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    recipe: dict[str, Any] = field(default_factory=dict)  # QuickConfig training overrides (e.g. lr)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ TRAININGS: dict[str, Training] = {
     "no-loss-after-drop": _tf(loss_after_dropped_caption=False),
     "dropout-0.3-no-loss-after-drop": _tf(caption_dropout=0.3, loss_after_dropped_caption=False),
     "discrete-no-loss-after-drop": Training("discrete", model={"loss_after_dropped_caption": False}),
+    # the largest size at a lower learning rate (every other training uses the quick recipe's 1e-3)
+    **{
+        f"{family}-S-lr3e-4": Training(family, SIZES["S"][0], dict(SIZES["S"][1]), recipe={"lr": 3e-4})
+        for family in ("transfusion", "discrete")
+    },
     **{
         f"{family}-{size}": Training(family, preset, dict(model))
         for family in ("transfusion", "discrete")
@@ -190,6 +196,17 @@ ROWS: tuple[Row, ...] = (
         for how, training in (("paper", paper), ("no loss after drop", switched))
         for floor, ev in ((", free captions", {"caption_min_tokens": 0}), ("", {}))
     ),
+    # does the largest size want a lower learning rate? (Transfusion's FID rises with size at 1e-3)
+    *(
+        Row("lr_S", f"{family} S, lr {lr}{label}", training, eval=ev)
+        for family in ("transfusion", "discrete")
+        for lr, training in (("1e-3", _ladder(family, "S")), ("3e-4", f"{family}-S-lr3e-4"))
+        for label, ev in (
+            (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
+            if family == "transfusion"
+            else (("", {}),)
+        )
+    ),
     # what the image head predicts: the paper's eps, or v, whose x_0 estimate stays bounded near t = T
     *(
         Row("prediction", f"{name}{label}", training, eval=clip)
@@ -218,6 +235,7 @@ GROUP_TITLES: dict[str, str] = {
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
     "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
+    "lr_S": "The largest size (S) at learning rate 1e-3 (the study's) and 3e-4",
     "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
     "cfg_scale": "Classifier-free guidance scale",
 }
@@ -228,6 +246,11 @@ def eval_key(overrides: dict[str, Any]) -> str:
     if not overrides:
         return "default"
     return "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def varied_recipe_fields(rows: list[Row]) -> set[str]:
+    """QuickConfig training fields the trainings of ``rows`` set: a study-wide override would be ignored."""
+    return {k for r in rows for k in TRAININGS[r.training].recipe}
 
 
 def varied_model_fields(rows: list[Row]) -> set[str]:
@@ -249,5 +272,5 @@ def rows_for(groups: tuple[str, ...] | list[str]) -> list[Row]:
 
 __all__ = [
     "FAMILY_LADDERS", "GROUPS", "GROUP_TITLES", "ROWS", "SIZES", "TRAININGS", "Row", "Training", "eval_key",
-    "rows_for", "varied_model_fields",
+    "rows_for", "varied_model_fields", "varied_recipe_fields",
 ]  # fmt: skip

@@ -32,6 +32,8 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
         model = get_preset(q["preset"], **q["model_overrides"])  # validates every override
         for k, v in TRAININGS[j["training"]].model.items():
             assert getattr(model, k) == v
+        for k, v in TRAININGS[j["training"]].recipe.items():
+            assert q[k] == v
         # each distinct evaluation of the training's rows, once
         wanted = {eval_key(study.eval_overrides(r, cfg.base())) for r in ROWS if r.training == j["training"]}
         assert set(j["evals"]) == wanted
@@ -66,6 +68,9 @@ def test_bad_study_settings_name_the_field():
     with pytest.raises(ValueError, match="adapter"):  # the masking rows vary it
         study.StudyConfig(groups=("masking",), quick={"model_overrides": {"adapter": "unet"}})
     study.StudyConfig(groups=("masking",), quick={"model_overrides": {"dim": 64}})  # no row varies the size
+    with pytest.raises(ValueError, match=r"sets \['lr'\], which some of the study's trainings set"):
+        study.StudyConfig(quick={"lr": 1e-4})  # the lr_S group's trainings set it
+    study.StudyConfig(groups=("masking",), quick={"lr": 1e-4})
 
 
 def _record(training, seed, bpb, fid, flops=1e9, errors=()):
