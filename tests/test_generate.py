@@ -320,14 +320,10 @@ def test_scheduler_matches_the_training_schedule(model):
         torch.testing.assert_close(s.alphas_cumprod, model.schedule.alphas_cumprod)
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
-def test_sampling_with_the_exact_eps_of_gaussian_data_recovers_it(scheduler):
-    """The whole image loop (timesteps the model sees, scheduler set-up, CFG, steps) against a known answer:
-    for latents x0 ~ N(mu, sigma^2) the best eps prediction has a closed form, E[eps | x_t] =
-    sqrt(1 - a_t) (x_t - sqrt(a_t) mu) / (a_t sigma^2 + 1 - a_t); fed to the sampler in place of the
-    network, its samples must come out with mean mu and standard deviation sigma."""
-    m = tiny(seed=5)
-    mu, sigma = 0.7, 0.5
+def gaussian_oracle(m: Transfusion, mu: float, sigma: float) -> Transfusion:
+    """Replace ``m``'s network output by the best prediction for latents x0 ~ N(mu, sigma^2), a closed form:
+    E[eps | x_t] = sqrt(1 - a_t) (x_t - sqrt(a_t) mu) / (a_t sigma^2 + 1 - a_t), and under v-prediction
+    E[v | x_t] = sqrt(a_t) E[eps | x_t] - sqrt(1 - a_t) E[x0 | x_t], E[x0 | x_t] from E[eps | x_t]."""
     alphas = m.schedule.alphas_cumprod.double()
     seen: dict[str, torch.Tensor] = {}
     encode = m.adapter.encode
@@ -336,11 +332,25 @@ def test_sampling_with_the_exact_eps_of_gaussian_data_recovers_it(scheduler):
         seen["x"], seen["t"] = x_t.double(), t
         return encode(x_t, t)
 
-    def exact_eps(hidden, ctx):
-        a = alphas[seen["t"]].view(-1, 1, 1, 1)
-        return (torch.sqrt(1 - a) * (seen["x"] - a.sqrt() * mu) / (a * sigma**2 + 1 - a)).float()
+    def exact(hidden, ctx):
+        a, x = alphas[seen["t"]].view(-1, 1, 1, 1), seen["x"]
+        eps = torch.sqrt(1 - a) * (x - a.sqrt() * mu) / (a * sigma**2 + 1 - a)
+        if m.cfg.prediction_type == "epsilon":
+            return eps.float()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
 
-    m.adapter.encode, m.adapter.decode = spy, exact_eps
+    m.adapter.encode, m.adapter.decode = spy, exact
+    return m
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_sampling_with_the_exact_eps_of_gaussian_data_recovers_it(scheduler):
+    """The whole image loop (timesteps the model sees, scheduler set-up, CFG, steps) against a known answer:
+    fed the exact eps of Gaussian latents (``gaussian_oracle``) in place of the network, the sampler's
+    samples must come out with mean mu and standard deviation sigma."""
+    mu, sigma = 0.7, 0.5
+    m = gaussian_oracle(tiny(seed=5), mu, sigma)
     prompts = [[10, 11, 12]] * 32
     x = text_to_image(
         m, prompts, generator=gens(*range(32)), guidance_scale=3.0, scheduler=scheduler, num_steps=250

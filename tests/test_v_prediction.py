@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_generate import gens, tiny
+from tests.test_generate import gaussian_oracle, gens, tiny
 from tests.test_transfusion_model import make_batch, small_cfg
 from transfusion.config import ModelConfig
 from transfusion.diffusion import NoiseSchedule, diffusion_target
@@ -50,27 +50,10 @@ def test_bad_prediction_type_is_refused_naming_the_field():
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
 def test_sampling_with_the_exact_v_of_gaussian_data_recovers_it(scheduler):
-    """As the exact-eps oracle in test_generate, for a v-prediction model: latents x0 ~ N(mu, sigma^2) have
-    E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a sigma^2 + 1 - a), E[x0 | x_t] from it, and
-    E[v | x_t] = sqrt(a) E[eps | x_t] - sqrt(1 - a) E[x0 | x_t]. A sampler that read v as eps fails."""
-    m = tiny(seed=5, prediction_type="v_prediction")
+    """As the exact-eps oracle in test_generate, for a v-prediction model (``gaussian_oracle`` returns the
+    exact v). A sampler that read v as eps fails."""
     mu, sigma = 0.7, 0.5
-    alphas = m.schedule.alphas_cumprod.double()
-    seen: dict[str, torch.Tensor] = {}
-    encode = m.adapter.encode
-
-    def spy(x_t, t):
-        seen["x"], seen["t"] = x_t.double(), t
-        return encode(x_t, t)
-
-    def exact_v(hidden, ctx):
-        a = alphas[seen["t"]].view(-1, 1, 1, 1)
-        x = seen["x"]
-        eps = torch.sqrt(1 - a) * (x - a.sqrt() * mu) / (a * sigma**2 + 1 - a)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
-
-    m.adapter.encode, m.adapter.decode = spy, exact_v
+    m = gaussian_oracle(tiny(seed=5, prediction_type="v_prediction"), mu, sigma)
     x = text_to_image(
         m, [[10, 11, 12]] * 32, generator=gens(*range(32)), guidance_scale=3.0, scheduler=scheduler,
         num_steps=250,

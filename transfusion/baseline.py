@@ -268,19 +268,19 @@ def pack_discrete_documents(
     batch = pack_documents(
         docs, seq_len, patch_size=1, special=special, vocab_size=vocab.size, num_rows=num_rows
     )
+    # an image's last code: a code followed by <EOI> (text may hold the <EOI> id, never after a code)
+    last_code = torch.zeros_like(batch.lm_mask)
+    last_code[:, :-1] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
     # <EOI> after the last code is forced at sampling time: no loss on it (as in Transfusion).
-    drop = torch.zeros_like(batch.lm_mask)
-    drop[:, :-1] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
+    drop = last_code.clone()
     if not loss_after_dropped_caption:
-        # an image ends where <EOI> follows a code: each document's image ends in order, as ``dropped``
-        # lists them
-        ends = torch.zeros_like(batch.lm_mask)
-        ends[:, 1:] = vocab.is_code(batch.tokens[:, :-1]) & (batch.tokens[:, 1:] == special.eoi)
+        # no loss at the <EOI> of a caption-dropped image (its target is the token after it); each
+        # document's images in order, as ``dropped`` lists them
         flags = iter(dropped)
         for r, s, e in batch.doc_spans:
-            for p in (s + torch.nonzero(ends[r, s:e]).flatten()).tolist():
+            for p in (s + torch.nonzero(last_code[r, s:e]).flatten()).tolist():
                 if next(flags):
-                    drop[r, p] = True
+                    drop[r, p + 1] = True
     lm_mask = batch.lm_mask & ~drop
     lm_targets = torch.where(lm_mask, batch.lm_targets, IGNORE_INDEX)
     return replace(batch, lm_targets=lm_targets, lm_mask=lm_mask)
