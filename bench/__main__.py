@@ -14,6 +14,8 @@ Suites:
   breakdown   per-kernel time of one forward+backward (torch.profiler) for a few backends at one shape
   kernels     compile the Triton kernel's candidate configs for a GPU target on this machine (no GPU
               needed): registers, spills, shared memory, occupancy, load paths -> results/kernels/
+  launch-order  model of the Triton kernels' heaviest-first launch order against the natural one (list
+              scheduling on the GPU's SMs, no GPU needed) -> results/kernels/launch_order_model.*
 """
 
 from __future__ import annotations
@@ -68,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("results", type=Path)
     sm.add_argument("--seq-len", type=int, default=8192)
     bd = sub.add_parser("breakdown", help="per-kernel time of one forward+backward (torch.profiler)")
-    bd.add_argument("--backends", default="triton,flex", help="comma-separated backends")
+    bd.add_argument(
+        "--backends",
+        default="triton,flex",
+        help="comma-separated backends; triton-natural: triton with its programs in the natural launch order",
+    )
     bd.add_argument("--device", default="cuda" if _cuda() else "cpu")
     bd.add_argument("--seq-len", type=int, default=8192)
     bd.add_argument("--head-dim", type=int, default=128)
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     kr.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128])
     kr.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd,dkdv,dq")
     kr.add_argument("--out", type=Path, default=Path("results/kernels"))
+    lo = sub.add_parser("launch-order", help="model of the heaviest-first launch order (no GPU needed)")
+    lo.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (132: H100/H200 SXM)")
+    lo.add_argument("--ctas-per-sm", type=int, default=1, help="resident programs per SM")
+    lo.add_argument("--out", type=Path, default=Path("results/kernels"))
     rp = sub.add_parser("report", help="build results/REPORT.md from the result files")
     rp.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
@@ -146,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--kernels {args.kernels!r}: choose from fwd, dkdv, dq")
         print(markdown_table(run(args.out, args.dtype, args.head_dim, args.arch, kernels)), end="")
         print(f"wrote {args.out}/kernel_resources.csv and kernel_resources.md")
+    elif args.suite == "launch-order":
+        from bench.launch_order import markdown_table as order_table
+        from bench.launch_order import run as run_order_model
+
+        for name in ("sms", "ctas_per_sm"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
+        print(order_table(run_order_model(args.out, args.sms, args.ctas_per_sm)), end="")
+        print(f"wrote {args.out}/launch_order_model.csv and launch_order_model.md")
     elif args.suite == "report":
         from bench.report import build_report
 

@@ -2,15 +2,18 @@
 
 The sweep says how long a forward+backward takes; this says which kernels take it: for our Triton
 backend the forward, ``delta``, dK/dV and dQ kernels and the host-side table ops, for FlexAttention its
-generated templates. Each backend runs ``iters`` profiled steps at one shape after warm-up (compilation
-and autotuning happen there, outside the profile), and every kernel's device time is divided by
-``iters``. On a CPU there are no device kernels, so the rows are the CPU operators' self time instead.
+generated templates. ``triton-natural`` is our backend with its programs launched in the natural order
+instead of heaviest first (kernels/work_order.py), for a direct comparison at the same shape. Each
+backend runs ``iters`` profiled steps at one shape after warm-up (compilation and autotuning happen
+there, outside the profile), and every kernel's device time is divided by ``iters``. On a CPU there are
+no device kernels, so the rows are the CPU operators' self time instead.
 
     python -m bench breakdown --out results/gpu [--seq-len 8192 --head-dim 128 --dtype bfloat16]
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +24,17 @@ from transfusion.attention import attend, get_backend
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 FIELDS = ("backend", "mode", "kernel", "calls_per_step", "us_per_step", "share", "step_us")
+# breakdown-only variants: name -> registered backend it runs
+VARIANTS = {"triton-natural": "triton"}
+
+
+def _variant_context(name: str):
+    """The context a variant runs in (the natural launch order for triton-natural)."""
+    if name == "triton-natural":
+        import importlib
+
+        return importlib.import_module("kernels.interval_attention").program_order("natural")
+    return nullcontext()
 
 
 def _events(prof, device: torch.device) -> list[tuple[str, int, float]]:
@@ -80,11 +94,13 @@ def kernel_breakdown(
     layout = benchmark_layout(batch, seq_len, image_tokens, image_fraction, device=device)
     rows: list[dict] = []
     for backend in backends:
-        reason = get_backend(backend).why_not(device.type, dtype, True, head_dim)
+        reason = get_backend(VARIANTS.get(backend, backend)).why_not(device.type, dtype, True, head_dim)
         if reason:
             rows.append(dict(backend=backend, mode="fwd_bwd", kernel=f"unsupported: {reason}"))
             continue
-        prof = _profile_steps(backend, layout, (batch, heads, seq_len, head_dim), dtype, iters)
+        with _variant_context(backend):
+            shape = (batch, heads, seq_len, head_dim)
+            prof = _profile_steps(VARIANTS.get(backend, backend), layout, shape, dtype, iters)
         events = sorted(_events(prof, device), key=lambda e: -e[2])
         total = sum(us for _, _, us in events) / iters
         for name, calls, us in events[:top]:

@@ -122,16 +122,21 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
     vec = torch.empty(bsz, heads, length, dtype=torch.float32)
     lo = torch.zeros(bsz, length, dtype=torch.int32)
     counter = torch.zeros(2, dtype=torch.int32)
+    order = torch.zeros(5, bsz * length // 16, dtype=torch.int32)  # one side of the launch-order table
 
     def desc(block: int):
         return TensorDescriptor(x, [rows, head_dim], [head_dim, 1], [block, head_dim]) if tma else x
 
     ints = (heads, length, length)  # H, LQ, LK
     keys = (256, 256, 0)  # LQ_KEY, LK_KEY, TUNE_TAG
+    stride = order.shape[1]  # ORDER_STRIDE
     if kernel == "fwd":
-        return (x, x, x, desc(bn), desc(bn), x, vec, lo, lo, counter, 0.1, *ints, *keys)
+        return (x, x, x, desc(bn), desc(bn), x, vec, lo, lo, order, counter, 0.1, *ints, stride, *keys)
     if kernel == "dq":
-        return (x, x, x, desc(bn), desc(bn), x, x, vec, vec, lo, lo, counter, 0.1, 0.1, *ints, *keys)
+        return (
+            x, x, x, desc(bn), desc(bn), x, x, vec, vec, lo, lo, order, counter, 0.1, 0.1, *ints, stride,
+            *keys,
+        )  # fmt: skip
     table = torch.zeros(bsz, 64, 4, dtype=torch.int32)
     return (
         x,
@@ -147,11 +152,13 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
         lo,
         lo,
         table,
+        order,
         counter,
         0.1,
         0.1,
         *ints,
         64,
+        stride,
         *keys,
     )
 
@@ -186,8 +193,8 @@ def compile_candidates(
                 else:
                     compiled = jit[kernel].run(
                         *_kernel_args(kernel, dtype, head_dim, bm, bn, tma),
-                        HEAD_DIM=head_dim, DOT_PRECISION=dot_precision, COUNT_TILES=False, BLOCK_M=bm,
-                        BLOCK_N=bn, USE_TMA=tma, num_warps=warps, num_stages=stages, grid=(1,),
+                        HEAD_DIM=head_dim, DOT_PRECISION=dot_precision, COUNT_TILES=False, ORDERED=True,
+                        BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, num_warps=warps, num_stages=stages, grid=(1,),
                         warmup=True, **({"CHUNK_": ia.CHUNK} if kernel == "dkdv" else {}),
                     )  # fmt: skip
                 compile_s = time.perf_counter() - t0

@@ -139,7 +139,13 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
         f"Per-kernel time of one forward+backward ({shape or 'see provenance'}; `bench breakdown`):",
         "",
     ]
-    lines += ["| backend | kernel | us per step | share | calls |", "|---|---|---|---|---|"]
+    steps = df.groupby("backend", sort=False)["step_us"].first()
+    lines += ["| backend | device time per step (us) |", "|---|---|"]
+    lines += [f"| {backend} | {us:.4g} |" for backend, us in steps.items()]
+    if {"triton", "triton-natural"} <= set(steps.index):
+        ratio = steps["triton"] / steps["triton-natural"]
+        lines += ["", f"triton device time, heaviest-first launch order / natural order: {ratio:.3f}"]
+    lines += ["", "| backend | kernel | us per step | share | calls |", "|---|---|---|---|---|"]
     for backend, rows in df.groupby("backend", sort=False):
         for r in rows.nlargest(top, "us_per_step").itertuples():
             name = str(r.kernel).replace("|", "/")[:60]

@@ -62,6 +62,11 @@ kernel sends a query block that ends past Lq down the pointer path), so the desc
 rows as one (B*H*L, D) matrix. Edge tiles always use masked pointer loads. The autotuner picks between
 pointer and TMA configs per shape and logs every timing (:func:`tuning_log`).
 
+Every kernel starts its programs heaviest first: program ``p`` reads which (batch row, block) to compute
+from a launch-order table (:mod:`kernels.work_order`, one row per possible block size since the
+autotuner picks the size after the table is built), every head of the heaviest block first. Without a
+table (short query runs, or ``program_order("natural")``) the order is the grid's: blocks, then heads.
+
 The kernel, the dQ kernel and :func:`plan_tiles` all call the same ``_query_block_plan`` and
 ``_tile_live`` Triton functions, so the tile counts that the planner reports are the tiles that the
 kernel computes (the tests check this with an in-kernel counter).
@@ -78,6 +83,8 @@ from contextlib import contextmanager
 import torch
 import triton
 import triton.language as tl
+
+from .work_order import CHUNK, ORDER_SIZES, order_shape, work_order
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them only the pointer configs exist
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -97,14 +104,15 @@ __all__ = [
     "key_major_table",
     "plan_tiles",
     "poison_outputs",
+    "program_order",
     "tuning_log",
 ]
 
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (32, 64, 128)
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-# Granularity of the host-side key-major table; every block size must be a multiple of it.
-CHUNK = 16
-_MAX_BLOCK = 256
+# CHUNK (from work_order): granularity of the host-side key-major table; every block size is a multiple
+# of it. Every block size is one of ORDER_SIZES (the launch-order table has a row for each).
+_MAX_BLOCK = ORDER_SIZES[-1]
 _BIG = 1 << 30
 _LOG2E = 1.4426950408889634  # log2(e)
 # fp32 inputs: "ieee" keeps fp32 accuracy; "tf32" is faster on tensor cores but only ~1e-3 accurate.
@@ -113,6 +121,12 @@ FP32_DOT_PRECISION = "ieee"
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # INTERVAL_ATTENTION_AUTOTUNE=0 pins the first (default) config of each kernel: no tuning, fixed blocks.
 _AUTOTUNE: bool = os.environ.get("INTERVAL_ATTENTION_AUTOTUNE", "1") != "0"
+# Launch order of the programs (kernels/work_order.py): heaviest first, or "natural" (blocks, then heads).
+ORDERS: tuple[str, ...] = ("heaviest-first", "natural")
+_ORDER: str = os.environ.get("INTERVAL_ATTENTION_ORDER", "heaviest-first")
+# Below this many queries (decoding steps) interval_attention keeps the natural order instead of building
+# the launch-order table: a launch that small has few programs to order.
+ORDER_MIN_QUERIES = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,6 +326,21 @@ def _tile_live(lo_c, hi_c, blk, LK, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _program_block(ORDER, ORDER_STRIDE, n_blocks, H, BLOCK: tl.constexpr, ORDERED: tl.constexpr):
+    """(b, b * H + h, block) of this program. Natural order: blocks fastest, then heads. ORDERED: the
+    launch-order table's row for this block size (kernels/work_order.py), every head of an entry in turn."""
+    p = tl.program_id(0)
+    if ORDERED:
+        row = (BLOCK >= 32) + (BLOCK >= 64) + (BLOCK >= 128) + (BLOCK >= 256)  # log2(BLOCK / 16)
+        entry = tl.load(ORDER + row * ORDER_STRIDE + p // H)
+        b = (entry // n_blocks).to(tl.int64)
+        return b, b * H + p % H, entry % n_blocks
+    else:
+        bh = (p // n_blocks).to(tl.int64)
+        return bh // H, bh, p % n_blocks
+
+
+@triton.jit
 def _plan_kernel(LO, HI, COUNTS, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per query block: number of computed tiles and number of full tiles, exactly as _fwd_kernel."""
     pid_m = tl.program_id(0)
@@ -382,15 +411,14 @@ def _fwd_tile(
 
 
 @_autotune("fwd")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _fwd_kernel(
-    Q, K, V, DESC_K, DESC_V, O, LSE, LO, HI, COUNTER, qk_scale, H, LQ, LK, LQ_KEY, LK_KEY, TUNE_TAG,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    Q, K, V, DESC_K, DESC_V, O, LSE, LO, HI, ORDER, COUNTER, qk_scale, H, LQ, LK, ORDER_STRIDE, LQ_KEY,
+    LK_KEY, TUNE_TAG,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, ORDERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
+    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M, ORDERED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < LQ
@@ -487,16 +515,14 @@ def _dkdv_tile(
 
 
 @_autotune("dkdv")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, LSE, DELTA, LO, HI, KTAB, COUNTER, sm_scale, qk_scale, H, LQ, LK,
-    NT, LQ_KEY, LK_KEY, TUNE_TAG,
+    Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, LSE, DELTA, LO, HI, KTAB, ORDER, COUNTER, sm_scale, qk_scale, H,
+    LQ, LK, NT, ORDER_STRIDE, LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, CHUNK_: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    ORDERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
+    b, bh, pid_n = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LK, BLOCK_N), H, BLOCK_N, ORDERED)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -577,16 +603,14 @@ def _dq_tile(
 
 
 @_autotune("dq")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _bwd_dq_kernel(
-    Q, K, V, DESC_K, DESC_V, DO, DQ, LSE, DELTA, LO, HI, COUNTER, sm_scale, qk_scale, H, LQ, LK,
-    LQ_KEY, LK_KEY, TUNE_TAG,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    Q, K, V, DESC_K, DESC_V, DO, DQ, LSE, DELTA, LO, HI, ORDER, COUNTER, sm_scale, qk_scale, H, LQ, LK,
+    ORDER_STRIDE, LQ_KEY, LK_KEY, TUNE_TAG,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, ORDERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
+    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M, ORDERED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < LQ
@@ -771,6 +795,20 @@ def _descriptors(*tensors: torch.Tensor) -> tuple:
 
 
 @contextmanager
+def program_order(order: str) -> Iterator[None]:
+    """Launch the kernels' programs in ``order`` inside the context: "heaviest-first" (the default, see
+    kernels/work_order.py) or "natural". Benchmarks compare the two; outputs are bitwise the same."""
+    global _ORDER
+    if order not in ORDERS:
+        raise ValueError(f"order = {order!r}; use one of {ORDERS}")
+    old, _ORDER = _ORDER, order
+    try:
+        yield
+    finally:
+        _ORDER = old
+
+
+@contextmanager
 def poison_outputs() -> Iterator[None]:
     """Inside this context every buffer the kernels write (O, LSE, delta, dQ, dK, dV) starts out NaN, so a
     test can check that the kernels write every element."""
@@ -838,23 +876,39 @@ def _remember_blocks(kernel, head_dim: int, dtype: torch.dtype, q_len: int, kv_l
         _TUNED_BLOCKS[(head_dim, dtype)] = blocks
 
 
+def _order_args(order: torch.Tensor | None, side: int, fallback: torch.Tensor) -> tuple:
+    """(ORDER, ORDER_STRIDE, ORDERED) kernel arguments: one side of the launch-order table, or natural
+    order (``fallback`` is any tensor on the device; the kernel never reads it)."""
+    if order is None:
+        return fallback, 0, False
+    return order[side], order.shape[2], True
+
+
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scale: float,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     o = _empty(tuple(q.shape), q.dtype, q.device)
     lse = _empty((bsz, n_heads, q_len), torch.float32, q.device)
     counter = _counter(q.device)
+    order_t, order_stride, ordered = _order_args(order, 0, lo)
 
     def grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
+        return (triton.cdiv(q_len, meta["BLOCK_M"]) * bsz * n_heads,)
 
     desc_k, desc_v = _descriptors(k, v)
     _fwd_kernel[grid](
-        q, k, v, desc_k, desc_v, o, lse, lo, hi, counter, scale * _LOG2E, n_heads, q_len, kv_len,
-        _bucket(q_len), _bucket(kv_len), _tune_tag(),
+        q, k, v, desc_k, desc_v, o, lse, lo, hi, order_t, counter, scale * _LOG2E, n_heads, q_len, kv_len,
+        order_stride, _bucket(q_len), _bucket(kv_len), _tune_tag(),
         HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype), COUNT_TILES=_COUNTS is not None,
+        ORDERED=ordered,
     )  # fmt: skip
     _remember_blocks(_fwd_kernel, head_dim, q.dtype, q_len, kv_len)
     _log_tuning("fwd", _fwd_kernel, head_dim, q.dtype, q_len, kv_len)
@@ -873,6 +927,7 @@ def _backward(
     hi: torch.Tensor,
     scale: float,
     kv_table: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -891,14 +946,17 @@ def _backward(
     table = key_major_table(lo, hi, kv_len) if kv_table is None else kv_table
     counter = _counter(dev)
 
+    order_t, order_stride, ordered = _order_args(order, 1, lo)
+
     def grid_kv(meta):
-        return (triton.cdiv(kv_len, meta["BLOCK_N"]), bsz * n_heads)
+        return (triton.cdiv(kv_len, meta["BLOCK_N"]) * bsz * n_heads,)
 
     desc_q, desc_do = _descriptors(q, do)
     _bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, desc_q, desc_do, dk, dv, lse, delta, lo, hi, table, counter, scale, scale * _LOG2E,
-        n_heads, q_len, kv_len, table.shape[1], _bucket(q_len), _bucket(kv_len), _tune_tag(),
-        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK,
+        q, k, v, do, desc_q, desc_do, dk, dv, lse, delta, lo, hi, table, order_t, counter, scale,
+        scale * _LOG2E, n_heads, q_len, kv_len, table.shape[1], order_stride, _bucket(q_len), _bucket(kv_len),
+        _tune_tag(),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK, ORDERED=ordered,
     )  # fmt: skip
     _log_tuning("dkdv", _bwd_dkdv_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dkdv", counter)
@@ -906,14 +964,16 @@ def _backward(
     dq = _empty(tuple(q.shape), q.dtype, dev)
     counter = _counter(dev)
 
+    order_t, order_stride, ordered = _order_args(order, 0, lo)
+
     def grid_q(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), bsz * n_heads)
+        return (triton.cdiv(q_len, meta["BLOCK_M"]) * bsz * n_heads,)
 
     desc_k, desc_v = _descriptors(k, v)
     _bwd_dq_kernel[grid_q](
-        q, k, v, desc_k, desc_v, do, dq, lse, delta, lo, hi, counter, scale, scale * _LOG2E,
-        n_heads, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _tune_tag(),
-        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting,
+        q, k, v, desc_k, desc_v, do, dq, lse, delta, lo, hi, order_t, counter, scale, scale * _LOG2E,
+        n_heads, q_len, kv_len, order_stride, _bucket(q_len), _bucket(kv_len), _tune_tag(),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, ORDERED=ordered,
     )  # fmt: skip
     _log_tuning("dq", _bwd_dq_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dq", counter)
@@ -922,19 +982,22 @@ def _backward(
 
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale, kv_table):  # type: ignore[override]
-        o, lse = _forward(q, k, v, lo, hi, scale)
+    def forward(ctx, q, k, v, lo, hi, scale, kv_table, order):  # type: ignore[override]
+        o, lse = _forward(q, k, v, lo, hi, scale, order)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi)
         ctx.scale = scale
         ctx.kv_table = kv_table
+        ctx.order = order
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
-        dq, dk, dv = _backward(do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale, ctx.kv_table)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _backward(
+            do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale, ctx.kv_table, ctx.order
+        )
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -985,6 +1048,7 @@ def interval_attention(
     hi: torch.Tensor,
     scale: float | None = None,
     kv_table: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention where query ``i`` of batch row ``b`` sees keys ``lo[b, i] <= j <= hi[b, i]``.
 
@@ -996,6 +1060,10 @@ def interval_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         kv_table: ``key_major_table(lo, hi, Lk)`` built beforehand (it is built in every backward pass
             otherwise); it must come from these very ``lo``/``hi``.
+        order: ``work_order(lo, hi, Lk, kv_table)`` (kernels/work_order.py) built beforehand: the
+            programs then start heaviest first. Without it the call builds one when there are at least
+            ``ORDER_MIN_QUERIES`` queries. ``program_order("natural")`` or the environment variable
+            ``INTERVAL_ATTENTION_ORDER=natural`` keeps the natural order.
 
     Returns:
         (B, H, Lq, D) tensor of q's dtype, differentiable in q, k and v.
@@ -1008,14 +1076,27 @@ def interval_attention(
                 f"kv_table is {tuple(kv_table.shape)} {kv_table.dtype} on {kv_table.device}; it must be "
                 f"key_major_table(lo, hi, Lk): {want} torch.int32 on {q.device}"
             )
+    if order is not None:
+        want = order_shape(lo.shape[0], q.shape[2], k.shape[2])
+        if order.dtype != torch.int32 or tuple(order.shape) != want or order.device != q.device:
+            raise ValueError(
+                f"order is {tuple(order.shape)} {order.dtype} on {order.device}; it must be "
+                f"work_order(lo, hi, Lk, kv_table): {want} torch.int32 on {q.device}"
+            )
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if q.shape[2] == 0 or k.shape[2] == 0:
         # No queries, or no keys (every interval is empty): a zero output with zero gradients.
         return q * 0.0 + (k.sum() + v.sum()) * 0.0
-    return _IntervalAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), scale, kv_table
-    )
+    lo, hi = lo.contiguous(), hi.contiguous()
+    if _ORDER == "natural":
+        order = None
+    elif order is None and q.shape[2] >= ORDER_MIN_QUERIES:
+        if kv_table is None:  # the order's key side reads it; the backward pass then reuses it
+            kv_table = key_major_table(lo, hi, k.shape[2])
+        order = work_order(lo, hi, k.shape[2], kv_table)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, kv_table, order)
 
 
 def kernel_block_sizes(

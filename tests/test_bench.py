@@ -82,10 +82,13 @@ def test_summary_lists_the_fastest_tuned_configs(tmp_path):
     rows.append(dict(rows[0], q_bucket=128, ms=0.1))  # another length: ignored
     pd.DataFrame(rows).to_csv(out / "kernel_tuning.csv", index=False)
     pd.DataFrame(
-        [dict(backend="triton", mode="fwd_bwd", kernel=f"k{i}", calls_per_step=1.0, us_per_step=float(i),
-              share=i / 28, step_us=28.0) for i in range(1, 8)]
+        [dict(backend=name, mode="fwd_bwd", kernel=f"k{i}", calls_per_step=1.0, us_per_step=i * scale,
+              share=i / 28, step_us=28.0 * scale)
+         for name, scale in (("triton", 1.0), ("triton-natural", 1.25)) for i in range(1, 8)]
     ).to_csv(out / "kernel_breakdown.csv", index=False)  # fmt: skip
     text = summarize(out, seq_len=64)
+    assert "| triton | 28 |" in text and "| triton-natural | 35 |" in text
+    assert "heaviest-first launch order / natural order: 0.800" in text
     assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
     assert "| triton | `k7` | 7 | 25.0% | 1 |" in text and "`k1`" not in text  # the top 6 only
     assert text.count("128x32 w4 s3 | 0.7") == 3
@@ -110,3 +113,18 @@ def test_breakdown_profiles_each_backend_and_records_unsupported_ones(tmp_path):
         "naive",
         "flex",
     ]
+
+
+def test_breakdown_natural_order_variant_runs_triton_in_natural_order():
+    import importlib
+
+    from bench.breakdown import VARIANTS, _variant_context
+
+    ia = importlib.import_module("kernels.interval_attention")
+    assert VARIANTS["triton-natural"] == "triton"
+    before = ia._ORDER
+    with _variant_context("triton-natural"):
+        assert ia._ORDER == "natural"
+    with _variant_context("triton"):
+        assert ia._ORDER == before
+    assert ia._ORDER == before

@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import interval_attention, plan_tiles  # noqa: E402
+from kernels.work_order import work_order  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 
@@ -40,6 +41,15 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
 ]
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _heaviest_first_everywhere(monkeypatch):
+    """Every launch in these tests starts its programs heaviest first (kernels/work_order.py), also for
+    the short rows that would keep the natural order by default; test_program_orders_agree covers the
+    natural order."""
+    if ia is not None:
+        monkeypatch.setattr(ia, "ORDER_MIN_QUERIES", 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -541,6 +551,46 @@ def test_prebuilt_kv_table_gives_the_same_gradients(device):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="kv_table"):
         interval_attention(q, k, v, lo, hi, kv_table=ia.key_major_table(lo, hi, 40))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trial", range(4))
+def test_program_orders_agree(device, trial):
+    """Heaviest-first and natural launch order give bitwise the same outputs and gradients (each program
+    computes the same tiles), and the natural order is itself correct; a prebuilt order table is the one
+    the call would build."""
+    bsz, heads, kv_len, q_len = random_sizes(90 if device == "cpu" else 600, min_len=20)
+    case = random_case(bsz, kv_len, q_len)
+    with ia.program_order("natural"):
+        check_case(case, heads, 32, torch.float32, device)
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    q = torch.randn(bsz, heads, q_len, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(bsz, heads, kv_len, 32, device=device, requires_grad=True) for _ in "kv")
+    table = ia.key_major_table(lo, hi, kv_len)
+    results = []
+    for mode, order in (("natural", None), ("heaviest-first", None), ("heaviest-first", "prebuilt")):
+        if order == "prebuilt":
+            order = work_order(lo, hi, kv_len, table)
+        with ia.program_order(mode):
+            out = interval_attention(q, k, v, lo, hi, order=order)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b) and torch.equal(b, c), f"{name} depends on the launch order; {case.text}"
+
+
+def test_program_order_validation():
+    case = random_case(1, 40, 40)
+    q = torch.randn(1, 1, 40, 32, device="cuda" if HAS_CUDA and not INTERPRET else "cpu")
+    lo, hi = case.lo.to(q.device), case.hi.to(q.device)
+    with pytest.raises(ValueError, match="order = 'fastest'"), ia.program_order("fastest"):
+        pass
+    wrong = work_order(lo[:, :20], hi[:, :20], 20, ia.key_major_table(lo[:, :20], hi[:, :20], 20))
+    with pytest.raises(ValueError, match="order is"):
+        interval_attention(q, q, q, lo, hi, order=wrong)
+    right = work_order(lo, hi, 40, ia.key_major_table(lo, hi, 40))
+    with pytest.raises(ValueError, match="order is"):
+        interval_attention(q, q, q, lo, hi, order=right.long())
 
 
 def test_input_validation():

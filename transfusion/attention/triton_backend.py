@@ -38,13 +38,35 @@ def key_major_table(layout: AttentionLayout) -> torch.Tensor:
     return cached
 
 
+def launch_order(layout: AttentionLayout) -> torch.Tensor:
+    """The kernels' launch-order table of this layout (heaviest programs first, kernels/work_order.py),
+    built once and cached on it."""
+    cached = layout.cache.get("triton_order")
+    if cached is None:
+        from kernels.work_order import work_order
+
+        cached = layout.cache["triton_order"] = work_order(
+            layout.lo, layout.hi, layout.kv_len, key_major_table(layout)
+        )
+    return cached
+
+
+def prepare_tables(layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything the kernels read besides lo/hi, built once per layout (what the sweep times as the
+    mask build)."""
+    return key_major_table(layout), launch_order(layout)
+
+
 def triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
     from kernels import interval_attention
+    from kernels.interval_attention import ORDER_MIN_QUERIES
 
-    # Only a backward pass reads the table: inference (cached decoding builds a layout per step) skips it.
+    # Only a backward pass reads the key-major table, and short query runs (cached decoding builds a
+    # layout per step) keep the natural order: inference on short rows builds neither.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     table = key_major_table(layout) if grad else None
-    return interval_attention(q, k, v, layout.lo, layout.hi, scale=scale, kv_table=table)
+    order = launch_order(layout) if q.shape[2] >= ORDER_MIN_QUERIES else None
+    return interval_attention(q, k, v, layout.lo, layout.hi, scale=scale, kv_table=table, order=order)
 
 
 _devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
@@ -52,7 +74,7 @@ register_backend(
     Backend(
         name="triton",
         fn=triton_attention,
-        prepare=key_major_table,
+        prepare=prepare_tables,
         devices=_devices,
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         backward_devices=_devices,
