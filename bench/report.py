@@ -92,6 +92,10 @@ def build_report(results_root: Path = Path("results")) -> Path:
         if (folder / "kernel_resources.md").exists():
             text = (folder / "kernel_resources.md").read_text()
             sections += [text.replace("# Triton kernel", f"## Triton kernel ({folder.name}):", 1), ""]
+        if (folder / "launch_order_model.md").exists():
+            text = (folder / "launch_order_model.md").read_text()
+            title = f"## Triton kernel ({folder.name}): launch order"
+            sections += [text.replace("# Launch order", title, 1), ""]
         if any(
             (folder / f).exists()
             for f in ("attention.csv", "generation.csv", "quick.csv", "kernel_resources.md", "study.csv")

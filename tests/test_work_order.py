@@ -96,14 +96,17 @@ def test_launch_order_model_command(tmp_path):
     import pandas as pd
 
     from bench.__main__ import main
+    from bench.report import build_report
 
-    assert main(["launch-order", "--out", str(tmp_path)]) == 0
-    df = pd.read_csv(tmp_path / "launch_order_model.csv")
+    out = tmp_path / "kernels"
+    assert main(["launch-order", "--out", str(out)]) == 0
+    df = pd.read_csv(out / "launch_order_model.csv")
     assert (df.natural_over_ideal >= 1 - 1e-12).all() and (df.heaviest_first_over_ideal >= 1 - 1e-12).all()
     few = df[df.programs <= df.slots]
     assert not few.empty and (few.modelled_speedup == 1.0).all()
     rows = df[df.kernel != "dkdv"]
     assert (rows.programs == rows.batch * rows.heads * -(-rows.seq_len // rows.block_m)).all()
-    assert (tmp_path / "launch_order_model.md").read_text().count("| sweep |") == 3
+    assert (out / "launch_order_model.md").read_text().count("| sweep |") == 3
+    assert "## Triton kernel (kernels): launch order" in build_report(tmp_path).read_text()
     with pytest.raises(SystemExit):
-        main(["launch-order", "--sms", "0", "--out", str(tmp_path)])
+        main(["launch-order", "--sms", "0", "--out", str(out)])
