@@ -131,10 +131,10 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
     keys = (256, 256, 0)  # LQ_KEY, LK_KEY, TUNE_TAG
     stride = order.shape[1]  # ORDER_STRIDE
     if kernel == "fwd":
-        return (x, x, x, desc(bn), desc(bn), x, vec, lo, lo, order, counter, 0.1, *ints, stride, *keys)
+        return (x, x, x, desc(bn), desc(bn), x, vec, lo, lo, order, counter, 0.1, *ints, stride, 1, *keys)
     if kernel == "dq":
         return (
-            x, x, x, desc(bn), desc(bn), x, x, vec, vec, lo, lo, order, counter, 0.1, 0.1, *ints, stride,
+            x, x, x, desc(bn), desc(bn), x, x, vec, vec, lo, lo, order, counter, 0.1, 0.1, *ints, stride, 1,
             *keys,
         )  # fmt: skip
     table = torch.zeros(bsz, 64, 4, dtype=torch.int32)
@@ -159,6 +159,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
         *ints,
         64,
         stride,
+        1,  # ORDERED
         *keys,
     )
 
@@ -193,7 +194,7 @@ def compile_candidates(
                 else:
                     compiled = jit[kernel].run(
                         *_kernel_args(kernel, dtype, head_dim, bm, bn, tma),
-                        HEAD_DIM=head_dim, DOT_PRECISION=dot_precision, COUNT_TILES=False, ORDERED=True,
+                        HEAD_DIM=head_dim, DOT_PRECISION=dot_precision, COUNT_TILES=False,
                         BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, num_warps=warps, num_stages=stages, grid=(1,),
                         warmup=True, **({"CHUNK_": ia.CHUNK} if kernel == "dkdv" else {}),
                     )  # fmt: skip

@@ -326,18 +326,20 @@ def _tile_live(lo_c, hi_c, blk, LK, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _program_block(ORDER, ORDER_STRIDE, n_blocks, H, BLOCK: tl.constexpr, ORDERED: tl.constexpr):
-    """(b, b * H + h, block) of this program. Natural order: blocks fastest, then heads. ORDERED: the
-    launch-order table's row for this block size (kernels/work_order.py), every head of an entry in turn."""
+def _program_block(ORDER, ORDER_STRIDE, ORDERED, n_blocks, H, BLOCK: tl.constexpr):
+    """(b, b * H + h, block) of this program. ORDERED: the launch-order table's row for this block size
+    (kernels/work_order.py), every head of an entry in turn. Otherwise the natural order: blocks fastest,
+    then heads. A runtime flag, not a constexpr, so both orders run the same binary (benchmarks compare
+    them without a recompile); the natural order reads, and ignores, ORDER's first entry."""
     p = tl.program_id(0)
-    if ORDERED:
-        row = (BLOCK >= 32) + (BLOCK >= 64) + (BLOCK >= 128) + (BLOCK >= 256)  # log2(BLOCK / 16)
-        entry = tl.load(ORDER + row * ORDER_STRIDE + p // H)
-        b = (entry // n_blocks).to(tl.int64)
-        return b, b * H + p % H, entry % n_blocks
-    else:
-        bh = (p // n_blocks).to(tl.int64)
-        return bh // H, bh, p % n_blocks
+    row = (BLOCK >= 32) + (BLOCK >= 64) + (BLOCK >= 128) + (BLOCK >= 256)  # log2(BLOCK / 16)
+    entry = tl.load(ORDER + row * ORDER_STRIDE + (p // H) * ORDERED)
+    b_ordered = (entry // n_blocks).to(tl.int64)
+    bh_natural = (p // n_blocks).to(tl.int64)
+    b = tl.where(ORDERED != 0, b_ordered, bh_natural // H)
+    bh = tl.where(ORDERED != 0, b_ordered * H + p % H, bh_natural)
+    blk = tl.where(ORDERED != 0, entry % n_blocks, p % n_blocks)
+    return b, bh, blk
 
 
 @triton.jit
@@ -411,14 +413,14 @@ def _fwd_tile(
 
 
 @_autotune("fwd")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "ORDERED", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _fwd_kernel(
-    Q, K, V, DESC_K, DESC_V, O, LSE, LO, HI, ORDER, COUNTER, qk_scale, H, LQ, LK, ORDER_STRIDE, LQ_KEY,
-    LK_KEY, TUNE_TAG,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, ORDERED: tl.constexpr,
+    Q, K, V, DESC_K, DESC_V, O, LSE, LO, HI, ORDER, COUNTER, qk_scale, H, LQ, LK, ORDER_STRIDE, ORDERED,
+    LQ_KEY, LK_KEY, TUNE_TAG,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M, ORDERED)
+    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, ORDERED, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < LQ
@@ -515,14 +517,16 @@ def _dkdv_tile(
 
 
 @_autotune("dkdv")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "NT", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(
+    do_not_specialize=["H", "LQ", "LK", "NT", "ORDER_STRIDE", "ORDERED", "LQ_KEY", "LK_KEY", "TUNE_TAG"]
+)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, LSE, DELTA, LO, HI, KTAB, ORDER, COUNTER, sm_scale, qk_scale, H,
-    LQ, LK, NT, ORDER_STRIDE, LQ_KEY, LK_KEY, TUNE_TAG,
+    LQ, LK, NT, ORDER_STRIDE, ORDERED, LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, CHUNK_: tl.constexpr,
-    ORDERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    b, bh, pid_n = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LK, BLOCK_N), H, BLOCK_N, ORDERED)
+    b, bh, pid_n = _program_block(ORDER, ORDER_STRIDE, ORDERED, tl.cdiv(LK, BLOCK_N), H, BLOCK_N)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -603,14 +607,14 @@ def _dq_tile(
 
 
 @_autotune("dq")
-@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "ORDER_STRIDE", "ORDERED", "LQ_KEY", "LK_KEY", "TUNE_TAG"])
 def _bwd_dq_kernel(
     Q, K, V, DESC_K, DESC_V, DO, DQ, LSE, DELTA, LO, HI, ORDER, COUNTER, sm_scale, qk_scale, H, LQ, LK,
-    ORDER_STRIDE, LQ_KEY, LK_KEY, TUNE_TAG,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, ORDERED: tl.constexpr,
+    ORDER_STRIDE, ORDERED, LQ_KEY, LK_KEY, TUNE_TAG,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M, ORDERED)
+    b, bh, pid_m = _program_block(ORDER, ORDER_STRIDE, ORDERED, tl.cdiv(LQ, BLOCK_M), H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < LQ
@@ -878,10 +882,11 @@ def _remember_blocks(kernel, head_dim: int, dtype: torch.dtype, q_len: int, kv_l
 
 def _order_args(order: torch.Tensor | None, side: int, fallback: torch.Tensor) -> tuple:
     """(ORDER, ORDER_STRIDE, ORDERED) kernel arguments: one side of the launch-order table, or natural
-    order (``fallback`` is any tensor on the device; the kernel never reads it)."""
+    order (``fallback`` is any non-empty int32 tensor on the device: the kernel reads its first entry and
+    ignores it)."""
     if order is None:
-        return fallback, 0, False
-    return order[side], order.shape[2], True
+        return fallback, 0, 0
+    return order[side], order.shape[2], 1
 
 
 def _forward(
@@ -906,9 +911,8 @@ def _forward(
     desc_k, desc_v = _descriptors(k, v)
     _fwd_kernel[grid](
         q, k, v, desc_k, desc_v, o, lse, lo, hi, order_t, counter, scale * _LOG2E, n_heads, q_len, kv_len,
-        order_stride, _bucket(q_len), _bucket(kv_len), _tune_tag(),
+        order_stride, ordered, _bucket(q_len), _bucket(kv_len), _tune_tag(),
         HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype), COUNT_TILES=_COUNTS is not None,
-        ORDERED=ordered,
     )  # fmt: skip
     _remember_blocks(_fwd_kernel, head_dim, q.dtype, q_len, kv_len)
     _log_tuning("fwd", _fwd_kernel, head_dim, q.dtype, q_len, kv_len)
@@ -954,9 +958,9 @@ def _backward(
     desc_q, desc_do = _descriptors(q, do)
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, desc_q, desc_do, dk, dv, lse, delta, lo, hi, table, order_t, counter, scale,
-        scale * _LOG2E, n_heads, q_len, kv_len, table.shape[1], order_stride, _bucket(q_len), _bucket(kv_len),
-        _tune_tag(),
-        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK, ORDERED=ordered,
+        scale * _LOG2E, n_heads, q_len, kv_len, table.shape[1], order_stride, ordered, _bucket(q_len),
+        _bucket(kv_len), _tune_tag(),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK,
     )  # fmt: skip
     _log_tuning("dkdv", _bwd_dkdv_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dkdv", counter)
@@ -972,8 +976,8 @@ def _backward(
     desc_k, desc_v = _descriptors(k, v)
     _bwd_dq_kernel[grid_q](
         q, k, v, desc_k, desc_v, do, dq, lse, delta, lo, hi, order_t, counter, scale, scale * _LOG2E,
-        n_heads, q_len, kv_len, order_stride, _bucket(q_len), _bucket(kv_len), _tune_tag(),
-        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, ORDERED=ordered,
+        n_heads, q_len, kv_len, order_stride, ordered, _bucket(q_len), _bucket(kv_len), _tune_tag(),
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting,
     )  # fmt: skip
     _log_tuning("dq", _bwd_dq_kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dq", counter)
