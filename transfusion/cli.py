@@ -293,6 +293,8 @@ def _train_epilog() -> str:
     lines.append("  (model.z_loss=1e-5), are off by default for both families.")
     lines.append("image head: model.prediction_type=epsilon (the paper: predict the noise) | v_prediction")
     lines.append("  (predict v = sqrt(abar) eps - sqrt(1 - abar) x0; the sampler follows the run's choice).")
+    lines.append("diffusion loss weight: model.diffusion_loss_weighting=none (the paper) | min_snr")
+    lines.append("  (model.min_snr_gamma=5) | eps_equivalent (v's loss weighted to equal the eps loss).")
     lines.append("")
     lines.append("example: transfusion train --preset tiny --steps 200 --device cpu --out runs/tiny lr=2e-3")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from typing import Any
 PATCH_SIZES = (1, 2, 4, 8)
 ADAPTERS = ("linear", "unet")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_WEIGHTINGS = ("none", "min_snr", "eps_equivalent")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class ModelConfig:
     # what the image head predicts: "epsilon" (the paper: the noise) or "v_prediction" (Salimans & Ho's
     # v = sqrt(abar) eps - sqrt(1 - abar) x0, whose x_0 estimate stays bounded near t = T)
     prediction_type: str = "epsilon"
+    # per-timestep weight of the diffusion MSE (transfusion.diffusion.loss_weights): "none" (the paper),
+    # "min_snr" (Hang et al. 2023: the x_0-space weight min(SNR, min_snr_gamma)), or "eps_equivalent"
+    # (v-prediction weighted so that its loss equals the eps loss; for eps it is "none")
+    diffusion_loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # applied in data prep (transfusion.packing), recorded here
     # False: no LM loss on the token after a caption-dropped image's <EOI> (packing.pack_documents); the
     # dropped pair otherwise reads as an image-first pair with an empty caption
@@ -141,6 +147,16 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.prediction_type = {self.prediction_type!r} must be one of {PREDICTION_TYPES}"
             )
+        if self.diffusion_loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"ModelConfig.diffusion_loss_weighting = {self.diffusion_loss_weighting!r} must be one of "
+                f"{LOSS_WEIGHTINGS}"
+            )
+        if isinstance(self.min_snr_gamma, bool) or not (
+            isinstance(self.min_snr_gamma, (int, float)) and math.isfinite(self.min_snr_gamma)
+            and self.min_snr_gamma > 0
+        ):  # fmt: skip
+            raise ValueError(f"ModelConfig.min_snr_gamma = {self.min_snr_gamma!r} must be finite and > 0")
         if isinstance(self.z_loss, bool) or not (
             isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss) and self.z_loss >= 0
         ):
@@ -253,6 +269,7 @@ __all__ = [
     "LADDER_PRESETS",
     "PAPER_PRESETS",
     "PATCH_SIZES",
+    "LOSS_WEIGHTINGS",
     "PREDICTION_TYPES",
     "PRESETS",
     "ModelConfig",

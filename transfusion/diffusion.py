@@ -11,7 +11,16 @@ steps; its betas and cumulative alphas equal diffusers' ``DDPMScheduler(beta_sch
 The model predicts eps (the paper) or, with ``prediction_type="v_prediction"``, the velocity
 v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers' ``get_velocity``). The loss is
 the MSE between prediction and target, averaged over each image's elements, then over images (paper:
-"diffusion loss per image").
+"diffusion loss per image"), optionally weighted per image by its timestep (:func:`loss_weights`).
+
+Weights. With SNR_t = abar_t / (1 - abar_t), an error in the x_0 estimate costs SNR_t times as much in
+eps-MSE and SNR_t + 1 times as much in v-MSE. So the unweighted v loss is the eps loss divided by abar_t:
+it weights the noisiest timesteps far more. A weighting is chosen as a weight W_t on x_0-MSE and turned
+into the per-image factor W_t / SNR_t (eps) or W_t / (SNR_t + 1) (v):
+
+    "none"            factor 1 (the paper, for eps: W_t = SNR_t)
+    "min_snr"         W_t = min(SNR_t, gamma) (Hang et al. 2023, "Min-SNR weighting", gamma = 5)
+    "eps_equivalent"  W_t = SNR_t: factor 1 for eps, abar_t for v (the v loss then equals the eps loss)
 """
 
 from __future__ import annotations
@@ -98,6 +107,25 @@ def diffusion_target(
     raise ValueError(f"prediction_type = {prediction_type!r} must be 'epsilon' or 'v_prediction'")
 
 
+def loss_weights(
+    schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, weighting: str, gamma: float = 5.0
+) -> torch.Tensor | None:
+    """(N,) float32 per-image factors of the diffusion MSE (see the module doc), or None for "none"."""
+    if weighting == "none":
+        return None
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type = {prediction_type!r} must be 'epsilon' or 'v_prediction'")
+    abar = schedule.alphas_cumprod.to(t.device).double()[t.long()]
+    snr = abar / (1 - abar)
+    if weighting == "min_snr":
+        w_x0 = snr.clamp(max=gamma)
+    elif weighting == "eps_equivalent":
+        w_x0 = snr
+    else:
+        raise ValueError(f"weighting = {weighting!r} must be 'none', 'min_snr' or 'eps_equivalent'")
+    return (w_x0 / (snr if prediction_type == "epsilon" else snr + 1)).float()
+
+
 def sample_timesteps(
     n: int,
     image_first: torch.Tensor | None = None,
@@ -122,15 +150,22 @@ def sample_timesteps(
     return t
 
 
-def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """MSE per image (mean over its C, H, W), then mean over images; 0 when there are no images."""
+def diffusion_loss(
+    eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE per image (mean over its C, H, W), times the image's weight if given (:func:`loss_weights`),
+    then mean over images; 0 when there are no images."""
     if eps_pred.shape != eps.shape:
         raise ValueError(
             f"eps_pred shape {tuple(eps_pred.shape)} does not match eps shape {tuple(eps.shape)}"
         )
+    if weights is not None and tuple(weights.shape) != (eps.shape[0],):
+        raise ValueError(f"weights shape {tuple(weights.shape)} must be (N,) = ({eps.shape[0]},)")
     if eps.shape[0] == 0:
         return eps_pred.sum() * 0.0  # keeps the graph (and dtype/device) without dividing by zero
     per_image = (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
+    if weights is not None:
+        per_image = per_image * weights.to(per_image)
     return per_image.mean()
 
 
@@ -141,5 +176,6 @@ __all__ = [
     "diffusion_loss",
     "diffusion_target",
     "epsilon_target",
+    "loss_weights",
     "sample_timesteps",
 ]

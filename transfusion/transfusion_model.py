@@ -29,7 +29,13 @@ import torch.nn.functional as F
 
 from transfusion.adapters import AdapterContext, build_adapter
 from transfusion.config import ModelConfig
-from transfusion.diffusion import NoiseSchedule, diffusion_loss, diffusion_target, sample_timesteps
+from transfusion.diffusion import (
+    NoiseSchedule,
+    diffusion_loss,
+    diffusion_target,
+    loss_weights,
+    sample_timesteps,
+)
 from transfusion.layout import AttentionLayout
 from transfusion.model import KVCache, Transformer
 from transfusion.packing import PackedBatch
@@ -237,7 +243,10 @@ class Transfusion(nn.Module):
             img_hidden = flat[patch_index.reshape(-1)].view(N, patch_index.shape[1], -1)
             eps_pred = self.adapter.decode(img_hidden, ctx)
             target = diffusion_target(cfg.prediction_type, self.schedule, batch.latents, noise, timesteps)
-            diff_loss = diffusion_loss(eps_pred, target)
+            weights = loss_weights(
+                self.schedule, timesteps, cfg.prediction_type, cfg.diffusion_loss_weighting, cfg.min_snr_gamma
+            )
+            diff_loss = diffusion_loss(eps_pred, target, weights)
         else:
             diff_loss = flat.sum() * 0.0
         loss = lm_loss + cfg.diffusion_lambda * diff_loss
