@@ -28,6 +28,28 @@ def _csv_table(path: Path, columns: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
+def _quick_settings(folder: Path) -> list[str]:
+    """A line naming the quick config fields this run changed from the defaults (e.g. the x_0 clamp)."""
+    import json
+
+    from bench.quick import QuickConfig
+
+    try:
+        config = json.loads((folder / "quick.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return []
+    defaults = QuickConfig().to_dict()
+    changed = {k: v for k, v in config.items() if k not in _NOT_SETTINGS and defaults.get(k, v) != v}
+    if not changed:
+        return []
+    items = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(changed.items()))
+    return [f"Settings changed from the quick defaults: {items}.", ""]
+
+
+# run-time knobs that do not change what a quick run measures
+_NOT_SETTINGS = ("progress", "cache_dir", "threads")
+
+
 def build_report(results_root: Path = Path("results")) -> Path:
     sections = [
         "# Transfusion bench report",
@@ -51,6 +73,7 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "`latent_std_ratio`: the std of Transfusion's generated latents over that of the prompts'",
                 "real images' latents (1: the data's scale; well above 1: the sampler drove them off it).",
                 "",
+                *_quick_settings(folder),
                 _csv_table(folder / "quick.csv", QUICK_COLUMNS),
                 "",
             ]

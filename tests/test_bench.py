@@ -128,3 +128,17 @@ def test_breakdown_natural_order_variant_runs_triton_in_natural_order():
     with _variant_context("triton"):
         assert ia._ORDER == before
     assert ia._ORDER == before
+
+
+def test_report_names_the_quick_settings_a_run_changed(tmp_path):
+    from bench.quick import QuickConfig
+    from bench.report import _quick_settings
+
+    config = dict(QuickConfig().to_dict(), clip_sample_range=10.0, progress=False, num_diffusion_steps=50)
+    (tmp_path / "quick.json").write_text(json.dumps({"config": config}))
+    line = _quick_settings(tmp_path)[0]
+    assert "`clip_sample_range=10.0`" in line and "`num_diffusion_steps=50`" in line
+    assert "progress" not in line
+    (tmp_path / "quick.json").write_text(json.dumps({"config": QuickConfig().to_dict()}))
+    assert _quick_settings(tmp_path) == []
+    assert _quick_settings(tmp_path / "missing") == []
