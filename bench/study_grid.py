@@ -66,6 +66,9 @@ TRAININGS: dict[str, Training] = {
     "dropout-0": _tf(caption_dropout=0.0),
     "dropout-0.3": _tf(caption_dropout=0.3),
     "v-pred": _tf(prediction_type="v_prediction"),
+    "v-pred-eps-equivalent": _tf(prediction_type="v_prediction", diffusion_loss_weighting="eps_equivalent"),
+    "v-pred-min-snr": _tf(prediction_type="v_prediction", diffusion_loss_weighting="min_snr"),
+    "eps-min-snr": _tf(diffusion_loss_weighting="min_snr"),
     "no-loss-after-drop": _tf(loss_after_dropped_caption=False),
     "dropout-0.3-no-loss-after-drop": _tf(caption_dropout=0.3, loss_after_dropped_caption=False),
     "discrete-no-loss-after-drop": Training("discrete", model={"loss_after_dropped_caption": False}),
@@ -228,6 +231,18 @@ ROWS: tuple[Row, ...] = (
         for name, training in (("epsilon", "base"), ("v-prediction", "v-pred"))
         for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
     ),
+    # the diffusion loss's timestep weight: the unweighted v loss is the eps loss divided by abar_t
+    *(
+        Row("loss_weighting", f"{name}{label}", training, eval=clip)
+        for name, training in (
+            ("eps, unweighted (paper)", "base"),
+            ("eps, min-SNR 5", "eps-min-snr"),
+            ("v, unweighted", "v-pred"),
+            ("v, eps-equivalent", "v-pred-eps-equivalent"),
+            ("v, min-SNR 5", "v-pred-min-snr"),
+        )
+        for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
+    ),
     Row("cfg_scale", "guidance 1 (off)", "base", eval={"guidance_scale": 1.0}),
     Row("cfg_scale", "guidance 3", "base", eval={"guidance_scale": 3.0}),
     Row("cfg_scale", "guidance 5", "base", eval={"guidance_scale": 5.0}),
@@ -253,6 +268,7 @@ GROUP_TITLES: dict[str, str] = {
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
     "lr_S": "The largest size (S) at learning rate 1e-3 (the study's) and 3e-4",
     "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
+    "loss_weighting": "Timestep weighting of the diffusion loss, eps and v, 250 DDPM steps (not in paper)",
     "cfg_scale": "Classifier-free guidance scale",
 }
 

@@ -28,6 +28,7 @@ EXTRA_PANELS: dict[str, str] = {
             "inference_steps",
             "x0_clip",
             "prediction",
+            "loss_weighting",
             "cfg_scale",
         ),
         "latent_std_ratio",
