@@ -110,3 +110,42 @@ def test_launch_order_model_command(tmp_path):
     assert "## Triton kernel (kernels): launch order" in build_report(tmp_path).read_text()
     with pytest.raises(SystemExit):
         main(["launch-order", "--sms", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize("ordered", [1, 0])
+def test_program_block_mapping_for_every_block_size(ordered):
+    """The kernels' program -> (b, b * H + h, block) mapping, run as a Triton kernel (interpreted on CPU)
+    for every block size the table has a row for: heaviest first it follows that row, head fastest;
+    natural order is blocks fastest, then heads. Either way every (b, h, block) is visited once."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(ORDER, ORDER_STRIDE, ORDERED, OUT, n_blocks, H, BLOCK: tl.constexpr):
+        b, bh, blk = ia._program_block(ORDER, ORDER_STRIDE, ORDERED, n_blocks, H, BLOCK)
+        p = tl.program_id(0)
+        tl.store(OUT + p * 3, b.to(tl.int32))
+        tl.store(OUT + p * 3 + 1, bh.to(tl.int32))
+        tl.store(OUT + p * 3 + 2, blk.to(tl.int32))
+
+    device = "cpu" if ia.INTERPRET else "cuda"
+    bsz, heads, length = 2, 3, 300
+    case = random_case(bsz, length, length)
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    order = work_order(lo, hi, length, ia.key_major_table(lo, hi, length))
+    for side, r, block in ((s, r, b) for s in (0, 1) for r, b in enumerate(ORDER_SIZES)):
+        n_blocks = -(-length // block)
+        programs = bsz * heads * n_blocks
+        out = torch.full((programs, 3), -1, dtype=torch.int32, device=device)
+        probe[(programs,)](order[side], order.shape[2], ordered, out, n_blocks, heads, BLOCK=block)
+        b, bh, blk = out.cpu().long().unbind(1)
+        p = torch.arange(programs)
+        if ordered:
+            entry = order[side, r, p // heads].cpu().long()
+            want = (entry // n_blocks, (entry // n_blocks) * heads + p % heads, entry % n_blocks)
+        else:
+            want = ((p // n_blocks) // heads, p // n_blocks, p % n_blocks)
+        for got, exp in zip((b, bh, blk), want):
+            assert torch.equal(got, exp), (side, block, ordered)
+        assert torch.equal(bh // heads, b)
+        assert torch.unique(bh * n_blocks + blk).numel() == programs  # each (b, h, block) exactly once
