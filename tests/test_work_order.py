@@ -22,9 +22,10 @@ from kernels.work_order import (
     query_block_work,
     work_order,
 )
-from tests.test_triton_kernel import random_case
+from tests.test_triton_kernel import DEVICES, random_case
 
 ia = importlib.import_module("kernels.interval_attention")
+_program_block = ia._program_block  # a global of this module, so the probe kernel below can call it
 
 
 def _query_work_by_definition(mask: torch.Tensor, block: int) -> torch.Tensor:
@@ -112,8 +113,9 @@ def test_launch_order_model_command(tmp_path):
         main(["launch-order", "--sms", "0", "--out", str(out)])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ordered", [1, 0])
-def test_program_block_mapping_for_every_block_size(ordered):
+def test_program_block_mapping_for_every_block_size(device, ordered):
     """The kernels' program -> (b, b * H + h, block) mapping, run as a Triton kernel (interpreted on CPU)
     for every block size the table has a row for: heaviest first it follows that row, head fastest;
     natural order is blocks fastest, then heads. Either way every (b, h, block) is visited once."""
@@ -122,13 +124,12 @@ def test_program_block_mapping_for_every_block_size(ordered):
 
     @triton.jit
     def probe(ORDER, ORDER_STRIDE, ORDERED, OUT, n_blocks, H, BLOCK: tl.constexpr):
-        b, bh, blk = ia._program_block(ORDER, ORDER_STRIDE, ORDERED, n_blocks, H, BLOCK)
+        b, bh, blk = _program_block(ORDER, ORDER_STRIDE, ORDERED, n_blocks, H, BLOCK)
         p = tl.program_id(0)
         tl.store(OUT + p * 3, b.to(tl.int32))
         tl.store(OUT + p * 3 + 1, bh.to(tl.int32))
         tl.store(OUT + p * 3 + 2, blk.to(tl.int32))
 
-    device = "cpu" if ia.INTERPRET else "cuda"
     bsz, heads, length = 2, 3, 300
     case = random_case(bsz, length, length)
     lo, hi = case.lo.to(device), case.hi.to(device)
