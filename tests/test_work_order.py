@@ -28,27 +28,18 @@ ia = importlib.import_module("kernels.interval_attention")
 _program_block = ia._program_block  # a global of this module, so the probe kernel below can call it
 
 
-def _query_work_by_definition(mask: torch.Tensor, block: int) -> torch.Tensor:
-    bsz, q_len, _ = mask.shape
-    n_blocks = -(-q_len // block)
+def _span_by_definition(mask: torch.Tensor, block: int, unit: int) -> torch.Tensor:
+    """(B, blocks) over blocks of ``block`` rows of ``mask``: from the first to the last column any row of
+    the block may attend, counted in groups of ``unit`` columns (0 for a block that attends nothing).
+    Query work is this on the mask in keys (unit 1), key work on its transpose in query chunks."""
+    bsz, rows, _ = mask.shape
+    n_blocks = -(-rows // block)
     work = torch.zeros(bsz, n_blocks, dtype=torch.long)
     for b in range(bsz):
         for m in range(n_blocks):
-            keys = mask[b, m * block : (m + 1) * block].any(0).nonzero().flatten()
-            if keys.numel():
-                work[b, m] = keys.max() - keys.min() + 1
-    return work
-
-
-def _key_work_by_definition(mask: torch.Tensor, block: int) -> torch.Tensor:
-    bsz, q_len, kv_len = mask.shape
-    n_blocks = -(-kv_len // block)
-    work = torch.zeros(bsz, n_blocks, dtype=torch.long)
-    for b in range(bsz):
-        for n in range(n_blocks):
-            rows = mask[b, :, n * block : (n + 1) * block].any(1).nonzero().flatten()
-            if rows.numel():
-                work[b, n] = rows.max() // CHUNK - rows.min() // CHUNK + 1
+            cols = mask[b, m * block : (m + 1) * block].any(0).nonzero().flatten()
+            if cols.numel():
+                work[b, m] = cols.max() // unit - cols.min() // unit + 1
     return work
 
 
@@ -64,8 +55,9 @@ def test_work_and_order_match_the_definition(trial):
     for r, block in enumerate(ORDER_SIZES):
         q_work = query_block_work(case.lo, case.hi, kv_len, block)
         k_work = key_block_work(table, q_len, kv_len, block)
-        assert torch.equal(q_work, _query_work_by_definition(case.mask, block)), (case.text, block)
-        assert torch.equal(k_work, _key_work_by_definition(case.mask, block)), (case.text, block)
+        assert torch.equal(q_work, _span_by_definition(case.mask, block, 1)), (case.text, block)
+        by_keys = _span_by_definition(case.mask.transpose(1, 2), block, CHUNK)
+        assert torch.equal(k_work, by_keys), (case.text, block)
         for side, work in ((0, q_work), (1, k_work)):
             flat = work.flatten()
             got = order[side, r, : flat.numel()].long()
