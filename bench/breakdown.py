@@ -3,7 +3,9 @@
 The sweep says how long a forward+backward takes; this says which kernels take it: for our Triton
 backend the forward, ``delta``, dK/dV and dQ kernels and the host-side table ops, for FlexAttention its
 generated templates. ``triton-natural`` is our backend with its programs launched in the natural order
-instead of heaviest first (kernels/work_order.py), for a direct comparison at the same shape. Each
+instead of heaviest first (kernels/work_order.py), for a direct comparison at the same shape;
+``triton-1row`` and ``triton-natural-1row`` are the two orders on one row of ``seq_len`` tokens with 8
+heads, where a launch has few programs per SM and the order matters most (``bench launch-order``). Each
 backend runs ``iters`` profiled steps at one shape after warm-up (compilation and autotuning happen
 there, outside the profile), and every kernel's device time is divided by ``iters``. On a CPU there are
 no device kernels, so the rows are the CPU operators' self time instead.
@@ -14,6 +16,7 @@ no device kernels, so the rows are the CPU operators' self time instead.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,18 +26,37 @@ from bench.workloads import benchmark_layout
 from transfusion.attention import attend, get_backend
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
-FIELDS = ("backend", "mode", "kernel", "calls_per_step", "us_per_step", "share", "step_us")
-# breakdown-only variants: name -> registered backend it runs
-VARIANTS = {"triton-natural": "triton"}
+FIELDS = ("backend", "mode", "batch", "heads", "kernel", "calls_per_step", "us_per_step", "share", "step_us")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A breakdown-only name: a registered backend run in a launch order and, optionally, on one row."""
+
+    backend: str
+    order: str | None = None  # kernels.interval_attention.program_order, None: the default
+    one_row_heads: int | None = None  # one row of seq_len tokens with this many heads instead of the shape
+
+
+VARIANTS: dict[str, Variant] = {
+    "triton-natural": Variant("triton", order="natural"),
+    "triton-1row": Variant("triton", one_row_heads=8),
+    "triton-natural-1row": Variant("triton", order="natural", one_row_heads=8),
+}
+
+
+def _variant(name: str) -> Variant:
+    return VARIANTS.get(name, Variant(name))
 
 
 def _variant_context(name: str):
-    """The context a variant runs in (the natural launch order for triton-natural)."""
-    if name == "triton-natural":
-        import importlib
+    """The context a variant runs in (its launch order, for the triton variants)."""
+    order = _variant(name).order
+    if order is None:
+        return nullcontext()
+    import importlib
 
-        return importlib.import_module("kernels.interval_attention").program_order("natural")
-    return nullcontext()
+    return importlib.import_module("kernels.interval_attention").program_order(order)
 
 
 def _events(prof, device: torch.device) -> list[tuple[str, int, float]]:
@@ -90,24 +112,31 @@ def kernel_breakdown(
 ) -> list[dict]:
     """Profile forward+backward of each backend at one sweep shape; the ``top`` kernels per backend."""
     device = torch.device(device)
-    batch = max(1, tokens_per_batch // seq_len)
-    layout = benchmark_layout(batch, seq_len, image_tokens, image_fraction, device=device)
     rows: list[dict] = []
     for backend in backends:
-        reason = get_backend(VARIANTS.get(backend, backend)).why_not(device.type, dtype, True, head_dim)
+        variant = _variant(backend)
+        b, h = (
+            (1, variant.one_row_heads)
+            if variant.one_row_heads
+            else (max(1, tokens_per_batch // seq_len), heads)
+        )
+        reason = get_backend(variant.backend).why_not(device.type, dtype, True, head_dim)
         if reason:
-            rows.append(dict(backend=backend, mode="fwd_bwd", kernel=f"unsupported: {reason}"))
+            rows.append(
+                dict(backend=backend, mode="fwd_bwd", batch=b, heads=h, kernel=f"unsupported: {reason}")
+            )
             continue
+        layout = benchmark_layout(b, seq_len, image_tokens, image_fraction, device=device)
         with _variant_context(backend):
-            shape = (batch, heads, seq_len, head_dim)
-            prof = _profile_steps(VARIANTS.get(backend, backend), layout, shape, dtype, iters)
+            prof = _profile_steps(variant.backend, layout, (b, h, seq_len, head_dim), dtype, iters)
         events = sorted(_events(prof, device), key=lambda e: -e[2])
         total = sum(us for _, _, us in events) / iters
         for name, calls, us in events[:top]:
             rows.append(
                 dict(
-                    backend=backend, mode="fwd_bwd", kernel=name[:120], calls_per_step=calls / iters,
-                    us_per_step=us / iters, share=(us / iters) / total if total else 0.0, step_us=total,
+                    backend=backend, mode="fwd_bwd", batch=b, heads=h, kernel=name[:120],
+                    calls_per_step=calls / iters, us_per_step=us / iters,
+                    share=(us / iters) / total if total else 0.0, step_us=total,
                 )
             )  # fmt: skip
     return rows

@@ -6,8 +6,8 @@
 #   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
 #      (pytest -m gpu); both test logs go to results/gpu/gpu_tests.txt;
 #   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary);
-#   5. profiles one forward+backward of triton (heaviest-first and natural launch order), flex and xformers at
-#      L = 8192 per kernel (kernel_breakdown.csv).
+#   5. profiles one forward+backward of triton (heaviest-first and natural launch order, at the sweep's
+#      shape and on one row of 8 heads), flex and xformers at L = 8192 per kernel (kernel_breakdown.csv).
 # Plots are redrawn from the CSV afterwards (python -m bench plots results/gpu), so $OUT stays small.
 # Prepare the wheel folder on a machine with PyPI access (see README, "GPU run").
 # Set TRANSFUSION_COMMIT to the commit being measured when the tree travels without .git.
@@ -59,7 +59,8 @@ python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUD
   | grep -v "it/s\]$" | tail -n 40
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"
-timeout "${BREAKDOWN_TIMEOUT_S:-75}" python3 -m bench breakdown --backends triton,triton-natural,flex,xformers \
+timeout "${BREAKDOWN_TIMEOUT_S:-75}" python3 -m bench breakdown \
+  --backends triton,triton-natural,triton-1row,triton-natural-1row,flex,xformers \
   --out "$RESULTS" 2>&1 \
   | grep -v "^USDT\|gpuGetDeviceCount"
 echo "breakdown: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"

@@ -139,12 +139,15 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
         f"Per-kernel time of one forward+backward ({shape or 'see provenance'}; `bench breakdown`):",
         "",
     ]
-    steps = df.groupby("backend", sort=False)["step_us"].first()
-    lines += ["| backend | device time per step (us) |", "|---|---|"]
-    lines += [f"| {backend} | {us:.4g} |" for backend, us in steps.items()]
-    if {"triton", "triton-natural"} <= set(steps.index):
-        ratio = steps["triton"] / steps["triton-natural"]
-        lines += ["", f"triton device time, heaviest-first launch order / natural order: {ratio:.3f}"]
+    first = df.groupby("backend", sort=False).first()
+    steps = first["step_us"]
+    shape = {b: f"{int(r.batch)} x {int(r.heads)}" if "batch" in first else "-" for b, r in first.iterrows()}
+    lines += ["| backend | batch x heads | device time per step (us) |", "|---|---|---|"]
+    lines += [f"| {backend} | {shape[backend]} | {us:.4g} |" for backend, us in steps.items()]
+    for ordered, natural in (("triton", "triton-natural"), ("triton-1row", "triton-natural-1row")):
+        if {ordered, natural} <= set(steps.index):
+            ratio = steps[ordered] / steps[natural]
+            lines += ["", f"{ordered} ({shape[ordered]}): heaviest-first / natural launch order: {ratio:.3f}"]
     lines += ["", "| backend | kernel | us per step | share | calls |", "|---|---|---|---|---|"]
     for backend, rows in df.groupby("backend", sort=False):
         for r in rows.nlargest(top, "us_per_step").itertuples():

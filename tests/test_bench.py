@@ -82,13 +82,16 @@ def test_summary_lists_the_fastest_tuned_configs(tmp_path):
     rows.append(dict(rows[0], q_bucket=128, ms=0.1))  # another length: ignored
     pd.DataFrame(rows).to_csv(out / "kernel_tuning.csv", index=False)
     pd.DataFrame(
-        [dict(backend=name, mode="fwd_bwd", kernel=f"k{i}", calls_per_step=1.0, us_per_step=i * scale,
-              share=i / 28, step_us=28.0 * scale)
-         for name, scale in (("triton", 1.0), ("triton-natural", 1.25)) for i in range(1, 8)]
+        [dict(backend=name, mode="fwd_bwd", batch=batch, heads=heads, kernel=f"k{i}", calls_per_step=1.0,
+              us_per_step=i * scale, share=i / 28, step_us=28.0 * scale)
+         for name, scale, batch, heads in (("triton", 1.0, 4, 16), ("triton-natural", 1.25, 4, 16),
+                                           ("triton-1row", 0.5, 1, 8), ("triton-natural-1row", 1.0, 1, 8))
+         for i in range(1, 8)]
     ).to_csv(out / "kernel_breakdown.csv", index=False)  # fmt: skip
     text = summarize(out, seq_len=64)
-    assert "| triton | 28 |" in text and "| triton-natural | 35 |" in text
-    assert "heaviest-first launch order / natural order: 0.800" in text
+    assert "| triton | 4 x 16 | 28 |" in text and "| triton-natural | 4 x 16 | 35 |" in text
+    assert "triton (4 x 16): heaviest-first / natural launch order: 0.800" in text
+    assert "triton-1row (1 x 8): heaviest-first / natural launch order: 0.500" in text
     assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
     assert "| triton | `k7` | 7 | 25.0% | 1 |" in text and "`k1`" not in text  # the top 6 only
     assert text.count("128x32 w4 s3 | 0.7") == 3
@@ -121,12 +124,14 @@ def test_breakdown_natural_order_variant_runs_triton_in_natural_order():
     from bench.breakdown import VARIANTS, _variant_context
 
     ia = importlib.import_module("kernels.interval_attention")
-    assert VARIANTS["triton-natural"] == "triton"
+    assert VARIANTS["triton-natural"].backend == VARIANTS["triton-1row"].backend == "triton"
     before = ia._ORDER
-    with _variant_context("triton-natural"):
-        assert ia._ORDER == "natural"
-    with _variant_context("triton"):
-        assert ia._ORDER == before
+    for name in ("triton-natural", "triton-natural-1row"):
+        with _variant_context(name):
+            assert ia._ORDER == "natural"
+    for name in ("triton", "triton-1row", "flex"):
+        with _variant_context(name):
+            assert ia._ORDER == before
     assert ia._ORDER == before
 
 
@@ -142,3 +147,21 @@ def test_report_names_the_quick_settings_a_run_changed(tmp_path):
     (tmp_path / "quick.json").write_text(json.dumps({"config": QuickConfig().to_dict()}))
     assert _quick_settings(tmp_path) == []
     assert _quick_settings(tmp_path / "missing") == []
+
+
+def test_breakdown_runs_the_one_row_launch_order_variants(tmp_path):
+    """The one-row variants profile triton on one row of 8 heads, in either launch order (CPU: the
+    interpreter's operators), and the CSV records the batch and heads each row ran at."""
+    pytest.importorskip("triton")
+    from bench.breakdown import run as run_breakdown
+
+    rows = run_breakdown(
+        tmp_path, ["triton-1row", "triton-natural-1row", "naive"], "cpu", seq_len=64, head_dim=32,
+        dtype=torch.float32, heads=2, tokens_per_batch=128, image_tokens=16, iters=1,
+    )  # fmt: skip
+    df = pd.read_csv(tmp_path / "kernel_breakdown.csv")
+    for name, (batch, heads) in (("triton-1row", (1, 8)), ("triton-natural-1row", (1, 8)), ("naive", (2, 2))):
+        got = df[df.backend == name]
+        assert not got.empty and (got.us_per_step > 0).all(), name
+        assert (got.batch == batch).all() and (got.heads == heads).all(), name
+    assert len(rows) == len(df)
