@@ -201,6 +201,21 @@ ROWS: tuple[Row, ...] = (
         for steps in (50, 250, 500)
         for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
     ),
+    # how tight a clamp each sampler wants: DDPM at 250 steps and DDIM at 50 (the `transfusion generate
+    # --scheduler ddim` default), clamps from none to 3 (the data latents have unit std and reach about 6)
+    *(
+        Row("sampler_clip", f"{name}, {label}", "base", eval={**ev, **clip})
+        for name, ev in (
+            ("DDPM 250", {}),
+            ("DDIM 50", {"scheduler": "ddim", "num_diffusion_steps": 50}),
+        )
+        for label, clip in (
+            ("no clamp", {}),
+            ("x0 clip 10", {"clip_sample_range": 10.0}),
+            ("x0 clip 5", {"clip_sample_range": 5.0}),
+            ("x0 clip 3", {"clip_sample_range": 3.0}),
+        )
+    ),
     # the empty-caption ambiguity: a dropped caption-first pair packs like an empty image-first caption;
     # without the loss on the token after its <EOI> it no longer teaches that. Captions decoded freely
     # (no one-token floor) show the share of empty ones, and with the floor as in the other groups.
@@ -265,6 +280,7 @@ GROUP_TITLES: dict[str, str] = {
     "cfg_dropout": "Caption dropout rate for classifier-free guidance (not ablated in the paper)",
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
     "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
+    "sampler_clip": "The x_0 clamp's range for DDPM (250 steps) and DDIM (50 steps)",
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
     "lr_S": "The largest size (S) at learning rate 1e-3 (the study's) and 3e-4",
     "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",

@@ -27,6 +27,7 @@ EXTRA_PANELS: dict[str, str] = {
             "scaling_lr_3e-4",
             "inference_steps",
             "x0_clip",
+            "sampler_clip",
             "prediction",
             "loss_weighting",
             "cfg_scale",
