@@ -51,6 +51,11 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
         "clip_sample_range=10.0-num_diffusion_steps=50",
         "clip_sample_range=10.0-num_diffusion_steps=500",
         "caption_min_tokens=0",  # the dropped-caption group's free captions
+        # the sampler-clip group: tighter DDPM clamps, and DDIM at 50 steps with and without them
+        "clip_sample_range=5.0",
+        "clip_sample_range=3.0",
+        "num_diffusion_steps=50-scheduler=ddim",
+        *(f"clip_sample_range={r}-num_diffusion_steps=50-scheduler=ddim" for r in (10.0, 5.0, 3.0)),
     }
 
 
