@@ -153,6 +153,13 @@ ROWS: tuple[Row, ...] = (
     # the same models at 250 steps with every step's x_0 estimate clamped to [-10, 10] (the data latents
     # have unit std and stay within about 6): without the clamp their latents grow with the step count
     *_family_ladder("scaling_x0_clip", "x0 clip 10", {"clip_sample_range": 10.0}),
+    # the same models with Transfusion's images drawn by DDIM in 50 steps, clamped at 3: the best sampler of
+    # the sampler_clip group
+    *_family_ladder(
+        "scaling_ddim_clip3",
+        "DDIM 50, x0 clip 3",
+        {"scheduler": "ddim", "num_diffusion_steps": 50, "clip_sample_range": 3.0},
+    ),
     # the whole ladder again at learning rate 3e-4, Transfusion clamped as above: is the parity ratio a
     # property of the families or of the one learning rate they share? (lr_S: Transfusion S prefers 3e-4)
     *_family_ladder("scaling_lr_3e-4", "x0 clip 10", {"clip_sample_range": 10.0}, lr_suffix="-lr3e-4"),
@@ -265,12 +272,19 @@ ROWS: tuple[Row, ...] = (
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
-FAMILY_LADDERS: tuple[str, ...] = ("scaling", "scaling_50_steps", "scaling_x0_clip", "scaling_lr_3e-4")
+FAMILY_LADDERS: tuple[str, ...] = (
+    "scaling",
+    "scaling_50_steps",
+    "scaling_x0_clip",
+    "scaling_ddim_clip3",
+    "scaling_lr_3e-4",
+)
 
 GROUP_TITLES: dict[str, str] = {
     "scaling": "Transfusion vs the discrete baseline across model sizes (paper Table 3, Figure 5)",
     "scaling_50_steps": "The same comparison with Transfusion's images drawn in 50 DDPM steps instead of 250",
     "scaling_x0_clip": "The same comparison with Transfusion's x_0 estimates clamped to [-10, 10]",
+    "scaling_ddim_clip3": "The same comparison with Transfusion's images by DDIM in 50 steps, clamped at 3",
     "scaling_lr_3e-4": "The clamped comparison with both families trained at lr 3e-4 instead of 1e-3",
     "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
