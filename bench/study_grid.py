@@ -223,6 +223,18 @@ ROWS: tuple[Row, ...] = (
             ("x0 clip 3", {"clip_sample_range": 3.0}),
         )
     ),
+    # the same kind of search for the baseline's sampler: guidance scale and code temperature (tiny size;
+    # guidance 3 and temperature 1, the defaults, share the default evaluation)
+    *(
+        Row(
+            "baseline_sampling",
+            f"discrete, guidance {g:g}, temperature {temp:g}",
+            "discrete-tiny",
+            eval={"guidance_scale": g, "image_temperature": temp},
+        )
+        for g in (1.0, 3.0, 5.0)
+        for temp in (1.0, 0.7)
+    ),
     # the empty-caption ambiguity: a dropped caption-first pair packs like an empty image-first caption;
     # without the loss on the token after its <EOI> it no longer teaches that. Captions decoded freely
     # (no one-token floor) show the share of empty ones, and with the floor as in the other groups.
@@ -295,6 +307,7 @@ GROUP_TITLES: dict[str, str] = {
     "inference_steps": "DDPM inference steps (not ablated in the paper)",
     "x0_clip": "DDPM steps with and without each step's x_0 estimate clamped to [-10, 10]",
     "sampler_clip": "The x_0 clamp's range for DDPM (250 steps) and DDIM (50 steps)",
+    "baseline_sampling": "The discrete baseline's sampler: guidance scale and code temperature (tiny)",
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
     "lr_S": "The largest size (S) at learning rate 1e-3 (the study's) and 3e-4",
     "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
