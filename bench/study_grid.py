@@ -140,6 +140,9 @@ _TABLE7 = {
     "unet": (("0.16B", (15.3, 18.8, 14.4)), ("0.37B", (21.1, 18.1, 11.8)), ("1.4B", (28.1, 16.6, 9.4))),
 }
 
+# the stable sampler the sampler_clip group found: DDIM in 50 steps, each x_0 estimate clamped to [-3, 3]
+DDIM_CLIP3: dict[str, Any] = {"scheduler": "ddim", "num_diffusion_steps": 50, "clip_sample_range": 3.0}
+
 ROWS: tuple[Row, ...] = (
     # scaling: both families up the size ladder (parity FLOP ratios across sizes)
     *(
@@ -155,11 +158,7 @@ ROWS: tuple[Row, ...] = (
     *_family_ladder("scaling_x0_clip", "x0 clip 10", {"clip_sample_range": 10.0}),
     # the same models with Transfusion's images drawn by DDIM in 50 steps, clamped at 3: the best sampler of
     # the sampler_clip group
-    *_family_ladder(
-        "scaling_ddim_clip3",
-        "DDIM 50, x0 clip 3",
-        {"scheduler": "ddim", "num_diffusion_steps": 50, "clip_sample_range": 3.0},
-    ),
+    *_family_ladder("scaling_ddim_clip3", "DDIM 50, x0 clip 3", DDIM_CLIP3),
     # the whole ladder again at learning rate 3e-4, Transfusion clamped as above: is the parity ratio a
     # property of the families or of the one learning rate they share? (lr_S: Transfusion S prefers 3e-4)
     *_family_ladder("scaling_lr_3e-4", "x0 clip 10", {"clip_sample_range": 10.0}, lr_suffix="-lr3e-4"),
@@ -282,6 +281,17 @@ ROWS: tuple[Row, ...] = (
     Row("cfg_scale", "guidance 5", "base", eval={"guidance_scale": 5.0}),
 )
 
+# The paper's ablations (Tables 5-8) again with Transfusion's images drawn by the stable sampler of the
+# sampler_clip group (DDIM, 50 steps, x_0 clamped at 3) instead of the paper's DDPM 250, whose latents
+# blow up at this scale: which conclusions change with a healthy sampler? Evaluations only.
+_ABLATION_TABLES = {"masking": "T5", "patch": "T6", "adapter_scaling": "T7", "noise_limit": "T8"}
+ROWS += tuple(
+    Row("ablations_ddim_clip3", f"{table} {r.label}", r.training, eval=DDIM_CLIP3, paper=r.paper)
+    for group, table in _ABLATION_TABLES.items()
+    for r in ROWS
+    if r.group == group
+)
+
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
 FAMILY_LADDERS: tuple[str, ...] = (
@@ -297,6 +307,7 @@ GROUP_TITLES: dict[str, str] = {
     "scaling_50_steps": "The same comparison with Transfusion's images drawn in 50 DDPM steps instead of 250",
     "scaling_x0_clip": "The same comparison with Transfusion's x_0 estimates clamped to [-10, 10]",
     "scaling_ddim_clip3": "The same comparison with Transfusion's images by DDIM in 50 steps, clamped at 3",
+    "ablations_ddim_clip3": "The paper's ablations (Tables 5-8) with images by DDIM 50, clamped at 3",
     "scaling_lr_3e-4": "The clamped comparison with both families trained at lr 3e-4 instead of 1e-3",
     "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
