@@ -46,6 +46,7 @@ import torch
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
+EVAL_SPLITS: tuple[str, ...] = ("test", "val")  # shapes splits the evaluation may draw from
 
 CSV_FIELDS: tuple[str, ...] = (
     "family", "status", "steps", "params", "final_loss", "final_lm_loss", "final_diffusion_loss",
@@ -88,6 +89,9 @@ class QuickConfig:
     cache_dir: str = ""  # "" -> TRANSFUSION_CACHE or ~/.cache/transfusion-bench
     threads: int = 0  # 0: the free cores (transfusion.train.resolve_threads); 1 on a busy machine
     # evaluation
+    # the data split the evaluation draws its prompts, images and texts from: "test" (the reported
+    # numbers) or "val" (for choosing settings such as the sampler without looking at the test split)
+    eval_split: str = "test"
     n_t2i: int = 64  # held-out test captions to draw images for
     n_caption: int = 64  # held-out test images to caption
     n_text: int = 500  # held-out test captions for bits per byte
@@ -110,6 +114,8 @@ class QuickConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"QuickConfig.eval_split = {self.eval_split!r} must be one of {EVAL_SPLITS}")
         if self.clip_sample_range is not None:  # checked now, not after the trainings
             from transfusion.generation import SamplingConfig
 
@@ -342,9 +348,10 @@ def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
 
 
 def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` items of the evaluation split (``cfg.eval_split``, normally "test")."""
     from transfusion.data import get_dataset
 
-    ds = get_dataset("shapes", "test", **cfg.dataset_options)
+    ds = get_dataset("shapes", cfg.eval_split, **cfg.dataset_options)
     return [ds[i] for i in range(min(n, len(ds)))]
 
 
@@ -434,11 +441,14 @@ def stored_run_fingerprint(run_dir: Path) -> str | None:
 def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
     eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "clip_", "image_temp", "caption_", "fid")
-    return {
+    settings = {
         k: v
         for k, v in cfg.to_dict().items()
         if k.startswith(eval_prefixes) or k in ("seed", "dataset_options")
     }
+    if cfg.eval_split != "test":  # named only when not the default, so earlier test-split caches stay valid
+        settings["eval_split"] = cfg.eval_split
+    return settings
 
 
 def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:

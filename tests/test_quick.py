@@ -137,6 +137,19 @@ def test_clip_sample_range_reaches_the_sampler_and_is_checked_up_front(tmp_path)
         _config(tmp_path, clip_sample_range=0)
 
 
+def test_eval_split_picks_the_prompts_and_keys_the_cache(tmp_path):
+    """eval_split="val" draws the evaluation's items from the shapes val split (other captions than the
+    test split's), is part of the evaluation's cache fingerprint, and leaves the default's unchanged."""
+    test_cfg, val_cfg = _config(tmp_path), _config(tmp_path, eval_split="val")
+    test_caps = [it["caption"] for it in quick._test_items(test_cfg, 16)]
+    val_caps = [it["caption"] for it in quick._test_items(val_cfg, 16)]
+    assert len(val_caps) == 16 and val_caps != test_caps
+    assert "eval_split" not in quick.eval_settings(test_cfg)  # earlier caches of the test split stay valid
+    assert quick.eval_settings(val_cfg) == {**quick.eval_settings(test_cfg), "eval_split": "val"}
+    with pytest.raises(ValueError, match="QuickConfig.eval_split = 'holdout' must be one of"):
+        _config(tmp_path, eval_split="holdout")
+
+
 def test_a_failing_stage_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     real = quick._generate_images
 

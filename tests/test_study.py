@@ -56,6 +56,14 @@ def test_every_row_names_a_training_and_every_training_builds(tmp_path):
         "clip_sample_range=3.0",
         "num_diffusion_steps=50-scheduler=ddim",
         *(f"clip_sample_range={r}-num_diffusion_steps=50-scheduler=ddim" for r in (10.0, 5.0, 3.0)),
+        # the same grid on the val split (sampler_choice_val)
+        "eval_split=val",
+        *(f"clip_sample_range={r}-eval_split=val" for r in (10.0, 5.0, 3.0)),
+        "eval_split=val-num_diffusion_steps=50-scheduler=ddim",
+        *(
+            f"clip_sample_range={r}-eval_split=val-num_diffusion_steps=50-scheduler=ddim"
+            for r in (10.0, 5.0, 3.0)
+        ),
     }
 
 
