@@ -104,11 +104,15 @@ def _ladder(line: str, size: str) -> str:
 
 
 def _family_ladder(
-    group: str, suffix: str, transfusion_eval: dict[str, Any], lr_suffix: str = ""
+    group: str,
+    suffix: str,
+    transfusion_eval: dict[str, Any],
+    lr_suffix: str = "",
+    discrete_eval: tuple[str, dict[str, Any]] = ("", {}),
 ) -> list[Row]:
-    """Both families up the size ladder, Transfusion's images drawn with ``transfusion_eval`` (the
-    baseline's rows are its default evaluation). ``lr_suffix`` picks the trainings at another learning
-    rate (``"-lr3e-4"``); the row labels then name it."""
+    """Both families up the size ladder, Transfusion's images drawn with ``transfusion_eval``, the
+    baseline's with ``discrete_eval`` ((label suffix, overrides); default: its default evaluation).
+    ``lr_suffix`` picks the trainings at another learning rate (``"-lr3e-4"``); the labels then name it."""
     lr = f", lr {lr_suffix.removeprefix('-lr')}" if lr_suffix else ""
 
     def training(family: str, size: str) -> str:
@@ -126,7 +130,13 @@ def _family_ladder(
             for size in SIZES
         ),
         *(
-            Row(group, f"discrete {size}{lr}", training("discrete", size), series="discrete")
+            Row(
+                group,
+                f"discrete {size}{discrete_eval[0]}{lr}",
+                training("discrete", size),
+                eval=discrete_eval[1],
+                series="discrete",
+            )  # fmt: skip
             for size in SIZES
         ),
     ]
@@ -159,6 +169,14 @@ ROWS: tuple[Row, ...] = (
     # the same models with Transfusion's images drawn by DDIM in 50 steps, clamped at 3: the best sampler of
     # the sampler_clip group
     *_family_ladder("scaling_ddim_clip3", "DDIM 50, x0 clip 3", DDIM_CLIP3),
+    # each family with the sampler its search chose on the val split (sampler_choice_val): Transfusion
+    # DDIM 50 clamped at 3, the baseline guidance 1 (temperature 1)
+    *_family_ladder(
+        "scaling_val_samplers",
+        "DDIM 50, x0 clip 3",
+        DDIM_CLIP3,
+        discrete_eval=(", guidance 1", {"guidance_scale": 1.0}),
+    ),
     # the whole ladder again at learning rate 3e-4, Transfusion clamped as above: is the parity ratio a
     # property of the families or of the one learning rate they share? (lr_S: Transfusion S prefers 3e-4)
     *_family_ladder("scaling_lr_3e-4", "x0 clip 10", {"clip_sample_range": 10.0}, lr_suffix="-lr3e-4"),
@@ -308,6 +326,7 @@ FAMILY_LADDERS: tuple[str, ...] = (
     "scaling_50_steps",
     "scaling_x0_clip",
     "scaling_ddim_clip3",
+    "scaling_val_samplers",
     "scaling_lr_3e-4",
 )
 
@@ -316,6 +335,7 @@ GROUP_TITLES: dict[str, str] = {
     "scaling_50_steps": "The same comparison with Transfusion's images drawn in 50 DDPM steps instead of 250",
     "scaling_x0_clip": "The same comparison with Transfusion's x_0 estimates clamped to [-10, 10]",
     "scaling_ddim_clip3": "The same comparison with Transfusion's images by DDIM in 50 steps, clamped at 3",
+    "scaling_val_samplers": "The comparison with each family's sampler chosen on the val split",
     "sampler_choice_val": "Both sampler searches (sampler_clip, baseline_sampling) on the val split",
     "ablations_ddim_clip3": "The paper's ablations (Tables 5-8) with images by DDIM 50, clamped at 3",
     "scaling_lr_3e-4": "The clamped comparison with both families trained at lr 3e-4 instead of 1e-3",

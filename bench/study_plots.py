@@ -25,6 +25,7 @@ EXTRA_PANELS: dict[str, str] = {
             "scaling_50_steps",
             "scaling_x0_clip",
             "scaling_ddim_clip3",
+            "scaling_val_samplers",
             "scaling_lr_3e-4",
             "inference_steps",
             "x0_clip",
