@@ -429,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench study",
         description=(
             "Study profile (CPU, <= 90 min with 2 workers): the paper's ablations (attention masking, patch "
-            "size, noise limiting), then lambda, CFG dropout, inference steps, guidance scale, the x_0 "
-            "clamp, eps vs v prediction and the diffusion loss's timestep weighting, the loss after dropped "
-            "captions, and Transfusion vs the discrete baseline across 3 sizes (also at a lower learning "
-            "rate). Every row is trained for "
-            "each seed with the quick recipe and judged on the quick job's metrics. --list prints the grid."
+            "size, linear vs U-Net, noise limiting), then lambda, CFG dropout, inference steps, guidance "
+            "scale, the x_0 clamp and both families' samplers (also chosen on the val split), eps vs v "
+            "prediction and the diffusion loss's timestep weighting, the loss after dropped captions, and "
+            "Transfusion vs the discrete baseline across 3 sizes (with several samplers, and at the paper's "
+            "learning rate). Every row is trained for each seed with the quick recipe and judged on the "
+            "quick job's metrics. --list prints the grid."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("results") / "study", help="results folder")

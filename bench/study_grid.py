@@ -160,9 +160,6 @@ ROWS: tuple[Row, ...] = (
         for family in ("transfusion", "discrete")
         for size in SIZES
     ),
-    # the same models with Transfusion's images drawn in 50 DDPM steps instead of 250 (its FID depends on
-    # the step count; the baseline samples codes, so its rows are its default evaluation)
-    *_family_ladder("scaling_50_steps", "50 steps", {"num_diffusion_steps": 50}),
     # the same models at 250 steps with every step's x_0 estimate clamped to [-10, 10] (the data latents
     # have unit std and stay within about 6): without the clamp their latents grow with the step count
     *_family_ladder("scaling_x0_clip", "x0 clip 10", {"clip_sample_range": 10.0}),
@@ -178,7 +175,7 @@ ROWS: tuple[Row, ...] = (
         discrete_eval=(", guidance 1", {"guidance_scale": 1.0}),
     ),
     # the whole ladder again at learning rate 3e-4, Transfusion clamped as above: is the parity ratio a
-    # property of the families or of the one learning rate they share? (lr_S: Transfusion S prefers 3e-4)
+    # property of the families or of the one learning rate they share? (3e-4 is the paper's rate)
     *_family_ladder("scaling_lr_3e-4", "x0 clip 10", {"clip_sample_range": 10.0}, lr_suffix="-lr3e-4"),
     # Table 7: linear vs U-Net adapters up the ladder (the paper's rows are 0.16B, 0.37B and 1.4B)
     *(
@@ -265,23 +262,7 @@ ROWS: tuple[Row, ...] = (
         for how, training in (("paper", paper), ("no loss after drop", switched))
         for floor, ev in ((", free captions", {"caption_min_tokens": 0}), ("", {}))
     ),
-    # does the largest size want a lower learning rate? (Transfusion's FID rises with size at 1e-3)
-    *(
-        Row("lr_S", f"{family} S, lr {lr}{label}", training, eval=ev)
-        for family in ("transfusion", "discrete")
-        for lr, training in (("1e-3", _ladder(family, "S")), ("3e-4", f"{family}-S-lr3e-4"))
-        for label, ev in (
-            (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
-            if family == "transfusion"
-            else (("", {}),)
-        )
-    ),
-    # what the image head predicts: the paper's eps, or v, whose x_0 estimate stays bounded near t = T
-    *(
-        Row("prediction", f"{name}{label}", training, eval=clip)
-        for name, training in (("epsilon", "base"), ("v-prediction", "v-pred"))
-        for label, clip in (("", {}), (", x0 clip 10", {"clip_sample_range": 10.0}))
-    ),
+    # what the image head predicts (the paper's eps, or v, whose x_0 estimate stays bounded near t = T) and
     # the diffusion loss's timestep weight: the unweighted v loss is the eps loss divided by abar_t
     *(
         Row("loss_weighting", f"{name}{label}", training, eval=clip)
@@ -323,7 +304,6 @@ GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
 FAMILY_LADDERS: tuple[str, ...] = (
     "scaling",
-    "scaling_50_steps",
     "scaling_x0_clip",
     "scaling_ddim_clip3",
     "scaling_val_samplers",
@@ -332,7 +312,6 @@ FAMILY_LADDERS: tuple[str, ...] = (
 
 GROUP_TITLES: dict[str, str] = {
     "scaling": "Transfusion vs the discrete baseline across model sizes (paper Table 3, Figure 5)",
-    "scaling_50_steps": "The same comparison with Transfusion's images drawn in 50 DDPM steps instead of 250",
     "scaling_x0_clip": "The same comparison with Transfusion's x_0 estimates clamped to [-10, 10]",
     "scaling_ddim_clip3": "The same comparison with Transfusion's images by DDIM in 50 steps, clamped at 3",
     "scaling_val_samplers": "The comparison with each family's sampler chosen on the val split",
@@ -350,9 +329,7 @@ GROUP_TITLES: dict[str, str] = {
     "sampler_clip": "The x_0 clamp's range for DDPM (250 steps) and DDIM (50 steps)",
     "baseline_sampling": "The discrete baseline's sampler: guidance scale and code temperature (tiny)",
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
-    "lr_S": "The largest size (S) at learning rate 1e-3 (the study's) and 3e-4",
-    "prediction": "The image head's target: eps (the paper) or v, at 250 DDPM steps (not in the paper)",
-    "loss_weighting": "Timestep weighting of the diffusion loss, eps and v, 250 DDPM steps (not in paper)",
+    "loss_weighting": "The image head's target (eps, v) and the diffusion loss's timestep weighting",
     "cfg_scale": "Classifier-free guidance scale",
 }
 

@@ -22,7 +22,6 @@ EXTRA_PANELS: dict[str, str] = {
     **dict.fromkeys(
         (
             "scaling",
-            "scaling_50_steps",
             "scaling_x0_clip",
             "scaling_ddim_clip3",
             "scaling_val_samplers",
@@ -30,7 +29,6 @@ EXTRA_PANELS: dict[str, str] = {
             "inference_steps",
             "x0_clip",
             "sampler_clip",
-            "prediction",
             "loss_weighting",
             "cfg_scale",
         ),

@@ -82,7 +82,7 @@ def test_bad_study_settings_name_the_field():
         study.StudyConfig(groups=("masking",), quick={"model_overrides": {"adapter": "unet"}})
     study.StudyConfig(groups=("masking",), quick={"model_overrides": {"dim": 64}})  # no row varies the size
     with pytest.raises(ValueError, match=r"sets \['lr'\], which some of the study's trainings set"):
-        study.StudyConfig(quick={"lr": 1e-4})  # the lr_S group's trainings set it
+        study.StudyConfig(quick={"lr": 1e-4})  # the scaling_lr_3e-4 group's trainings set it
     study.StudyConfig(groups=("masking",), quick={"lr": 1e-4})
 
 
