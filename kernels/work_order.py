@@ -5,8 +5,8 @@ document of 2048 tokens the last query block visits 16 times as many key blocks 
 dK/dV kernel it is the other way round. A GPU starts programs in launch order as its SMs free up, so when
 heavy programs come last the launch ends with a tail of a few SMs busy and the rest idle. Starting the
 heaviest programs first (the *longest processing time first* rule of list scheduling) leaves only light
-programs for the end. The outputs do not change: every program computes the same tile, only when it
-starts differs, and there are no atomics.
+programs for the end. The outputs do not change: every program computes the same tiles, only when
+it starts differs, and there are no atomics.
 
 :func:`work_order` builds, once per layout, one table for every power-of-two block size the kernels may
 be tuned to (``ORDER_SIZES``), because the block size is chosen by the autotuner after the table is made::
@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
-CHUNK = 16  # must equal interval_attention.CHUNK: rows of the key-major table are 16 keys apart
+CHUNK = 16  # granularity of the key-major table (interval_attention uses this one): 16 keys per row
 ORDER_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 
