@@ -143,16 +143,19 @@ def kernel_breakdown(
 
 
 def run(out_dir: Path, backends: list[str], device: str, **shape) -> list[dict]:
-    """Profile and write ``kernel_breakdown.csv`` (+ provenance) under ``out_dir``."""
+    """Profile and write ``kernel_breakdown.csv`` (+ provenance) under ``out_dir``. The CSV is rewritten
+    after every backend, so a run cut short (the GPU script's time limit) keeps the backends it finished."""
     import pandas as pd
 
-    rows = kernel_breakdown(backends, device=device, **shape)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        out_dir / "kernel_breakdown.csv", pd.DataFrame(rows, columns=FIELDS).to_csv(index=False)
-    )
-    shape = {k: str(v).removeprefix("torch.") for k, v in shape.items()}
+    meta = {k: str(v).removeprefix("torch.") for k, v in shape.items()}
     atomic_write_json(
-        out_dir / "kernel_breakdown_provenance.json", provenance(device, backends=backends, **shape)
+        out_dir / "kernel_breakdown_provenance.json", provenance(device, backends=backends, **meta)
     )
+    rows: list[dict] = []
+    for backend in backends:
+        rows += kernel_breakdown([backend], device=device, **shape)
+        atomic_write_text(
+            out_dir / "kernel_breakdown.csv", pd.DataFrame(rows, columns=FIELDS).to_csv(index=False)
+        )
     return rows

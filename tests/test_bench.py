@@ -165,3 +165,25 @@ def test_breakdown_runs_the_one_row_launch_order_variants(tmp_path):
         assert not got.empty and (got.us_per_step > 0).all(), name
         assert (got.batch == batch).all() and (got.heads == heads).all(), name
     assert len(rows) == len(df)
+
+
+def test_breakdown_keeps_the_backends_it_finished(tmp_path, monkeypatch):
+    """The CSV is rewritten after every backend: a run cut short by the GPU script's time limit keeps the
+    rows of the backends it finished (here the second backend never returns)."""
+    import bench.breakdown as bd
+
+    real = bd.kernel_breakdown
+
+    def stop_at_sdpa(backends, **kwargs):
+        if backends == ["sdpa"]:
+            raise KeyboardInterrupt  # stands in for the timeout's kill
+        return real(backends, **kwargs)
+
+    monkeypatch.setattr(bd, "kernel_breakdown", stop_at_sdpa)
+    with pytest.raises(KeyboardInterrupt):
+        bd.run(tmp_path, ["naive", "sdpa"], "cpu", seq_len=64, head_dim=16, dtype=torch.float32, heads=2,
+               tokens_per_batch=128, image_tokens=16, iters=1)  # fmt: skip
+    df = pd.read_csv(tmp_path / "kernel_breakdown.csv")
+    assert set(df.backend) == {"naive"} and (df.us_per_step > 0).all()
+    meta = json.loads((tmp_path / "kernel_breakdown_provenance.json").read_text())
+    assert meta["backends"] == ["naive", "sdpa"]
