@@ -28,8 +28,16 @@ SHAPES: tuple[tuple[str, int, int, int], ...] = (
     ("one row", 2048, 8, 2048),
     ("one row", 32768, 8, 32768),
 )
-# the default (first) bf16, D = 128 candidate blocks of each kernel: (BLOCK_M, BLOCK_N)
-BLOCKS = {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def default_blocks(kernel: str) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the kernel's default (first) bf16, D = 128 candidate config."""
+    import importlib
+
+    ia = importlib.import_module("kernels.interval_attention")
+    bm, bn, *_ = ia._GPU_CANDIDATES[kernel][("half", 128)][0]
+    return bm, bn
 
 
 def model_rows(sms: int = 132, ctas_per_sm: int = 1) -> list[dict]:
@@ -41,7 +49,8 @@ def model_rows(sms: int = 132, ctas_per_sm: int = 1) -> list[dict]:
         layout = benchmark_layout(batch, seq_len, 256, 0.5)
         lo, hi = layout.lo.to(torch.int32), layout.hi.to(torch.int32)
         table = key_major_table(lo, hi, seq_len)
-        for kernel, (bm, bn) in BLOCKS.items():
+        for kernel in KERNELS:
+            bm, bn = default_blocks(kernel)
             if kernel == "dkdv":  # a key block's work in query chunks; a tile is bm / 16 of them
                 work, tile = key_block_work(table, seq_len, seq_len, bn), bm / 16
             else:  # a query block's work in keys; a tile is bn of them
