@@ -50,6 +50,62 @@ def _quick_settings(folder: Path) -> list[str]:
 _NOT_SETTINGS = ("progress", "cache_dir", "threads")
 
 
+# The paper's parity FLOP ratios (Table 3, 7B) for the metrics ours stand in for: C4 perplexity (bits
+# per byte), CIDEr (caption accuracy), CLIP score (text-to-image alignment), COCO FID.
+PAPER_PARITY = {"text_bpb": 0.489, "caption_accuracy": 0.218, "t2i_alignment": 0.319, "fid": 0.029}
+_PARITY_COLUMNS = (
+    ("text_bpb", "bits per byte"), ("caption_accuracy", "captioning"), ("t2i_alignment", "alignment"),
+    ("fid", "FID"),
+)  # fmt: skip
+
+
+def _parity_cells(parity: dict) -> str:
+    return " | ".join(str((parity.get(m) or {}).get("display", "-")) for m, _ in _PARITY_COLUMNS)
+
+
+def headline_section(results_root: Path) -> list[str]:
+    """Every parity FLOP ratio the results hold, one row per comparison (the quick jobs' checkpoint
+    curves, the study's family ladders), beside the paper's: the answer to "does Transfusion beat the
+    discrete baseline at equal training FLOPs", read off the files."""
+    import json
+
+    rows = []
+    for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
+        if (folder / "quick.json").exists():
+            info = json.loads((folder / "quick.json").read_text())
+            changed = (
+                " ".join(line for line in _quick_settings(folder) if line)
+                .removeprefix("Settings changed from the quick defaults: ")
+                .rstrip(".")
+            )
+            what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
+            rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
+        if (folder / "study.json").exists():
+            from bench.study_grid import FAMILY_LADDERS, GROUP_TITLES
+
+            parities = json.loads((folder / "study.json").read_text()).get("parity") or {}
+            order = [g for g in FAMILY_LADDERS if g in parities] + sorted(set(parities) - set(FAMILY_LADDERS))
+            for group in order:
+                title = GROUP_TITLES.get(group, group)
+                rows.append(f"| study ladder `{group}`: {title} | {_parity_cells(parities[group] or {})} |")
+    if not rows:
+        return []
+    paper = " | ".join(f"{PAPER_PARITY[m]:g}" for m, _ in _PARITY_COLUMNS)
+    return [
+        "## Headlines: parity FLOP ratios",
+        "",
+        "The share of the discrete baseline's training FLOPs at which Transfusion reaches the baseline's",
+        "final value (lower favours Transfusion; `> r`: never within the run or ladder, `<= r`: already at",
+        "its first point). The sections below have the curves, the caveats and the notes.",
+        "",
+        "| comparison | " + " | ".join(name for _, name in _PARITY_COLUMNS) + " |",
+        "|---|---|---|---|---|",
+        f"| paper, Table 3 (7B; C4, CIDEr, CLIP, FID) | {paper} |",
+        *rows,
+        "",
+    ]
+
+
 def build_report(results_root: Path = Path("results")) -> Path:
     sections = [
         "# Transfusion bench report",
@@ -58,6 +114,7 @@ def build_report(results_root: Path = Path("results")) -> Path:
         "a CSV written by the suite, and each folder's provenance file names the commit, device, versions,",
         "command and seed that produced it.",
         "",
+        *headline_section(results_root),
     ]
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
         if (folder / "quick.csv").exists():

@@ -187,3 +187,29 @@ def test_breakdown_keeps_the_backends_it_finished(tmp_path, monkeypatch):
     assert set(df.backend) == {"naive"} and (df.us_per_step > 0).all()
     meta = json.loads((tmp_path / "kernel_breakdown_provenance.json").read_text())
     assert meta["backends"] == ["naive", "sdpa"]
+
+
+def test_report_headlines_every_parity_ratio(tmp_path):
+    """The report opens with one row per comparison that has parity ratios (quick folders, study
+    ladders in the grid's order), beside the paper's Table 3, all read from the files."""
+    from bench.quick import QuickConfig
+    from bench.report import PAPER_PARITY, build_report
+
+    def parity(**display):
+        return {m: {"display": d} for m, d in display.items()}
+
+    quick_dir, study_dir = tmp_path / "quick_alt", tmp_path / "study"
+    quick_dir.mkdir()
+    study_dir.mkdir()
+    config = dict(QuickConfig().to_dict(), scheduler="ddim")
+    (quick_dir / "quick.json").write_text(
+        json.dumps({"config": config, "parity": parity(text_bpb="0.5", fid="<= 0.2")})
+    )
+    ladders = {"scaling_x0_clip": parity(fid="> 0.9"), "scaling": parity(fid="0.7", caption_accuracy="0.3")}
+    (study_dir / "study.json").write_text(json.dumps({"parity": ladders}))
+    text = build_report(tmp_path).read_text()
+    head = text.split("## Headlines: parity FLOP ratios", 1)[1].split("\n## ", 1)[0]
+    assert f"| {PAPER_PARITY['text_bpb']:g} | {PAPER_PARITY['caption_accuracy']:g} |" in head
+    assert '(quick_alt; `scheduler="ddim"`) | 0.5 | - | - | <= 0.2 |' in head
+    assert head.index("`scaling`") < head.index("`scaling_x0_clip`")  # the grid's order
+    assert "`scaling`: Transfusion vs the discrete baseline" in head and "| - | 0.3 | - | 0.7 |" in head
