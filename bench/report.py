@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -28,22 +29,24 @@ def _csv_table(path: Path, columns: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def _quick_settings(folder: Path) -> list[str]:
-    """A line naming the quick config fields this run changed from the defaults (e.g. the x_0 clamp)."""
-    import json
-
+def _changed_settings(folder: Path) -> str:
+    """The quick config fields this run changed from the defaults (e.g. the x_0 clamp), as
+    "`key=value`, ..."; "" when none, or when the folder has no readable quick.json."""
     from bench.quick import QuickConfig
 
     try:
         config = json.loads((folder / "quick.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
-        return []
+        return ""
     defaults = QuickConfig().to_dict()
     changed = {k: v for k, v in config.items() if k not in _NOT_SETTINGS and defaults.get(k, v) != v}
-    if not changed:
-        return []
-    items = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(changed.items()))
-    return [f"Settings changed from the quick defaults: {items}.", ""]
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(changed.items()))
+
+
+def _quick_settings(folder: Path) -> list[str]:
+    """A line naming the quick config fields this run changed from the defaults, if any."""
+    changed = _changed_settings(folder)
+    return [f"Settings changed from the quick defaults: {changed}.", ""] if changed else []
 
 
 # run-time knobs that do not change what a quick run measures
@@ -67,17 +70,11 @@ def headline_section(results_root: Path) -> list[str]:
     """Every parity FLOP ratio the results hold, one row per comparison (the quick jobs' checkpoint
     curves, the study's family ladders), beside the paper's: the answer to "does Transfusion beat the
     discrete baseline at equal training FLOPs", read off the files."""
-    import json
-
     rows = []
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
-            changed = (
-                " ".join(line for line in _quick_settings(folder) if line)
-                .removeprefix("Settings changed from the quick defaults: ")
-                .rstrip(".")
-            )
+            changed = _changed_settings(folder)
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
             rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
         if (folder / "study.json").exists():
@@ -99,7 +96,7 @@ def headline_section(results_root: Path) -> list[str]:
         "its first point). The sections below have the curves, the caveats and the notes.",
         "",
         "| comparison | " + " | ".join(name for _, name in _PARITY_COLUMNS) + " |",
-        "|---|---|---|---|---|",
+        "|---|" + "---|" * len(_PARITY_COLUMNS),
         f"| paper, Table 3 (7B; C4, CIDEr, CLIP, FID) | {paper} |",
         *rows,
         "",
