@@ -116,13 +116,15 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
     """Stand-in CPU arguments with the launch's types and alignment (never read: compile only)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from kernels.work_order import order_shape
+
     bsz, heads, length = 1, 2, 256
     x = torch.empty(bsz, heads, length, head_dim, dtype=dtype)
     rows = bsz * heads * length
     vec = torch.empty(bsz, heads, length, dtype=torch.float32)
     lo = torch.zeros(bsz, length, dtype=torch.int32)
     counter = torch.zeros(2, dtype=torch.int32)
-    order = torch.zeros(5, bsz * length // 16, dtype=torch.int32)  # one side of the launch-order table
+    order = torch.zeros(order_shape(bsz, length, length), dtype=torch.int32)[0]  # one side of the table
 
     def desc(block: int):
         return TensorDescriptor(x, [rows, head_dim], [head_dim, 1], [block, head_dim]) if tma else x
