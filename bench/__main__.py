@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument(
         "--backends",
         default="triton,flex",
-        help="comma-separated backends; triton-natural: triton with its programs in the natural launch order",
+        help="comma-separated backends; triton-natural: triton with its programs in the natural launch "
+        "order; triton-1row / triton-natural-1row: the two orders on one row of 8 heads; triton-split / "
+        "triton-atomic: triton with its backward scheme pinned (a dQ kernel / dQ by atomics)",
     )
     bd.add_argument("--device", default="cuda" if _cuda() else "cpu")
     bd.add_argument("--seq-len", type=int, default=8192)
@@ -86,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     kr.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     kr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     kr.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128])
-    kr.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd,dkdv,dq")
+    kr.add_argument(
+        "--kernels",
+        default="fwd,dkdv,dkdv-atomic,dq",
+        help="comma-separated subset of fwd,dkdv,dkdv-atomic,dq (dkdv-atomic: the atomic backward scheme's "
+        "dK/dV kernel, which also adds dQ)",
+    )
     kr.add_argument("--out", type=Path, default=Path("results/kernels"))
     lo = sub.add_parser("launch-order", help="model of the heaviest-first launch order (no GPU needed)")
     lo.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (132: H100/H200 SXM)")
@@ -149,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "kernels":
         # Compiling needs real @triton.jit functions: the interpreter must be off before kernels imports.
         os.environ["TRITON_INTERPRET"] = "0"
-        from bench.kernel_resources import markdown_table, run
+        from bench.kernel_resources import KERNELS, markdown_table, run
 
         kernels = tuple(args.kernels.split(","))
-        if not set(kernels) <= {"fwd", "dkdv", "dq"}:
-            parser.error(f"--kernels {args.kernels!r}: choose from fwd, dkdv, dq")
+        if not set(kernels) <= set(KERNELS):
+            parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(KERNELS)}")
         print(markdown_table(run(args.out, args.dtype, args.head_dim, args.arch, kernels)), end="")
         print(f"wrote {args.out}/kernel_resources.csv and kernel_resources.md")
     elif args.suite == "launch-order":

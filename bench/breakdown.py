@@ -5,7 +5,9 @@ backend the forward, ``delta``, dK/dV and dQ kernels and the host-side table ops
 generated templates. ``triton-natural`` is our backend with its programs launched in the natural order
 instead of heaviest first (kernels/work_order.py), for a direct comparison at the same shape;
 ``triton-1row`` and ``triton-natural-1row`` are the two orders on one row of ``seq_len`` tokens with 8
-heads, where a launch has few programs per SM and the order matters most (``bench launch-order``). Each
+heads, where a launch has few programs per SM and the order matters most (``bench launch-order``).
+``triton-split`` and ``triton-atomic`` pin the backward scheme (a dQ kernel, or dQ added by the dK/dV
+kernel with atomics) that ``triton`` otherwise picks by timing both (``backward_mode("auto")``). Each
 backend runs ``iters`` profiled steps at one shape after warm-up (compilation and autotuning happen
 there, outside the profile), and every kernel's device time is divided by ``iters``. On a CPU there are
 no device kernels, so the rows are the CPU operators' self time instead.
@@ -15,7 +17,7 @@ no device kernels, so the rows are the CPU operators' self time instead.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,15 @@ class Variant:
     backend: str
     order: str | None = None  # kernels.interval_attention.program_order, None: the default
     one_row_heads: int | None = None  # one row of seq_len tokens with this many heads instead of the shape
+    backward: str | None = None  # kernels.interval_attention.backward_mode, None: the default ("auto")
 
 
 VARIANTS: dict[str, Variant] = {
     "triton-natural": Variant("triton", order="natural"),
     "triton-1row": Variant("triton", one_row_heads=8),
     "triton-natural-1row": Variant("triton", order="natural", one_row_heads=8),
+    "triton-split": Variant("triton", backward="split"),
+    "triton-atomic": Variant("triton", backward="atomic"),
 }
 
 
@@ -49,14 +54,19 @@ def _variant(name: str) -> Variant:
     return VARIANTS.get(name, Variant(name))
 
 
-def _variant_context(name: str):
-    """The context a variant runs in (its launch order, for the triton variants)."""
-    order = _variant(name).order
-    if order is None:
-        return nullcontext()
-    import importlib
+def _variant_context(name: str) -> ExitStack:
+    """The context a variant runs in (its launch order and backward scheme, for the triton variants)."""
+    variant = _variant(name)
+    stack = ExitStack()
+    if variant.order is not None or variant.backward is not None:
+        import importlib
 
-    return importlib.import_module("kernels.interval_attention").program_order(order)
+        ia = importlib.import_module("kernels.interval_attention")
+        if variant.order is not None:
+            stack.enter_context(ia.program_order(variant.order))
+        if variant.backward is not None:
+            stack.enter_context(ia.backward_mode(variant.backward))
+    return stack
 
 
 def _events(prof, device: torch.device) -> list[tuple[str, int, float]]:

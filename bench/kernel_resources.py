@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 # Per-SM limits of the architectures we report on (CUDA programming guide, compute capability tables).
+# The kernels compiled by default; dkdv-atomic is the dK/dV kernel of the atomic backward scheme.
+KERNELS: tuple[str, ...] = ("fwd", "dkdv", "dkdv-atomic", "dq")
 SM_LIMITS = {
     90: {"registers": 65536, "shared_bytes": 228 * 1024, "block_shared_bytes": 227 * 1024, "warps": 64},
     80: {"registers": 65536, "shared_bytes": 164 * 1024, "block_shared_bytes": 163 * 1024, "warps": 64},
@@ -140,6 +142,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
             *keys,
         )  # fmt: skip
     table = torch.zeros(bsz, 64, 4, dtype=torch.int32)
+    dq_acc = torch.empty(bsz, heads, length, head_dim, dtype=torch.float32)
     return (
         x,
         x,
@@ -149,6 +152,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, head_dim: int, bm: int, bn: in
         desc(bm),
         x,
         x,
+        dq_acc,
         vec,
         vec,
         lo,
@@ -175,18 +179,25 @@ def compile_candidates(
     ia = importlib.import_module("kernels.interval_attention")
     if ia.INTERPRET:
         raise RuntimeError("kernel resources need TRITON_INTERPRET=0 before kernels is imported")
-    jit = {"fwd": ia._fwd_kernel.fn, "dkdv": ia._bwd_dkdv_kernel.fn, "dq": ia._bwd_dq_kernel.fn}
+    # dkdv-atomic: the dK/dV kernel of the atomic backward scheme (it also adds dQ)
+    jit = {
+        "fwd": ia._fwd_kernel.fn,
+        "dkdv": ia._bwd_dkdv_kernel.fn,
+        "dkdv-atomic": ia._bwd_dkdv_kernel.fn,
+        "dq": ia._bwd_dq_kernel.fn,
+    }
     dot_precision = ia._dot_precision(dtype)
     plain = _plain_forward_kernel()
     x = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     rows = []
     with compile_only_target(arch):
-        for kernel in kernels or ("fwd", "dkdv", "dq"):
+        for kernel in kernels or KERNELS:
             cands = ia._GPU_CANDIDATES[kernel][(ia._dtype_class(dtype), head_dim)]
             # The plain forward yardstick, once per pointer config of the forward kernel.
             todo = [(kernel, c) for c in cands]
             todo += [("fwd-plain", c) for c in cands if kernel == "fwd" and not c[4]]
-            for name, (bm, bn, warps, stages, tma) in todo:
+            for name, (bm, bn, warps, stages, tma, *dq_t) in todo:
+                dq_t = bool(dq_t and dq_t[0])  # dkdv-atomic: the dQ product computed transposed
                 t0 = time.perf_counter()
                 if name == "fwd-plain":
                     compiled = plain.run(
@@ -195,10 +206,12 @@ def compile_candidates(
                     )  # fmt: skip
                 else:
                     compiled = jit[kernel].run(
-                        *_kernel_args(kernel, dtype, head_dim, bm, bn, tma),
+                        *_kernel_args(kernel.removesuffix("-atomic"), dtype, head_dim, bm, bn, tma),
                         HEAD_DIM=head_dim, DOT_PRECISION=dot_precision, COUNT_TILES=False,
                         BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, num_warps=warps, num_stages=stages, grid=(1,),
-                        warmup=True, **({"CHUNK_": ia.CHUNK} if kernel == "dkdv" else {}),
+                        warmup=True,
+                        **({"CHUNK_": ia.CHUNK, "DQ_ATOMIC": kernel == "dkdv-atomic", "DQ_T": dq_t}
+                           if kernel.startswith("dkdv") else {}),
                     )  # fmt: skip
                 compile_s = time.perf_counter() - t0
                 ptx = compiled.asm["ptx"]
@@ -209,6 +222,8 @@ def compile_candidates(
                     dict(
                         kernel=name, dtype=str(dtype).removeprefix("torch."), head_dim=head_dim,
                         arch=f"sm{arch}", block_m=bm, block_n=bn, warps=warps, stages=stages, tma=tma,
+                        dq_transposed=dq_t, atomics=len(re.findall(r"\b(?:atom|red)\.global", ptx)),
+                        mma_sync=ptx.count("mma.sync"),
                         **usage, shared_kb=round(shared / 1024, 1), fits=shared <= limit,
                         ctas_per_sm=_occupancy(arch, usage["registers"], shared, warps),
                         wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async.cg") +
@@ -224,17 +239,19 @@ def markdown_table(rows: list[dict]) -> str:
         ("kernel", "kernel"), ("config", None), ("regs", "registers"), ("stack", "stack"),
         ("shared KB", "shared_kb"), ("CTAs/SM", "ctas_per_sm"), ("wgmma", "wgmma"),
         ("cp.async", "cp_async"), ("TMA", "tma_copies"), ("ld.global", "ld_global"),
+        ("mma.sync", "mma_sync"), ("atomics", "atomics"),
     ]  # fmt: skip
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         config = f"{r['block_m']}x{r['block_n']} w{r['warps']} s{r['stages']}" + (" tma" if r["tma"] else "")
+        config += " dqT" if r.get("dq_transposed") else ""
         cells = [config if key is None else str(r[key]) for _, key in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run(
-    out_dir: Path, dtype: str, head_dim: int, arch: int, kernels: tuple[str, ...] = ("fwd", "dkdv", "dq")
+    out_dir: Path, dtype: str, head_dim: int, arch: int, kernels: tuple[str, ...] = KERNELS
 ) -> list[dict]:
     """Compile, then write ``kernel_resources.csv`` / ``.md`` and provenance under ``out_dir``."""
     import pandas as pd

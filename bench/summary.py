@@ -84,7 +84,12 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
 
 
 def _config(r: pd.Series) -> str:
-    return f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages}" + (" tma" if r.tma else "")
+    dq_t = r.get("dq_transposed")
+    return (
+        f"{int(r.block_m)}x{int(r.block_n)} w{int(r.warps)} s{int(r.stages)}"  # float columns beside NaN
+        + (" tma" if r.tma else "")
+        + (" dqT" if pd.notna(dq_t) and bool(dq_t) else "")  # the atomic dK/dV kernel's transposed dQ
+    )
 
 
 def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:
@@ -104,7 +109,7 @@ def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) ->
         "| kernel | fastest pointer config | ms | fastest TMA config | ms | chosen |",
         "|---|---|---|---|---|---|",
     ]
-    for kernel in ("fwd", "dkdv", "dq"):
+    for kernel in ("fwd", "dkdv", "dkdv-atomic", "dq"):
         k = at[at.kernel == kernel]
         if k.empty:
             continue
@@ -120,6 +125,12 @@ def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) ->
         lines.append(
             f"| {kernel} | {' | '.join(cells)} | {_config(chosen.iloc[-1]) if not chosen.empty else '-'} |"
         )
+    # backward_mode("auto"): the whole backward pass timed once per scheme (after its kernels' tuning)
+    schemes = at[at.kernel == "backward"]
+    if not schemes.empty:
+        timed = ", ".join(f"{r.scheme} {r.ms:.3g} ms" for r in schemes.itertuples())
+        chosen = schemes[schemes.chosen.astype(bool)]
+        lines += ["", f"Backward scheme (auto): {timed}; chosen: {', '.join(chosen.scheme) or '-'}."]
     return lines
 
 
@@ -148,6 +159,9 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
         if {ordered, natural} <= set(steps.index):
             ratio = steps[ordered] / steps[natural]
             lines += ["", f"{ordered} ({shape[ordered]}): heaviest-first / natural launch order: {ratio:.3f}"]
+    if {"triton-atomic", "triton-split"} <= set(steps.index):
+        ratio = steps["triton-atomic"] / steps["triton-split"]
+        lines += ["", f"triton ({shape['triton-atomic']}): atomic / split backward scheme: {ratio:.3f}"]
     lines += ["", "| backend | kernel | us per step | share | calls |", "|---|---|---|---|---|"]
     for backend, rows in df.groupby("backend", sort=False):
         for r in rows.nlargest(top, "us_per_step").itertuples():

@@ -54,6 +54,14 @@ edge tiles' liveness check then skips what the envelope over-covers). The search
 host for every 16-key boundary, over 16-query chunks, so any block size that is a multiple of 16 can read
 its ranges from the same small table and the block sizes can be autotuned freely.
 
+That *split* scheme recomputes every tile's probabilities and dP in the dQ kernel: seven tile matmuls
+where five would do. The *atomic* scheme (FlashAttention-2's) skips the dQ kernel: the dK/dV kernel,
+which already holds dS for the tile, also forms dS @ K and adds it to an fp32 dQ buffer with atomics (the
+order of those sums varies, so dQ is not bitwise reproducible). Which is faster depends on the GPU, the
+shape and the atomics' cost, so by default (``backward_mode("auto")``) the backward pass times both once
+per shape on CUDA and keeps the faster, as the autotuner does for block sizes; fp32, the interpreter and
+``torch.use_deterministic_algorithms`` keep the split scheme.
+
 On Hopper GPUs (CUDA capability 9+, fp16/bf16) every kernel also has *TMA* candidate configs: the
 operands of full tiles (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel) are loaded
 through host-side tensor descriptors, i.e. by the tensor-memory accelerator, instead of per-thread pointer
@@ -74,6 +82,7 @@ kernel computes (the tests check this with an in-kernel counter).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -96,6 +105,9 @@ __all__ = [
     "INTERPRET",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
+    "BACKWARD_MODES",
+    "backward_choices",
+    "backward_mode",
     "candidate_count",
     "count_tiles",
     "interval_attention",
@@ -124,6 +136,12 @@ _AUTOTUNE: bool = os.environ.get("INTERVAL_ATTENTION_AUTOTUNE", "1") != "0"
 # Launch order of the programs (kernels/work_order.py): heaviest first, or "natural" (blocks, then heads).
 ORDERS: tuple[str, ...] = ("heaviest-first", "natural")
 _ORDER: str = os.environ.get("INTERVAL_ATTENTION_ORDER", "heaviest-first")
+# The backward scheme: "split" (a dQ kernel beside the dK/dV kernel: deterministic), "atomic" (the dK/dV
+# kernel also adds dQ with fp32 atomics, as FlashAttention-2 does: two fewer matmuls per tile), or "auto"
+# (on CUDA in half precision, time both once per shape and keep the faster; "split" elsewhere and under
+# torch.use_deterministic_algorithms).
+BACKWARD_MODES: tuple[str, ...] = ("auto", "split", "atomic")
+_BACKWARD: str = os.environ.get("INTERVAL_ATTENTION_BACKWARD", "auto")
 # Below this many queries (decoding steps) interval_attention keeps the natural order instead of building
 # the launch-order table: a launch that small has few programs to order.
 ORDER_MIN_QUERIES = 256
@@ -140,9 +158,13 @@ ORDER_MIN_QUERIES = 256
 # buffers plus Q would need about 224 KB of shared memory, the whole of an H100's. The backward lists
 # include the blocks FlexAttention's own heuristics use on sm90 at D <= 128 (dK/dV 64 queries x 128 keys,
 # dQ 128 x 64, 8 warps, 3 stages, in torch/_inductor/heuristics/template/triton.py), the backend we race.
+# ``dkdv-atomic`` is the dK/dV kernel of the atomic backward scheme, with a sixth field: compute dQ
+# transposed (dQ^T = K^T dS^T, HEAD_DIM rows: Hopper's wgmma wants M >= 64, so this is how a 32-query block
+# keeps its dQ product on wgmma). Its lists hold the configs that compile for sm90 with little or no spill
+# (results/kernels/kernel_resources.md): dK, dV and the dQ product all live in registers at once.
 _F, _T = False, True
 # fmt: off
-_GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, bool]]]] = {
+_GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple]]] = {
     "fwd": {
         ("half", 32): [(128, 64, 4, 3, _F), (128, 128, 8, 3, _F), (64, 64, 4, 3, _F), (128, 64, 4, 3, _T)],
         ("half", 64): [(128, 64, 4, 3, _F), (128, 128, 8, 3, _F), (64, 64, 4, 3, _F),
@@ -163,6 +185,16 @@ _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple[int, int, int, int, 
         ("fp32", 64): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
         ("fp32", 128): [(32, 64, 4, 2, _F), (32, 32, 4, 2, _F), (16, 64, 4, 2, _F)],
     },
+    "dkdv-atomic": {
+        ("half", 32): [(32, 128, 4, 3, _F, _F), (64, 128, 8, 3, _F, _F), (32, 128, 4, 3, _T, _F)],
+        ("half", 64): [(32, 128, 8, 3, _F, _T), (64, 128, 8, 3, _F, _F), (32, 128, 4, 3, _F, _F),
+                       (32, 128, 8, 3, _T, _T)],
+        ("half", 128): [(32, 128, 8, 3, _F, _F), (16, 128, 8, 3, _F, _T), (32, 128, 8, 3, _F, _T),
+                        (32, 128, 8, 3, _T, _F)],
+        ("fp32", 32): [(32, 64, 4, 2, _F, _F)],
+        ("fp32", 64): [(32, 64, 4, 2, _F, _F)],
+        ("fp32", 128): [(32, 64, 4, 2, _F, _F), (16, 64, 4, 2, _F, _F)],
+    },
     "dq": {
         ("half", 32): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F), (128, 32, 4, 3, _T)],
         ("half", 64): [(128, 32, 4, 3, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F),
@@ -180,6 +212,7 @@ _DESCRIPTOR_ARGS: dict[str, tuple[tuple[str, str], str]] = {
     "fwd": (("DESC_K", "DESC_V"), "BLOCK_N"),
     "dq": (("DESC_K", "DESC_V"), "BLOCK_N"),
     "dkdv": (("DESC_Q", "DESC_DO"), "BLOCK_M"),
+    "dkdv-atomic": (("DESC_Q", "DESC_DO"), "BLOCK_M"),
 }
 # The interpreter runs every tile in numpy: small tiles keep it quick and exercise the edge cases. It has
 # a pointer config and a TMA config (the second runs only under ``kernel_configs(tma=True)``).
@@ -195,9 +228,11 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, bool]:
+def _config_key(cfg: triton.Config) -> tuple:
+    """The candidate tuple of a config: (BLOCK_M, BLOCK_N, warps, stages, tma[, dQ transposed])."""
     kw = cfg.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, bool(kw["USE_TMA"]))
+    key = (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, bool(kw["USE_TMA"]))
+    return key + ((bool(kw["DQ_T"]),) if "DQ_T" in kw else ())
 
 
 def _descriptor_hook(kernel: str):
@@ -217,21 +252,24 @@ def _make_configs(kernel: str) -> list[triton.Config]:
     hook = _descriptor_hook(kernel)
     if INTERPRET:
         bm, bn = _INTERPRETER_BLOCKS
-        keys = [(bm, bn, 4, 1, False), (bm, bn, 4, 1, True)]
+        keys = [(bm, bn, 4, 1, tma) for tma in (False, True)]
+        if kernel == "dkdv-atomic":
+            keys = [key + (dq_t,) for key in keys for dq_t in (False, True)]
     else:
         keys = list(dict.fromkeys(c for cands in _GPU_CANDIDATES[kernel].values() for c in cands))
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=warps, num_stages=stages, pre_hook=hook
-        )
-        for bm, bn, warps, stages, tma in keys
-    ]
+    configs = []
+    for bm, bn, warps, stages, tma, *dq_t in keys:
+        kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma} | ({"DQ_T": dq_t[0]} if dq_t else {})
+        configs.append(triton.Config(kwargs, num_warps=warps, num_stages=stages, pre_hook=hook))
+    return configs
 
 
 def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, descriptors: bool) -> list[tuple]:
     """The candidate configs of one launch, after the TMA and pinning restrictions."""
     if INTERPRET:
         bm, bn = _INTERPRETER_BLOCKS
+        if kernel == "dkdv-atomic":  # both dQ orientations: kernel_configs(index=1) pins the transposed one
+            return [(bm, bn, 4, 1, descriptors, bool(_PIN_INDEX))]
         return [(bm, bn, 4, 1, descriptors)]  # descriptors are only built when tma=True is asked for
     cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
     if not descriptors:
@@ -264,17 +302,19 @@ def _autotune(kernel: str):
     kwargs = {
         "configs": _make_configs(kernel),
         "key": ["HEAD_DIM", "LQ_KEY", "LK_KEY", "TUNE_TAG"],
-        # Benchmark runs must not add up in the tile counter (testing hook).
-        "reset_to_zero": ["COUNTER"],
+        # Benchmark runs must not add up in the tile counter (testing hook) nor in the atomic dQ buffer;
+        # Triton zeroes these before each timed run and once more before the real launch.
+        "reset_to_zero": ["COUNTER"] + (["DQ_ACC"] if kernel == "dkdv-atomic" else []),
         "prune_configs_by": {"early_config_prune": _make_pruner(kernel)},
     }
     if "do_bench" in inspect.signature(triton.autotune).parameters and not INTERPRET:
-
-        def _bench(fn, quantiles=None):
-            return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-        kwargs["do_bench"] = _bench
+        kwargs["do_bench"] = _time_ms
     return triton.autotune(**kwargs)
+
+
+def _time_ms(fn, quantiles=None):
+    """Device milliseconds of ``fn`` (Triton's do_bench, kept short: GPU sessions are minutes long)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,12 +528,13 @@ def _bwd_delta_kernel(O, DO, DELTA, LQ, HEAD_DIM: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, desc_q, desc_do, LSE, DELTA, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
+    dk, dv, k, v, Q, DO, desc_q, desc_do, LSE, DELTA, DQ_ACC, bh, blk, offs_n, lo_c, hi_c, qk_scale, LQ,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA_ROWS: tl.constexpr,
+    TMA_ROWS: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_T: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key block over query block ``blk`` (computed transposed: keys x queries).
-    ``TMA_ROWS``: the block lies inside [0, LQ) and q, dO come through the TMA descriptors."""
+    ``TMA_ROWS``: the block lies inside [0, LQ) and q, dO come through the TMA descriptors. ``DQ_ATOMIC``:
+    also add this tile's share of dQ (dS @ K, unscaled) to the fp32 buffer ``DQ_ACC`` with atomics."""
     offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     in_q = offs_m < LQ
     q_base = Q + bh * LQ * HEAD_DIM
@@ -513,6 +554,19 @@ def _dkdv_tile(
     dp_t = _mma(v, tl.trans(do), None, DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    if DQ_ATOMIC:
+        # Every key block adds to the same dQ rows, in no fixed order: fp32 atomics, relaxed (no fences;
+        # nothing reads dQ before the kernel ends).
+        dq_base = DQ_ACC + bh * LQ * HEAD_DIM
+        offs_d = tl.arange(0, HEAD_DIM)
+        if DQ_T:  # dQ^T = K^T dS^T: HEAD_DIM rows, so Hopper's wgmma (M >= 64) takes it when BLOCK_M < 64
+            dq_t = _mma(tl.trans(k), ds_t.to(k.dtype), None, DOT_PRECISION)
+            dq_ptr = dq_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
+            tl.atomic_add(dq_ptr, dq_t, mask=in_q[None, :], sem="relaxed")
+        else:
+            dq = _mma(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PRECISION)
+            dq_ptr = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptr, dq, mask=in_q[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -521,10 +575,11 @@ def _dkdv_tile(
     do_not_specialize=["H", "LQ", "LK", "NT", "ORDER_STRIDE", "ORDERED", "LQ_KEY", "LK_KEY", "TUNE_TAG"]
 )
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, LSE, DELTA, LO, HI, KTAB, ORDER, COUNTER, sm_scale, qk_scale, H,
-    LQ, LK, NT, ORDER_STRIDE, ORDERED, LQ_KEY, LK_KEY, TUNE_TAG,
+    Q, K, V, DO, DESC_Q, DESC_DO, DK, DV, DQ_ACC, LSE, DELTA, LO, HI, KTAB, ORDER, COUNTER, sm_scale,
+    qk_scale, H, LQ, LK, NT, ORDER_STRIDE, ORDERED, LQ_KEY, LK_KEY, TUNE_TAG,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, CHUNK_: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_T: tl.constexpr,
 ):  # fmt: skip
     b, bh, pid_n = _program_block(ORDER, ORDER_STRIDE, ORDERED, tl.cdiv(LK, BLOCK_N), H, BLOCK_N)
     start_n = pid_n * BLOCK_N
@@ -557,24 +612,28 @@ def _bwd_dkdv_kernel(
     for blk in range(m_lo, f_lo):
         lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
         if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, lo_c,
-                                hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, DQ_ACC, bh, blk, offs_n,
+                                lo_c, hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False,
+                                DQ_ATOMIC, DQ_T)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     f_mid = f_lo  # full tiles [f_lo, f_mid) load through TMA: those whose query block ends inside LQ
     if USE_TMA:
         f_mid = tl.maximum(tl.minimum(f_hi, LQ // BLOCK_M), f_lo)
         for blk in range(f_lo, f_mid):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, offs_n,
-                                offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, DQ_ACC, bh, blk, offs_n,
+                                offs_n, offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, True,
+                                DQ_ATOMIC, DQ_T)
     for blk in range(f_mid, f_hi):
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, offs_n,
-                            offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, False)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, DQ_ACC, bh, blk, offs_n,
+                            offs_n, offs_n, qk_scale, LQ, HEAD_DIM, BLOCK_M, False, DOT_PRECISION, False,
+                            DQ_ATOMIC, DQ_T)
     for blk in range(f_hi, m_hi):
         lo_c, hi_c = _load_intervals(LO, HI, b, blk * BLOCK_M + tl.arange(0, BLOCK_M), LQ, LK)
         if _tile_live(lo_c, hi_c, pid_n, LK, BLOCK_N):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bh, blk, offs_n, lo_c,
-                                hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, DQ_ACC, bh, blk, offs_n,
+                                lo_c, hi_c, qk_scale, LQ, HEAD_DIM, BLOCK_M, True, DOT_PRECISION, False,
+                                DQ_ATOMIC, DQ_T)
             if COUNT_TILES:
                 tl.atomic_add(COUNTER, 1)
     if COUNT_TILES:
@@ -585,6 +644,10 @@ def _bwd_dkdv_kernel(
     dk = dk * sm_scale
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+# The atomic scheme's dK/dV kernel: the same function under its own autotuner (own candidates, own cache).
+_bwd_dkdv_atomic_kernel = _autotune("dkdv-atomic")(_bwd_dkdv_kernel.fn)
 
 
 @triton.jit
@@ -711,6 +774,8 @@ def key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Te
 _POISON = False
 _COUNTS: dict[str, list[int]] | None = None
 _DUMMY_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_DUMMY_ACCS: dict[torch.device, torch.Tensor] = {}
+_BACKWARD_CHOICE: dict[tuple, str] = {}
 _TUNED_BLOCKS: dict[tuple, tuple[int, int]] = {}
 _TUNING_LOG: list[dict] = []
 _LAST_TIMINGS: dict[str, object] = {}
@@ -737,8 +802,8 @@ def kernel_configs(tma: bool | None = None, index: int | None = None) -> Iterato
 
 
 def candidate_count(kernel: str, dtype: torch.dtype, head_dim: int, tma: bool | None = None) -> int:
-    """How many candidate configs ``kernel`` ("fwd", "dkdv", "dq") has on CUDA for this dtype and head dim
-    (``tma``: only TMA / only pointer candidates / all)."""
+    """How many candidate configs ``kernel`` ("fwd", "dkdv", "dkdv-atomic", "dq") has on CUDA for this dtype
+    and head dim (``tma``: only TMA / only pointer candidates / all)."""
     cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
     return sum(1 for c in cands if tma is None or c[4] == tma)
 
@@ -763,12 +828,13 @@ def _log_tuning(name: str, kernel, head_dim: int, dtype: torch.dtype, q_len: int
     best = getattr(kernel, "best_config", None)
     for cfg, t in timings.items():
         ms = t[0] if isinstance(t, (list, tuple)) else t
-        bm, bn, warps, stages, tma = _config_key(cfg)
+        bm, bn, warps, stages, tma, *dq_t = _config_key(cfg)
         _TUNING_LOG.append(
             dict(
                 kernel=name, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
                 q_bucket=_bucket(q_len), kv_bucket=_bucket(kv_len), block_m=bm, block_n=bn,
                 warps=warps, stages=stages, tma=tma, ms=float(ms), chosen=cfg is best,
+                **({"dq_transposed": dq_t[0]} if dq_t else {}),
             )
         )  # fmt: skip
 
@@ -813,6 +879,65 @@ def program_order(order: str) -> Iterator[None]:
 
 
 @contextmanager
+def backward_mode(mode: str) -> Iterator[None]:
+    """Compute gradients with backward scheme ``mode`` inside the context: "auto" (the default), "split"
+    or "atomic" (see BACKWARD_MODES). The environment variable INTERVAL_ATTENTION_BACKWARD sets it too."""
+    global _BACKWARD
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"mode = {mode!r}; use one of {BACKWARD_MODES}")
+    old, _BACKWARD = _BACKWARD, mode
+    try:
+        yield
+    finally:
+        _BACKWARD = old
+
+
+def _resolve_backward(q: torch.Tensor) -> str:
+    """The scheme this backward pass uses: "split", "atomic", or "auto" (to be timed)."""
+    if _BACKWARD not in BACKWARD_MODES:
+        raise ValueError(f"INTERVAL_ATTENTION_BACKWARD = {_BACKWARD!r}; use one of {BACKWARD_MODES}")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if _BACKWARD == "atomic" and deterministic:
+        raise RuntimeError(
+            "backward mode 'atomic' sums dQ with atomics, in no fixed order, but "
+            "torch.use_deterministic_algorithms(True) is set; use backward_mode('split')"
+        )
+    if _BACKWARD != "auto":
+        return _BACKWARD
+    if INTERPRET or deterministic or q.dtype == torch.float32:
+        return "split"
+    return "auto"
+
+
+def _choose_backward(args: tuple, head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int) -> str:
+    """Time the split and atomic backward passes once per shape key (after a run of each, which compiles
+    and autotunes its kernels) and keep the faster; both timings go to the tuning log."""
+    natural_order = args[-1] is None  # the last argument of _backward is the launch-order table
+    key = (head_dim, dtype, _bucket(q_len), _bucket(kv_len), _tune_tag(), natural_order)
+    if key not in _BACKWARD_CHOICE:
+        runs = {m: functools.partial(_backward, *args, atomic_dq=m == "atomic") for m in ("split", "atomic")}
+        for run in runs.values():
+            run()
+        ms = {mode: float(_time_ms(run)) for mode, run in runs.items()}
+        best = min(ms, key=ms.get)
+        _BACKWARD_CHOICE[key] = best
+        for mode, t in ms.items():
+            _TUNING_LOG.append(
+                dict(
+                    kernel="backward", head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
+                    q_bucket=_bucket(q_len), kv_bucket=_bucket(kv_len), scheme=mode, ms=t,
+                    chosen=mode == best,
+                )
+            )  # fmt: skip
+    return _BACKWARD_CHOICE[key]
+
+
+def backward_choices() -> dict[tuple, str]:
+    """The scheme "auto" chose per (head dim, dtype, Lq bucket, Lk bucket, restriction, natural order)."""
+    return dict(_BACKWARD_CHOICE)
+
+
+@contextmanager
 def poison_outputs() -> Iterator[None]:
     """Inside this context every buffer the kernels write (O, LSE, delta, dQ, dK, dV) starts out NaN, so a
     test can check that the kernels write every element."""
@@ -841,6 +966,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if _POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dummy_acc(device: torch.device) -> torch.Tensor:
+    """The DQ_ACC argument when dQ is not accumulated by atomics (the autotuner zeroes it: keep it apart)."""
+    if device not in _DUMMY_ACCS:
+        _DUMMY_ACCS[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _DUMMY_ACCS[device]
 
 
 def _counter(device: torch.device) -> torch.Tensor:
@@ -932,7 +1064,10 @@ def _backward(
     scale: float,
     kv_table: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV. ``atomic_dq``: the dK/dV kernel also accumulates dQ (fp32 atomics) and the dQ kernel
+    is skipped; otherwise the dQ kernel recomputes the probabilities (deterministic)."""
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     dev = q.device
@@ -951,19 +1086,26 @@ def _backward(
     counter = _counter(dev)
 
     order_t, order_stride, ordered = _order_args(order, 1, lo)
+    # the atomic dQ accumulator must start at zero; without atomics the kernel never touches it
+    dq_acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=dev) if atomic_dq else _dummy_acc(dev)
 
     def grid_kv(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]) * bsz * n_heads,)
 
     desc_q, desc_do = _descriptors(q, do)
-    _bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, desc_q, desc_do, dk, dv, lse, delta, lo, hi, table, order_t, counter, scale,
+    name, kernel = ("dkdv-atomic", _bwd_dkdv_atomic_kernel) if atomic_dq else ("dkdv", _bwd_dkdv_kernel)
+    # The split scheme's configs have no DQ_T (its dQ code is compiled out): pass it with DQ_ATOMIC.
+    scheme = {"DQ_ATOMIC": True} if atomic_dq else {"DQ_ATOMIC": False, "DQ_T": False}
+    kernel[grid_kv](
+        q, k, v, do, desc_q, desc_do, dk, dv, dq_acc, lse, delta, lo, hi, table, order_t, counter, scale,
         scale * _LOG2E, n_heads, q_len, kv_len, table.shape[1], order_stride, ordered, _bucket(q_len),
         _bucket(kv_len), _tune_tag(),
-        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK,
+        HEAD_DIM=head_dim, DOT_PRECISION=prec, COUNT_TILES=counting, CHUNK_=CHUNK, **scheme,
     )  # fmt: skip
-    _log_tuning("dkdv", _bwd_dkdv_kernel, head_dim, q.dtype, q_len, kv_len)
+    _log_tuning(name, kernel, head_dim, q.dtype, q_len, kv_len)
     _record_count("dkdv", counter)
+    if atomic_dq:
+        return dq_acc.mul_(scale).to(q.dtype), dk, dv
 
     dq = _empty(tuple(q.shape), q.dtype, dev)
     counter = _counter(dev)
@@ -998,9 +1140,11 @@ class _IntervalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
-        dq, dk, dv = _backward(
-            do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale, ctx.kv_table, ctx.order
-        )
+        args = (do.to(q.dtype).contiguous(), q, k, v, o, lse, lo, hi, ctx.scale, ctx.kv_table, ctx.order)
+        mode = _resolve_backward(q)
+        if mode == "auto":
+            mode = _choose_backward(args, q.shape[-1], q.dtype, q.shape[2], k.shape[2])
+        dq, dk, dv = _backward(*args, atomic_dq=mode == "atomic")
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -80,21 +80,29 @@ def test_summary_lists_the_fastest_tuned_configs(tmp_path):
                      block_n=32, warps=4, stages=3, tma=tma, ms=ms, chosen=chosen)
             )  # fmt: skip
     rows.append(dict(rows[0], q_bucket=128, ms=0.1))  # another length: ignored
+    rows.append(dict(rows[3], kernel="dkdv-atomic", dq_transposed=True))
+    for scheme, ms in (("split", 2.5), ("atomic", 2.0)):
+        rows.append(dict(kernel="backward", head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64,
+                         scheme=scheme, ms=ms, chosen=scheme == "atomic"))  # fmt: skip
     pd.DataFrame(rows).to_csv(out / "kernel_tuning.csv", index=False)
     pd.DataFrame(
         [dict(backend=name, mode="fwd_bwd", batch=batch, heads=heads, kernel=f"k{i}", calls_per_step=1.0,
               us_per_step=i * scale, share=i / 28, step_us=28.0 * scale)
          for name, scale, batch, heads in (("triton", 1.0, 4, 16), ("triton-natural", 1.25, 4, 16),
-                                           ("triton-1row", 0.5, 1, 8), ("triton-natural-1row", 1.0, 1, 8))
+                                           ("triton-1row", 0.5, 1, 8), ("triton-natural-1row", 1.0, 1, 8),
+                                           ("triton-split", 1.0, 4, 16), ("triton-atomic", 0.9, 4, 16))
          for i in range(1, 8)]
     ).to_csv(out / "kernel_breakdown.csv", index=False)  # fmt: skip
     text = summarize(out, seq_len=64)
     assert "| triton | 4 x 16 | 28 |" in text and "| triton-natural | 4 x 16 | 35 |" in text
     assert "triton (4 x 16): heaviest-first / natural launch order: 0.800" in text
     assert "triton-1row (1 x 8): heaviest-first / natural launch order: 0.500" in text
+    assert "triton (4 x 16): atomic / split backward scheme: 0.900" in text
     assert "| fwd | 128x32 w4 s3 | 0.7 | 64x32 w4 s3 tma | 0.8 | 128x32 w4 s3 |" in text
     assert "| triton | `k7` | 7 | 25.0% | 1 |" in text and "`k1`" not in text  # the top 6 only
     assert text.count("128x32 w4 s3 | 0.7") == 3
+    assert "| dkdv-atomic | 64x32 w4 s3 dqT | 0.9 | - | - | - |" in text
+    assert "Backward scheme (auto): split 2.5 ms, atomic 2 ms; chosen: atomic." in text
 
 
 def test_breakdown_profiles_each_backend_and_records_unsupported_ones(tmp_path):
@@ -133,6 +141,11 @@ def test_breakdown_natural_order_variant_runs_triton_in_natural_order():
         with _variant_context(name):
             assert ia._ORDER == before
     assert ia._ORDER == before
+    default = ia._BACKWARD
+    for name, mode in (("triton-split", "split"), ("triton-atomic", "atomic"), ("triton", default)):
+        with _variant_context(name):
+            assert ia._BACKWARD == mode and ia._ORDER == before
+    assert ia._BACKWARD == default
 
 
 def test_report_names_the_quick_settings_a_run_changed(tmp_path):

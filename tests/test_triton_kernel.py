@@ -52,6 +52,14 @@ def _heaviest_first_everywhere(monkeypatch):
         monkeypatch.setattr(ia, "ORDER_MIN_QUERIES", 1)
 
 
+@pytest.fixture(autouse=True)
+def _split_backward_unless_asked(monkeypatch):
+    """The split backward scheme unless a test asks for another (backward_mode): on CUDA the default
+    "auto" would time both schemes at every new shape; the backward-scheme tests below cover it."""
+    if ia is not None:
+        monkeypatch.setattr(ia, "_BACKWARD", "split")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Random layouts
 # --------------------------------------------------------------------------------------------------------
@@ -627,6 +635,133 @@ def test_input_validation():
 
 
 # --------------------------------------------------------------------------------------------------------
+# Backward schemes: split (a dQ kernel) and atomic (dQ added by the dK/dV kernel)
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,head_dim,trial",
+    [(torch.float32, 32, t) for t in range(6)]
+    + [(torch.bfloat16, 32, t) for t in range(2)]
+    + [(torch.float16, 64, t) for t in range(2)]
+    + [(torch.bfloat16, 128, t) for t in range(2)],
+)
+def test_atomic_dq_random_layouts(device, dtype, head_dim, trial):
+    """The atomic scheme against the float64 reference: dQ summed by atomics over key blocks. On the CPU
+    odd trials pin the transposed dQ product (the interpreter's second dkdv-atomic candidate)."""
+    max_len = 70 if device == "cpu" else 700
+    bsz, heads, kv_len, q_len = random_sizes(max_len, min_len=16)
+    pin = trial % 2 if device == "cpu" else None
+    with ia.backward_mode("atomic"), ia.kernel_configs(index=pin):
+        check_case(random_case(bsz, kv_len, q_len), heads, head_dim, dtype, device)
+        if device == "cpu":
+            assert ia._bwd_dkdv_atomic_kernel.best_config.kwargs["DQ_T"] == bool(pin)
+
+
+def _grads(case, q, k, v, device) -> list[torch.Tensor]:
+    out = interval_attention(q, k, v, case.lo.to(device), case.hi.to(device))
+    return list(torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trial", range(3))
+def test_backward_schemes_agree(device, trial):
+    """dK and dV come from the same tiles in the same order in both schemes: bitwise equal. dQ is summed
+    in another order with atomics: equal to fp32 rounding."""
+    bsz, heads, kv_len, q_len = random_sizes(80 if device == "cpu" else 900, min_len=20)
+    case = random_case(bsz, kv_len, q_len)
+    q = torch.randn(bsz, heads, q_len, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(bsz, heads, kv_len, 32, device=device, requires_grad=True) for _ in "kv")
+    got = {}
+    for mode in ("split", "atomic"):
+        with ia.backward_mode(mode):
+            got[mode] = _grads(case, q, k, v, device)
+    (dq_s, dk_s, dv_s), (dq_a, dk_a, dv_a) = got["split"], got["atomic"]
+    assert torch.equal(dk_s, dk_a) and torch.equal(dv_s, dv_a), case.text
+    assert rel_err(dq_a, dq_s) <= 1e-5, f"dq: {rel_err(dq_a, dq_s):.3g}; {case.text}"
+
+
+def test_backward_mode_resolution(monkeypatch):
+    """Which scheme a backward pass takes: explicit modes as asked; "auto" times them only on CUDA in
+    half precision and not under deterministic algorithms; bad names are refused, naming the setting."""
+    with pytest.raises(ValueError, match="mode = 'fast'"), ia.backward_mode("fast"):
+        pass
+    half = torch.zeros(1, dtype=torch.bfloat16)
+    monkeypatch.setattr(ia, "_BACKWARD", "fastest")
+    with pytest.raises(ValueError, match="INTERVAL_ATTENTION_BACKWARD = 'fastest'"):
+        ia._resolve_backward(half)
+    monkeypatch.setattr(ia, "INTERPRET", False)  # decide as on a GPU
+    for mode, dtype, want in (
+        ("auto", torch.bfloat16, "auto"),
+        ("auto", torch.float16, "auto"),
+        ("auto", torch.float32, "split"),
+        ("split", torch.bfloat16, "split"),
+        ("atomic", torch.float32, "atomic"),
+    ):
+        with ia.backward_mode(mode):
+            assert ia._resolve_backward(torch.zeros(1, dtype=dtype)) == want, (mode, dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with ia.backward_mode("auto"):
+            assert ia._resolve_backward(half) == "split"
+        with ia.backward_mode("atomic"), pytest.raises(RuntimeError, match="deterministic"):
+            ia._resolve_backward(half)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    monkeypatch.setattr(ia, "INTERPRET", True)
+    with ia.backward_mode("auto"):
+        assert ia._resolve_backward(half) == "split"  # the interpreter never times
+
+
+def test_auto_backward_keeps_the_faster_scheme(monkeypatch):
+    """ "auto" times both schemes once per shape key (a fake clock here: the interpreter cannot time),
+    computes with the faster, logs both timings, and reuses the choice without timing again."""
+    case = random_case(1, 50, 50)
+    q = torch.randn(1, 2, 50, 32, requires_grad=True)
+    k, v = (torch.randn(1, 2, 50, 32, requires_grad=True) for _ in "kv")
+    with ia.backward_mode("split"):
+        want = _grads(case, q, k, v, "cpu")
+    timed = []
+
+    def fake_clock(run):
+        timed.append(run.keywords["atomic_dq"])
+        return 1.0 if run.keywords["atomic_dq"] == atomic_wins else 2.0
+
+    monkeypatch.setattr(ia, "_time_ms", fake_clock)
+    monkeypatch.setattr(ia, "_resolve_backward", lambda q: "auto")
+    monkeypatch.setattr(ia, "_BACKWARD_CHOICE", {})
+    before = len(ia.tuning_log())
+    atomic_wins = True
+    for _ in range(2):
+        got = _grads(case, q, k, v, "cpu")
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) <= 1e-5, name
+    assert timed == [False, True], "each scheme is timed once, the second call reuses the choice"
+    assert list(ia.backward_choices().values()) == ["atomic"]
+    rows = [r for r in ia.tuning_log()[before:] if r["kernel"] == "backward"]
+    logged = [(r["scheme"], r["ms"], r["chosen"]) for r in rows]
+    assert logged == [("split", 2.0, False), ("atomic", 1.0, True)]
+    # Another length bucket is another key: timed afresh, and here split wins.
+    atomic_wins = False
+    case = random_case(1, 20, 20)
+    q, k, v = (torch.randn(1, 2, 20, 32, requires_grad=True) for _ in "qkv")
+    _grads(case, q, k, v, "cpu")
+    assert sorted(ia.backward_choices().values()) == ["atomic", "split"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA")
+def test_gpu_auto_backward_times_both_schemes():
+    case = random_case(2, 1500, 1500, max_doc=1200, max_image=300)
+    before = len(ia.tuning_log())
+    with ia.backward_mode("auto"):
+        check_case(case, 2, 128, torch.bfloat16, "cuda")
+    rows = [r for r in ia.tuning_log()[before:] if r["kernel"] == "backward"]
+    assert sorted(r["scheme"] for r in rows) == ["atomic", "split"]
+    assert sum(r["chosen"] for r in rows) == 1 and all(r["ms"] > 0 for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------------
 # GPU only: long sequences
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
@@ -643,10 +778,13 @@ def test_gpu_long_sequences(kv_len, q_len, head_dim, dtype):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("head_dim", [128])  # the headline shape; every candidate costs a compile
 def test_gpu_every_candidate_config(head_dim):
-    """Each autotuning candidate (pointer and TMA) of the three kernels, pinned in turn, is correct."""
+    """Each autotuning candidate (pointer and TMA) of the three kernels, pinned in turn, is correct, with
+    either backward scheme."""
     dtype = torch.bfloat16
-    n = max(ia.candidate_count(k, dtype, head_dim) for k in ("fwd", "dkdv", "dq"))
+    n = max(ia.candidate_count(k, dtype, head_dim) for k in ("fwd", "dkdv", "dkdv-atomic", "dq"))
     case = random_case(2, 1100, 1100, max_doc=900, max_image=300)
+    n_atomic = ia.candidate_count("dkdv-atomic", dtype, head_dim)
     for index in range(n):
-        with ia.kernel_configs(tma=None if HAS_HOPPER else False, index=index):
-            check_case(case, 2, head_dim, dtype, "cuda")
+        for mode in ("split", "atomic")[: 2 if index < n_atomic else 1]:  # each scheme's dK/dV kernel
+            with ia.kernel_configs(tma=None if HAS_HOPPER else False, index=index), ia.backward_mode(mode):
+                check_case(case, 2, head_dim, dtype, "cuda")
