@@ -98,6 +98,9 @@ class QuickConfig:
     scheduler: str = "ddpm"  # the paper: 250 DDPM steps
     num_diffusion_steps: int = 250
     guidance_scale: float = 3.0  # Transfusion: CFG on eps; baseline: CFG on code logits (1 = off)
+    # the baseline's own guidance scale (None: guidance_scale for both); each family's best differs
+    # (results/study: the baseline's val-chosen scale is 1, Transfusion's 3)
+    baseline_guidance_scale: float | None = None
     # Transfusion: clamp each denoising step's x_0 estimate to [-r, r] (None: no clamp, the paper's recipe);
     # see SamplingConfig.clip_sample_range and latent_std_ratio in the results
     clip_sample_range: float | None = None
@@ -116,10 +119,22 @@ class QuickConfig:
     def __post_init__(self) -> None:
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"QuickConfig.eval_split = {self.eval_split!r} must be one of {EVAL_SPLITS}")
+        for name in ("guidance_scale", "baseline_guidance_scale"):
+            value = getattr(self, name)
+            if value is None and name == "baseline_guidance_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"QuickConfig.{name} = {value!r} must be a finite number (1: no guidance)")
         if self.clip_sample_range is not None:  # checked now, not after the trainings
             from transfusion.generation import SamplingConfig
 
             SamplingConfig(clip_sample_range=self.clip_sample_range)
+
+    def guidance(self, family: str) -> float:
+        """The guidance scale ``family`` samples images with."""
+        if family != "transfusion" and self.baseline_guidance_scale is not None:
+            return float(self.baseline_guidance_scale)
+        return float(self.guidance_scale)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -362,7 +377,7 @@ def _generate_images(
     if family == "transfusion":
         from transfusion.generation import text_to_image
 
-        guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
+        guidance = None if cfg.guidance(family) == 1.0 else cfg.guidance(family)
         latents = text_to_image(
             lm.model,
             prompts,
@@ -383,7 +398,7 @@ def _generate_images(
         lm.model,
         [lm.tokenizer.encode(p) for p in prompts],
         special=special_tokens(lm.tokenizer),
-        cfg_scale=cfg.guidance_scale,
+        cfg_scale=cfg.guidance(family),
         temperature=cfg.image_temperature,
         generator=gen,
     )
@@ -446,8 +461,11 @@ def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
         for k, v in cfg.to_dict().items()
         if k.startswith(eval_prefixes) or k in ("seed", "dataset_options")
     }
-    if cfg.eval_split != "test":  # named only when not the default, so earlier test-split caches stay valid
+    # named only when not the default, so earlier caches stay valid
+    if cfg.eval_split != "test":
         settings["eval_split"] = cfg.eval_split
+    if cfg.baseline_guidance_scale is not None:
+        settings["baseline_guidance_scale"] = cfg.baseline_guidance_scale
     return settings
 
 

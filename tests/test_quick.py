@@ -150,6 +150,45 @@ def test_eval_split_picks_the_prompts_and_keys_the_cache(tmp_path):
         _config(tmp_path, eval_split="holdout")
 
 
+def test_baseline_guidance_scale_reaches_only_the_baseline_sampler(tmp_path, monkeypatch):
+    """baseline_guidance_scale sets the discrete baseline's guidance alone (Transfusion keeps
+    guidance_scale), enters the evaluation fingerprint only when set, and is checked up front."""
+    import transfusion.baseline_sampling as baseline_sampling
+    import transfusion.generation as generation
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_baseline(model, prompts, *, cfg_scale, **kwargs):
+        seen["discrete"] = cfg_scale
+        raise Stop
+
+    def fake_transfusion(model, prompts, *, guidance_scale, **kwargs):
+        seen["transfusion"] = guidance_scale
+        raise Stop
+
+    monkeypatch.setattr(baseline_sampling, "generate_images", fake_baseline)
+    monkeypatch.setattr(generation, "text_to_image", fake_transfusion)
+    monkeypatch.setattr("transfusion.train.special_tokens", lambda tok: None)
+    lm = quick._Loaded(None, type("Tok", (), {"encode": lambda self, p: [1]})(), None, 0)
+    for base, want in ((None, 3.0), (1.0, 1.0), (5.0, 5.0)):
+        cfg = _config(tmp_path, guidance_scale=3.0, baseline_guidance_scale=base)
+        for family in ("transfusion", "discrete"):
+            with pytest.raises(Stop):
+                quick._generate_images(cfg, family, lm, ["a red square"])
+        assert seen == {"transfusion": 3.0, "discrete": want}, base
+    default, one = _config(tmp_path), _config(tmp_path, baseline_guidance_scale=1.0)
+    assert "baseline_guidance_scale" not in quick.eval_settings(default)  # earlier caches stay valid
+    assert quick.eval_settings(one) == {**quick.eval_settings(default), "baseline_guidance_scale": 1.0}
+    for bad in (float("nan"), "3", True):
+        with pytest.raises(ValueError, match="QuickConfig.baseline_guidance_scale = .* must be a finite"):
+            _config(tmp_path, baseline_guidance_scale=bad)
+    with pytest.raises(ValueError, match="QuickConfig.guidance_scale = None must be a finite"):
+        _config(tmp_path, guidance_scale=None)
+
+
 def test_a_failing_stage_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     real = quick._generate_images
 
