@@ -38,9 +38,13 @@ from bench.study_grid import (
     FAMILY_LADDERS,
     GROUP_TITLES,
     GROUPS,
+    LADDER_LRS,
+    LR_CHOICE,
+    SIZES,
     TRAININGS,
     Row,
     eval_key,
+    ladder_training,
     rows_for,
     varied_model_fields,
     varied_recipe_fields,
@@ -336,29 +340,71 @@ def _sample_std(vals: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dict[str, dict | None]:
-    """Parity FLOP ratios read across a family size ladder: Transfusion's (FLOPs, metric) points against
-    the largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
-    rows = [s for s in summary if s["group"] == group]
+def _ladder_parity(rows: list[dict[str, Any]], metric: str, lower: bool) -> dict | None | str:
+    """One metric's parity FLOP ratio across the summary ``rows`` of a family ladder: Transfusion's
+    (FLOPs, metric) points against the largest discrete model's final value and FLOPs; "absent" when the
+    ladder lacks a family."""
     tf = sorted((s for s in rows if s["family"] == "transfusion" and s["train_flops_mean"]),
                 key=lambda s: s["train_flops_mean"])  # fmt: skip
     disc = [s for s in rows if s["family"] == "discrete" and s["train_flops_mean"]]
-    out: dict[str, dict | None] = {}
     if not tf or not disc:
-        return out
+        return "absent"
     top = max(disc, key=lambda s: s["train_flops_mean"])
 
     def point(s: dict[str, Any]) -> dict[str, Any]:  # a size's means as a curve point
         return {"train_flops": s["train_flops_mean"], **{m: s[f"{m}_mean"] for m in CURVE_METRICS}}
 
+    try:
+        par = metric_parity([point(s) for s in tf], point(top), metric, lower)
+    except ValueError as e:  # e.g. two sizes with equal FLOPs: recorded, the study's files still written
+        return {"error": str(e), "display": "-", "baseline": top["label"]}
+    return None if par is None else {**par, "baseline": top["label"]}
+
+
+def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dict[str, dict | None]:
+    """Parity FLOP ratios read across a family size ladder: Transfusion's (FLOPs, metric) points against
+    the largest discrete model's final value and FLOPs (paper Table 3's reading of its scaling curves)."""
+    rows = [s for s in summary if s["group"] == group]
+    out = {m: _ladder_parity(rows, m, lower) for m, lower in CURVE_METRICS.items()}
+    return {} if "absent" in out.values() else out
+
+
+def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The learning rate chosen on the val split, per metric, family and size, and the ladders it gives.
+
+    For each metric, each (family, size) takes the rate of LADDER_LRS whose val-split mean of that metric
+    is best (the rows of the LR_CHOICE val group), and its test-split row from that rate's test ladder.
+    Those rows form one ladder per metric, read for its parity FLOP ratio like the fixed-rate ladders:
+    both families tuned for the metric on held-out data, as one would before comparing them."""
+    val_group, test_groups = LR_CHOICE
+
+    def by_training(group: str) -> dict[str, dict[str, Any]]:
+        return {s["training"]: s for s in summary if s["group"] == group}
+
+    val, tests = by_training(val_group), {lr: by_training(g) for lr, g in test_groups.items()}
+    choices: list[dict[str, Any]] = []
+    parity: dict[str, dict | None] = {}
     for metric, lower in CURVE_METRICS.items():
-        try:
-            par = metric_parity([point(s) for s in tf], point(top), metric, lower)
-        except ValueError as e:  # e.g. two sizes with equal FLOPs: recorded, the study's files still written
-            out[metric] = {"error": str(e), "display": "-", "baseline": top["label"]}
-            continue
-        out[metric] = None if par is None else {**par, "baseline": top["label"]}
-    return out
+        ladder = []
+        for family in ("transfusion", "discrete"):
+            for size in SIZES:
+                scored = {}  # lr -> (val mean, test summary row)
+                for lr, suffix in LADDER_LRS.items():
+                    training = ladder_training(family, size, suffix)
+                    v = (val.get(training) or {}).get(f"{metric}_mean")
+                    if _is_number(v) and training in tests[lr]:
+                        scored[lr] = (float(v), tests[lr][training])
+                if not scored:
+                    continue
+                best = (min if lower else max)(scored, key=lambda lr: scored[lr][0])
+                ladder.append(scored[best][1])
+                choices.append(
+                    {"metric": metric, "family": family, "size": size, "lr": best,
+                     **{f"val_{lr}": v for lr, (v, _) in scored.items()}}
+                )  # fmt: skip
+        par = _ladder_parity(ladder, metric, lower)
+        parity[metric] = None if par == "absent" else par
+    return {"choices": choices, "parity": parity}
 
 
 # ---------------------------------------------------------------------- the profile
@@ -377,6 +423,10 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     lines = run_rows(rows, records, cfg.seeds, cfg.base())
     summary = summarize_rows(rows, lines)
     parity = {g: scaling_parity(summary, g) for g in cfg.groups if g in FAMILY_LADDERS}
+    chosen = None
+    if {LR_CHOICE[0], *LR_CHOICE[1].values()} <= set(cfg.groups):
+        chosen = lr_choice(summary)
+        parity[LR_CHOICE[0]] = chosen["parity"]
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
         references = reference_scores(cfg.base())
     except Exception as e:
@@ -388,6 +438,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
         "summary": summary,
         "runs": lines,
         "parity": parity,
+        "lr_choice": chosen,
         "references": references,
         "jobs": sorted(
             ({k: v for k, v in r.items() if k != "evals"} for r in records),
@@ -483,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["StudyConfig", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
+__all__ = ["StudyConfig", "lr_choice", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
 
 
 if __name__ == "__main__":

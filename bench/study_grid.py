@@ -103,6 +103,12 @@ def _ladder(line: str, size: str) -> str:
     return f"transfusion-{size}" if line == "linear" else f"{line}-{size}"
 
 
+def ladder_training(family: str, size: str, lr_suffix: str = "") -> str:
+    """The training of one family at one size of the ladder, at the learning rate of ``lr_suffix`` (see
+    LADDER_LRS)."""
+    return f"{family}-{size}{lr_suffix}" if lr_suffix else _ladder(family, size)
+
+
 def _family_ladder(
     group: str,
     suffix: str,
@@ -116,7 +122,7 @@ def _family_ladder(
     lr = f", lr {lr_suffix.removeprefix('-lr')}" if lr_suffix else ""
 
     def training(family: str, size: str) -> str:
-        return f"{family}-{size}{lr_suffix}" if lr_suffix else _ladder(family, size)
+        return ladder_training(family, size, lr_suffix)
 
     return [
         *(
@@ -152,6 +158,16 @@ _TABLE7 = {
 
 # the stable sampler the sampler_clip group found: DDIM in 50 steps, each x_0 estimate clamped to [-3, 3]
 DDIM_CLIP3: dict[str, Any] = {"scheduler": "ddim", "num_diffusion_steps": 50, "clip_sample_range": 3.0}
+# each family's sampler as chosen on the val split (the sampler_choice_val group): Transfusion DDIM 50
+# clamped at 3, the baseline guidance 1 (temperature 1)
+VAL_SAMPLERS: dict[str, dict[str, Any]] = {"transfusion": DDIM_CLIP3, "discrete": {"guidance_scale": 1.0}}
+# the ladders' learning rates: label -> training-name suffix (1e-3 is the quick recipe's)
+LADDER_LRS: dict[str, str] = {"1e-3": "", "3e-4": "-lr3e-4"}
+# the learning-rate choice on val: the val group, and the test ladder of each learning rate
+LR_CHOICE: tuple[str, dict[str, str]] = (
+    "lr_choice_val",
+    {"1e-3": "scaling_val_samplers", "3e-4": "scaling_lr_3e-4"},
+)
 
 ROWS: tuple[Row, ...] = (
     # scaling: both families up the size ladder (parity FLOP ratios across sizes)
@@ -166,17 +182,36 @@ ROWS: tuple[Row, ...] = (
     # the same models with Transfusion's images drawn by DDIM in 50 steps, clamped at 3: the best sampler of
     # the sampler_clip group
     *_family_ladder("scaling_ddim_clip3", "DDIM 50, x0 clip 3", DDIM_CLIP3),
-    # each family with the sampler its search chose on the val split (sampler_choice_val): Transfusion
-    # DDIM 50 clamped at 3, the baseline guidance 1 (temperature 1)
+    # each family with the sampler its search chose on the val split (VAL_SAMPLERS)
     *_family_ladder(
         "scaling_val_samplers",
         "DDIM 50, x0 clip 3",
-        DDIM_CLIP3,
-        discrete_eval=(", guidance 1", {"guidance_scale": 1.0}),
+        VAL_SAMPLERS["transfusion"],
+        discrete_eval=(", guidance 1", VAL_SAMPLERS["discrete"]),
     ),
-    # the whole ladder again at learning rate 3e-4, Transfusion clamped as above: is the parity ratio a
-    # property of the families or of the one learning rate they share? (3e-4 is the paper's rate)
-    *_family_ladder("scaling_lr_3e-4", "x0 clip 10", {"clip_sample_range": 10.0}, lr_suffix="-lr3e-4"),
+    # the same ladder trained at learning rate 3e-4 (the paper's rate): is the parity ratio a property of
+    # the families or of the one learning rate they share?
+    *_family_ladder(
+        "scaling_lr_3e-4",
+        "DDIM 50, x0 clip 3",
+        VAL_SAMPLERS["transfusion"],
+        lr_suffix="-lr3e-4",
+        discrete_eval=(", guidance 1", VAL_SAMPLERS["discrete"]),
+    ),
+    # both learning rates of every family and size scored on the val split, so that the learning rate can
+    # be chosen per size without looking at test (bench.study.lr_choice reads the two test ladders above
+    # at the chosen rates)
+    *(
+        Row(
+            "lr_choice_val",
+            f"{family} {size}, lr {lr} (val)",
+            ladder_training(family, size, suffix),
+            eval={**VAL_SAMPLERS[family], "eval_split": "val"},
+        )
+        for lr, suffix in LADDER_LRS.items()
+        for family in ("transfusion", "discrete")
+        for size in SIZES
+    ),
     # Table 7: linear vs U-Net adapters up the ladder (the paper's rows are 0.16B, 0.37B and 1.4B)
     *(
         Row(
@@ -317,7 +352,8 @@ GROUP_TITLES: dict[str, str] = {
     "scaling_val_samplers": "The comparison with each family's sampler chosen on the val split",
     "sampler_choice_val": "Both sampler searches (sampler_clip, baseline_sampling) on the val split",
     "ablations_ddim_clip3": "The paper's ablations (Tables 5-8) with images by DDIM 50, clamped at 3",
-    "scaling_lr_3e-4": "The clamped comparison with both families trained at lr 3e-4 instead of 1e-3",
+    "scaling_lr_3e-4": "The val-sampler comparison with both families trained at lr 3e-4 instead of 1e-3",
+    "lr_choice_val": "The learning rate of each family and size, chosen on the val split per metric",
     "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
     "patch": "Latent patch size (paper Table 6)",
@@ -364,6 +400,7 @@ def rows_for(groups: tuple[str, ...] | list[str]) -> list[Row]:
 
 
 __all__ = [
-    "FAMILY_LADDERS", "GROUPS", "GROUP_TITLES", "ROWS", "SIZES", "TRAININGS", "Row", "Training", "eval_key",
-    "rows_for", "varied_model_fields", "varied_recipe_fields",
+    "DDIM_CLIP3", "FAMILY_LADDERS", "GROUPS", "GROUP_TITLES", "LADDER_LRS", "LR_CHOICE", "ROWS", "SIZES",
+    "TRAININGS", "VAL_SAMPLERS", "Row", "Training", "eval_key", "ladder_training", "rows_for",
+    "varied_model_fields", "varied_recipe_fields",
 ]  # fmt: skip

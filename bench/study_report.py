@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.study_grid import GROUP_TITLES
+from bench.study_grid import GROUP_TITLES, LR_CHOICE
 
 _METRICS = (
     ("text_bpb", "bits/byte"),
@@ -30,6 +30,27 @@ def _cell(mean: object, std: object, n: object, n_seeds: object) -> str:
     if isinstance(n, (int, float)) and isinstance(n_seeds, (int, float)) and n < n_seeds:
         text += f" (n={int(n)})"
     return text
+
+
+def _lr_choice_lines(choice: dict | None) -> list[str]:
+    """The learning rate each family and size took on val, per metric, and the parity of those ladders."""
+    if not choice or not choice.get("choices"):
+        return []
+    picks = pd.DataFrame(choice["choices"])
+    columns = list(dict.fromkeys(zip(picks.family, picks["size"])))
+    lines = [
+        "Chosen on val: per metric, the learning rate whose val mean is best for each family and size. The",
+        "test rows at those rates (from the two fixed-rate ladders) form one ladder per metric, read for its",
+        "parity FLOP ratio like the others.",
+        "",
+        "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " | parity |",
+        "|" + "---|" * (len(columns) + 2),
+    ]
+    for metric, rows in picks.groupby("metric", sort=False):
+        lr = {(r.family, r.size): r.lr for r in rows.itertuples()}
+        parity = ((choice.get("parity") or {}).get(metric) or {}).get("display", "-")
+        lines.append(f"| {metric} | " + " | ".join(str(lr.get(c, "-")) for c in columns) + f" | {parity} |")
+    return [*lines, ""]
 
 
 def study_section(folder: Path) -> list[str]:
@@ -81,7 +102,9 @@ def study_section(folder: Path) -> list[str]:
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
-        if (info.get("parity") or {}).get(group):
+        if group == LR_CHOICE[0]:
+            lines += _lr_choice_lines(info.get("lr_choice"))
+        elif (info.get("parity") or {}).get(group):
             parts = [f"{m}: {p['display']}" for m, p in info["parity"][group].items() if p]
             if parts:
                 lines += [

@@ -172,6 +172,54 @@ def test_scaling_parity_reads_across_sizes():
     assert other["text_bpb"]["kind"] == "at_most" and other["text_bpb"]["ratio"] == pytest.approx(0.1)
 
 
+def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
+    """Per metric, each family and size takes the learning rate with the better val mean (lower bits per
+    byte, higher alignment), its test row comes from that rate's test ladder, and the chosen rows are
+    read as one ladder for the parity ratio."""
+    from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
+
+    val_group, test_groups = LR_CHOICE
+    flops = {size: 10.0 ** (9 + i) for i, size in enumerate(SIZES)}
+    rng = __import__("random").Random(7)
+    summary, val_bpb, test_bpb = [], {}, {}
+    for family in ("transfusion", "discrete"):
+        for size in SIZES:
+            for lr, suffix in LADDER_LRS.items():
+                training = ladder_training(family, size, suffix)
+                val_bpb[training], test_bpb[training] = rng.uniform(1, 3), rng.uniform(1, 3)
+                for group, bpb in ((val_group, val_bpb), (test_groups[lr], test_bpb)):
+                    row = {
+                        "group": group,
+                        "training": training,
+                        "family": family,
+                        "label": training,
+                        "train_flops_mean": flops[size],
+                        **{f"{m}_mean": None for m in CURVE_METRICS},
+                    }
+                    row["text_bpb_mean"] = bpb[training]
+                    row["t2i_alignment_mean"] = -bpb[training]  # higher is better: the opposite choice
+                    summary.append(row)  # fmt: skip
+    got = study.lr_choice(summary)
+    chosen = {(c["metric"], c["family"], c["size"]): c["lr"] for c in got["choices"]}
+    picked = {}
+    for family in ("transfusion", "discrete"):
+        for size in SIZES:
+            by_lr = {lr: ladder_training(family, size, sfx) for lr, sfx in LADDER_LRS.items()}
+            best = min(by_lr, key=lambda lr: val_bpb[by_lr[lr]])
+            assert chosen[("text_bpb", family, size)] == best
+            assert chosen[("t2i_alignment", family, size)] == best  # -bpb, higher is better: the same
+            picked[(family, size)] = test_bpb[by_lr[best]]
+    assert not any(m == "fid" for m, _, _ in chosen)  # no val values: no choice
+    # the parity ratio is the fixed-rate ladder's reading of the chosen test rows
+    ladder = [
+        {"group": "g", "family": f, "label": f"{f} {z}", "train_flops_mean": flops[z],
+         **{f"{m}_mean": None for m in CURVE_METRICS}, "text_bpb_mean": picked[(f, z)]}
+        for f in ("transfusion", "discrete") for z in SIZES
+    ]  # fmt: skip
+    want = study.scaling_parity(ladder, "g")["text_bpb"]
+    assert got["parity"]["text_bpb"]["ratio"] == want["ratio"] and got["parity"]["fid"] is None
+
+
 def test_study_end_to_end_then_reused(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("matplotlib")
@@ -309,3 +357,22 @@ def test_one_worker_runs_in_process_each_familys_first_job_first(tmp_path):
     firsts = {next(j["training"] for j in jobs if j["family"] == fam) for fam in ("transfusion", "discrete")}
     assert set(order[:2]) == firsts and sorted(order) == sorted(j["training"] for j in jobs)
     assert len(records) == len(jobs)
+
+
+def test_report_lists_the_learning_rates_chosen_on_val():
+    from bench.study_report import _lr_choice_lines
+
+    choice = {
+        "choices": [
+            {"metric": "fid", "family": "transfusion", "size": "tiny", "lr": "1e-3"},
+            {"metric": "fid", "family": "transfusion", "size": "S", "lr": "3e-4"},
+            {"metric": "fid", "family": "discrete", "size": "S", "lr": "1e-3"},
+            {"metric": "text_bpb", "family": "transfusion", "size": "tiny", "lr": "3e-4"},
+        ],
+        "parity": {"fid": {"display": "<= 0.144"}, "text_bpb": None},
+    }
+    text = "\n".join(_lr_choice_lines(choice))
+    assert "| metric | transfusion tiny | transfusion S | discrete S | parity |" in text
+    assert "| fid | 1e-3 | 3e-4 | 1e-3 | <= 0.144 |" in text
+    assert "| text_bpb | 3e-4 | - | - | - |" in text
+    assert _lr_choice_lines(None) == [] and _lr_choice_lines({"choices": []}) == []
