@@ -219,6 +219,8 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         step()  # first call: compilation / autotuning, reported apart from the timing
         _sync(device)
         row["first_call_s"] = time.perf_counter() - t0
+        if device.type == "cuda":  # the peak of the timed steps, not of autotuning's benchmark buffers
+            torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, profile.warmup, profile.reps)
     except torch.OutOfMemoryError as e:
         return dict(row, status="oom", error=str(e).splitlines()[0][:200])

@@ -18,7 +18,8 @@ RESULTS=${RESULTS:-results/gpu}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
 CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-120}
-GPU_TESTS=${GPU_TESTS:-tests/test_triton_kernel.py tests/test_work_order.py tests/test_attention.py tests/test_xformers_decomposition.py}
+# Every backend through attend first (the per-backend check), then the kernel's own long list.
+GPU_TESTS=${GPU_TESTS:-tests/test_attention.py tests/test_xformers_decomposition.py tests/test_triton_kernel.py tests/test_work_order.py}
 CONFIG_TESTS="tma_variant or every_candidate"
 SEQ_LENS=${SEQ_LENS:-}  # e.g. 2048,8192,32768 to shorten the sweep
 export PYTHONUNBUFFERED=1
