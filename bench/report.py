@@ -21,11 +21,16 @@ QUICK_COLUMNS = [
 
 
 def _csv_table(path: Path, columns: list[str]) -> str:
-    df = pd.read_csv(path)[columns]
+    """A markdown table of ``columns``; a column the file lacks (written by an older version) shows "-"."""
+    df = pd.read_csv(path).reindex(columns=columns)
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.3g}"  # NaN: missing
+        return str(v)
+
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-    rows = [
-        "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |" for r in df.values
-    ]
+    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.values]
     return "\n".join([head, *rows])
 
 

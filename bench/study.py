@@ -58,17 +58,6 @@ RUN_FIELDS: tuple[str, ...] = (
     "recon_fid", "latent_std_ratio", "train_wall_s", "eval_wall_s", "error",
 )  # fmt: skip
 _TRAIN_FIELDS = ("params", "steps", "train_flops", "final_loss", "final_diffusion_loss", "train_wall_s")
-_EVAL_FIELDS = (
-    "text_bpb",
-    "caption_accuracy",
-    "caption_empty",
-    "t2i_alignment",
-    "fid",
-    "kid",
-    "recon_fid",
-    "latent_std_ratio",
-    "eval_wall_s",
-)
 SUMMARY_STATS: tuple[str, ...] = (
     "params",
     "train_flops",
@@ -299,9 +288,8 @@ def run_rows(
                 for k in _TRAIN_FIELDS:
                     line[k] = rec["train"].get(k)
             ev = (rec or {}).get("evals", {}).get(key)
-            if ev:
-                for k in _EVAL_FIELDS:
-                    line[k] = ev.get(k)
+            if ev:  # bench.quick.eval_metrics's columns (and fid_error, which is no column)
+                line.update({k: v for k, v in ev.items() if k in RUN_FIELDS})
                 if ev.get("fid_error"):
                     errors.append(f"fid: {ev['fid_error']}")
             if rec and not ev and not errors:

@@ -226,3 +226,15 @@ def test_report_headlines_every_parity_ratio(tmp_path):
     assert '(quick_alt; `scheduler="ddim"`) | 0.5 | - | - | <= 0.2 |' in head
     assert head.index("`scaling`") < head.index("`scaling_x0_clip`")  # the grid's order
     assert "`scaling`: Transfusion vs the discrete baseline" in head and "| - | 0.3 | - | 0.7 |" in head
+
+
+def test_report_table_of_an_older_quick_csv_shows_missing_columns_as_dashes(tmp_path):
+    """A quick.csv written before a column existed (or a family without parity values) still renders."""
+    from bench.report import _csv_table
+
+    path = tmp_path / "quick.csv"
+    pd.DataFrame([dict(family="transfusion", fid=32.1), dict(family="discrete", fid=None)]).to_csv(
+        path, index=False
+    )
+    table = _csv_table(path, ["family", "fid", "latent_std_ratio"])
+    assert "| transfusion | 32.1 | - |" in table and "| discrete | - | - |" in table
