@@ -87,7 +87,7 @@ import inspect
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import triton
@@ -865,31 +865,27 @@ def _descriptors(*tensors: torch.Tensor) -> tuple:
 
 
 @contextmanager
-def program_order(order: str) -> Iterator[None]:
+def _module_setting(name: str, value: str, allowed: tuple[str, ...], what: str) -> Iterator[None]:
+    """Set the module global ``name`` to ``value`` (one of ``allowed``) inside the context."""
+    if value not in allowed:
+        raise ValueError(f"{what} = {value!r}; use one of {allowed}")
+    old, globals()[name] = globals()[name], value
+    try:
+        yield
+    finally:
+        globals()[name] = old
+
+
+def program_order(order: str) -> AbstractContextManager[None]:
     """Launch the kernels' programs in ``order`` inside the context: "heaviest-first" (the default, see
     kernels/work_order.py) or "natural". Benchmarks compare the two; outputs are bitwise the same."""
-    global _ORDER
-    if order not in ORDERS:
-        raise ValueError(f"order = {order!r}; use one of {ORDERS}")
-    old, _ORDER = _ORDER, order
-    try:
-        yield
-    finally:
-        _ORDER = old
+    return _module_setting("_ORDER", order, ORDERS, "order")
 
 
-@contextmanager
-def backward_mode(mode: str) -> Iterator[None]:
+def backward_mode(mode: str) -> AbstractContextManager[None]:
     """Compute gradients with backward scheme ``mode`` inside the context: "auto" (the default), "split"
     or "atomic" (see BACKWARD_MODES). The environment variable INTERVAL_ATTENTION_BACKWARD sets it too."""
-    global _BACKWARD
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"mode = {mode!r}; use one of {BACKWARD_MODES}")
-    old, _BACKWARD = _BACKWARD, mode
-    try:
-        yield
-    finally:
-        _BACKWARD = old
+    return _module_setting("_BACKWARD", mode, BACKWARD_MODES, "mode")
 
 
 def _resolve_backward(q: torch.Tensor) -> str:
