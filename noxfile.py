@@ -48,5 +48,6 @@ def attention(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def gpu(session: nox.Session) -> None:
-    """The prepared single-GPU run (about 8 minutes): GPU tests, then the GPU sweep into results/gpu/."""
+    """The prepared single-GPU run (about 8 to 9 minutes): GPU tests, the GPU sweep and the per-kernel
+    breakdown into results/gpu/."""
     session.run("bash", "bench/gpu.sh", external=True)

@@ -17,7 +17,8 @@ no device kernels, so the rows are the CPU operators' self time instead.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +55,20 @@ def _variant(name: str) -> Variant:
     return VARIANTS.get(name, Variant(name))
 
 
-def _variant_context(name: str) -> ExitStack:
+@contextmanager
+def _variant_context(name: str) -> Iterator[None]:
     """The context a variant runs in (its launch order and backward scheme, for the triton variants)."""
     variant = _variant(name)
-    stack = ExitStack()
-    if variant.order is not None or variant.backward is not None:
-        import importlib
+    with ExitStack() as stack:
+        if variant.order is not None or variant.backward is not None:
+            import importlib
 
-        ia = importlib.import_module("kernels.interval_attention")
-        if variant.order is not None:
-            stack.enter_context(ia.program_order(variant.order))
-        if variant.backward is not None:
-            stack.enter_context(ia.backward_mode(variant.backward))
-    return stack
+            ia = importlib.import_module("kernels.interval_attention")
+            if variant.order is not None:
+                stack.enter_context(ia.program_order(variant.order))
+            if variant.backward is not None:
+                stack.enter_context(ia.backward_mode(variant.backward))
+        yield
 
 
 def _events(prof, device: torch.device) -> list[tuple[str, int, float]]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (about 8 minutes on one H100/H200, no network needed):
+# The one prepared GPU run (about 8 to 9 minutes on one H100/H200, no network needed):
 #   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
 #   2. checks the Triton kernel's TMA path and every autotuning candidate config on CUDA; if that
 #      fails, the sweep runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
@@ -15,9 +15,11 @@
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
-SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
-TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
-CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-120}
+# Phase limits: with install and plots the whole run stays under about 9 minutes (the device tool's
+# per-command limit is 10).
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-130}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-140}
+CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-150}  # every candidate of both backward schemes compiles
 # Every backend through attend first (the issue's per-backend check), then the kernel's own long list.
 GPU_TESTS=${GPU_TESTS:-tests/test_attention.py tests/test_xformers_decomposition.py tests/test_triton_kernel.py tests/test_work_order.py}
 CONFIG_TESTS="tma_variant or every_candidate"
@@ -41,12 +43,9 @@ echo "== candidate configs and the TMA path" | tee "$RESULTS/gpu_tests.txt"
 timeout "$CONFIG_TEST_TIMEOUT_S" python3 -m pytest -m gpu -v -p no:cacheprovider -rfEs \
   tests/test_triton_kernel.py -k "$CONFIG_TESTS" 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
 config_rc=${PIPESTATUS[0]}
-if [ "$config_rc" -eq 124 ]; then  # out of time, not a failed check: keep the TMA candidates
-  echo "candidate-config tests ran out of their ${CONFIG_TEST_TIMEOUT_S} s; the log shows how far they got" \
-    | tee -a "$RESULTS/gpu_tests.txt"
-elif [ "$config_rc" -ne 0 ]; then
-  echo "candidate-config tests failed (exit $config_rc): sweeping with INTERVAL_ATTENTION_TMA=0" \
-    | tee -a "$RESULTS/gpu_tests.txt"
+if [ "$config_rc" -ne 0 ]; then  # failed, or out of time (124) with some candidates unchecked
+  echo "candidate-config tests did not pass (exit $config_rc; 124: out of time): sweeping with" \
+    "INTERVAL_ATTENTION_TMA=0" | tee -a "$RESULTS/gpu_tests.txt"
   export INTERVAL_ATTENTION_TMA=0
 fi
 echo "config tests: exit $config_rc after $(( $(date +%s) - start )) s"
@@ -64,7 +63,7 @@ python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUD
   | grep -v "it/s\]$" | tail -n 40
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"
-timeout "${BREAKDOWN_TIMEOUT_S:-75}" python3 -m bench breakdown \
+timeout "${BREAKDOWN_TIMEOUT_S:-70}" python3 -m bench breakdown \
   --backends triton,triton-split,triton-atomic,triton-natural,triton-1row,triton-natural-1row,flex,xformers \
   --out "$RESULTS" 2>&1 \
   | grep -v "^USDT\|gpuGetDeviceCount"

@@ -223,6 +223,7 @@ def compile_candidates(
                         kernel=name, dtype=str(dtype).removeprefix("torch."), head_dim=head_dim,
                         arch=f"sm{arch}", block_m=bm, block_n=bn, warps=warps, stages=stages, tma=tma,
                         dq_transposed=dq_t, atomics=len(re.findall(r"\b(?:atom|red)\.global", ptx)),
+                        vector_atomics=len(re.findall(r"\b(?:atom|red)\.global\S*\.v[248]\.", ptx)),
                         mma_sync=ptx.count("mma.sync"),
                         **usage, shared_kb=round(shared / 1024, 1), fits=shared <= limit,
                         ctas_per_sm=_occupancy(arch, usage["registers"], shared, warps),

@@ -160,8 +160,9 @@ ORDER_MIN_QUERIES = 256
 # dQ 128 x 64, 8 warps, 3 stages, in torch/_inductor/heuristics/template/triton.py), the backend we race.
 # ``dkdv-atomic`` is the dK/dV kernel of the atomic backward scheme, with a sixth field: compute dQ
 # transposed (dQ^T = K^T dS^T, HEAD_DIM rows: Hopper's wgmma wants M >= 64, so this is how a 32-query block
-# keeps its dQ product on wgmma). Its lists hold the configs that compile for sm90 with little or no spill
-# (results/kernels/kernel_resources.md): dK, dV and the dQ product all live in registers at once.
+# keeps its dQ product on wgmma). Its half-precision lists hold the configs that compile for sm90 with
+# little or no spill (results/kernels/kernel_resources.md): dK, dV and the dQ product all live in
+# registers at once. (In fp32 every dK/dV config spills, split or atomic; fp32 is for accuracy.)
 _F, _T = False, True
 # fmt: off
 _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple]]] = {
@@ -900,36 +901,47 @@ def _resolve_backward(q: torch.Tensor) -> str:
         )
     if _BACKWARD != "auto":
         return _BACKWARD
-    if INTERPRET or deterministic or q.dtype == torch.float32:
+    # Timing runs the backward pass many times and synchronizes: not while counting tiles (each run would
+    # add to the counts) nor inside a CUDA graph capture.
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if INTERPRET or deterministic or q.dtype == torch.float32 or _COUNTS is not None or capturing:
         return "split"
     return "auto"
 
 
 def _choose_backward(args: tuple, head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int) -> str:
     """Time the split and atomic backward passes once per shape key (after a run of each, which compiles
-    and autotunes its kernels) and keep the faster; both timings go to the tuning log."""
+    and autotunes its kernels) and keep the faster; both timings go to the tuning log. The key holds the
+    (bucketed) number of batch rows x heads, since how many programs run at once decides the race. Out of
+    memory while timing (the atomic scheme's fp32 dQ buffer, the timer's cache-flush buffer): split."""
+    q = args[1]
     natural_order = args[-1] is None  # the last argument of _backward is the launch-order table
-    key = (head_dim, dtype, _bucket(q_len), _bucket(kv_len), _tune_tag(), natural_order)
+    rows = _bucket(q.shape[0] * q.shape[1])
+    key = (head_dim, dtype, _bucket(q_len), _bucket(kv_len), rows, _tune_tag(), natural_order)
     if key not in _BACKWARD_CHOICE:
         runs = {m: functools.partial(_backward, *args, atomic_dq=m == "atomic") for m in ("split", "atomic")}
-        for run in runs.values():
-            run()
-        ms = {mode: float(_time_ms(run)) for mode, run in runs.items()}
-        best = min(ms, key=ms.get)
+        try:
+            for run in runs.values():
+                run()
+            ms = {mode: float(_time_ms(run)) for mode, run in runs.items()}
+        except torch.OutOfMemoryError:
+            ms = {mode: float("nan") for mode in runs}
+        best = min(ms, key=ms.get) if all(t == t for t in ms.values()) else "split"
         _BACKWARD_CHOICE[key] = best
         for mode, t in ms.items():
             _TUNING_LOG.append(
                 dict(
                     kernel="backward", head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
-                    q_bucket=_bucket(q_len), kv_bucket=_bucket(kv_len), scheme=mode, ms=t,
-                    chosen=mode == best,
+                    q_bucket=_bucket(q_len), kv_bucket=_bucket(kv_len), rows_bucket=rows, scheme=mode,
+                    ms=t, chosen=mode == best,
                 )
             )  # fmt: skip
     return _BACKWARD_CHOICE[key]
 
 
 def backward_choices() -> dict[tuple, str]:
-    """The scheme "auto" chose per (head dim, dtype, Lq bucket, Lk bucket, restriction, natural order)."""
+    """The scheme "auto" chose per (head dim, dtype, Lq bucket, Lk bucket, B x H bucket, restriction,
+    natural order)."""
     return dict(_BACKWARD_CHOICE)
 
 

@@ -64,8 +64,8 @@ def test_forward_candidates_compile_for_sm90_with_pipelined_loads(tmp_path):
 
 @pytest.mark.skipif(not _has_nvidia_tools(), reason="needs Triton's bundled ptxas and cuobjdump")
 def test_atomic_backward_kernel_compiles_with_vector_atomics(tmp_path):
-    """The atomic scheme's dK/dV kernel adds dQ with fp32 atomics (and only it: the split scheme's
-    kernel has the dQ code compiled out); each of its candidates fits an sm90 SM."""
+    """The atomic scheme's dK/dV kernel adds dQ with vectorized fp32 atomics (and only it: the split
+    scheme's kernel has the dQ code compiled out); each of its candidates fits an sm90 SM."""
     out = tmp_path / "kernels"
     cmd = [sys.executable, "-m", "bench", "kernels", "--kernels", "dkdv,dkdv-atomic", "--head-dim", "32"]
     done = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -75,4 +75,5 @@ def test_atomic_backward_kernel_compiles_with_vector_atomics(tmp_path):
     assert len(split) >= 3 and len(atomic) >= 2
     assert (split.atomics == 0).all() and (~split.dq_transposed).all()
     assert (atomic.atomics > 0).all() and atomic.fits.all() and (atomic.ctas_per_sm >= 1).all()
+    assert (atomic.vector_atomics == atomic.atomics).all()  # 2 or 4 floats per instruction, not one
     assert "| dkdv-atomic |" in (out / "kernel_resources.md").read_text()

@@ -647,11 +647,13 @@ def test_input_validation():
 )
 def test_atomic_dq_random_layouts(device, dtype, head_dim, trial):
     """The atomic scheme against the float64 reference: dQ summed by atomics over key blocks. On the CPU
-    odd trials pin the transposed dQ product (the interpreter's second dkdv-atomic candidate)."""
+    odd trials pin the transposed dQ product (the interpreter's second dkdv-atomic candidate), and every
+    other pair of trials loads full tiles through the TMA path."""
     max_len = 70 if device == "cpu" else 700
     bsz, heads, kv_len, q_len = random_sizes(max_len, min_len=16)
     pin = trial % 2 if device == "cpu" else None
-    with ia.backward_mode("atomic"), ia.kernel_configs(index=pin):
+    tma = (trial // 2) % 2 == 1 if device == "cpu" else None  # the interpreter runs the TMA path too
+    with ia.backward_mode("atomic"), ia.kernel_configs(tma=tma, index=pin):
         check_case(random_case(bsz, kv_len, q_len), heads, head_dim, dtype, device)
         if device == "cpu":
             assert ia._bwd_dkdv_atomic_kernel.best_config.kwargs["DQ_T"] == bool(pin)
@@ -665,19 +667,42 @@ def _grads(case, q, k, v, device) -> list[torch.Tensor]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("trial", range(3))
 def test_backward_schemes_agree(device, trial):
-    """dK and dV come from the same tiles in the same order in both schemes: bitwise equal. dQ is summed
-    in another order with atomics: equal to fp32 rounding."""
+    """dK and dV come from the same tiles in the same order in both schemes (the first candidates share
+    their blocks): bitwise equal in the interpreter, and to fp32 rounding on a GPU, where the compiler
+    schedules the two kernels apart. dQ is summed in another order with atomics: equal to fp32 rounding."""
     bsz, heads, kv_len, q_len = random_sizes(80 if device == "cpu" else 900, min_len=20)
     case = random_case(bsz, kv_len, q_len)
     q = torch.randn(bsz, heads, q_len, 32, device=device, requires_grad=True)
     k, v = (torch.randn(bsz, heads, kv_len, 32, device=device, requires_grad=True) for _ in "kv")
     got = {}
     for mode in ("split", "atomic"):
-        with ia.backward_mode(mode):
+        with ia.backward_mode(mode), ia.kernel_configs(index=0):
             got[mode] = _grads(case, q, k, v, device)
     (dq_s, dk_s, dv_s), (dq_a, dk_a, dv_a) = got["split"], got["atomic"]
-    assert torch.equal(dk_s, dk_a) and torch.equal(dv_s, dv_a), case.text
+    if device == "cpu":
+        assert torch.equal(dk_s, dk_a) and torch.equal(dv_s, dv_a), case.text
+    else:
+        assert rel_err(dk_a, dk_s) <= 1e-6 and rel_err(dv_a, dv_s) <= 1e-6, case.text
     assert rel_err(dq_a, dq_s) <= 1e-5, f"dq: {rel_err(dq_a, dq_s):.3g}; {case.text}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atomic_scheme_computes_the_planned_tiles_and_no_dq_kernel(device):
+    """The atomic scheme's dK/dV kernel visits exactly the planned tiles, and no dQ kernel runs; its
+    autotuner zeroes the dQ buffer before every timed run (else the timings' sums would pile up)."""
+    case = random_case(2, 60, 60)
+    lo, hi = case.lo.to(device), case.hi.to(device)
+    q, k, v = (torch.randn(2, 2, 60, 32, device=device, requires_grad=True) for _ in "qkv")
+    with ia.backward_mode("atomic"):
+        interval_attention(q, k, v, lo, hi).sum().backward()  # tune first, so counting sees one run
+        with ia.count_tiles() as counts:
+            interval_attention(q, k, v, lo, hi).sum().backward()
+    cfg = ia._bwd_dkdv_atomic_kernel.best_config
+    plan = plan_tiles(case.lo, case.hi, 60, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
+    assert counts["dkdv"] == [2 * plan["computed"], 2 * plan["full"]] and counts["dq"] == [0, 0]
+    acc, counter = torch.ones(5, device=device), torch.ones(2, dtype=torch.int32, device=device)
+    ia._bwd_dkdv_atomic_kernel.pre_hook({"DQ_ACC": acc, "COUNTER": counter}, reset_only=True)
+    assert (acc == 0).all() and (counter == 0).all()
 
 
 def test_backward_mode_resolution(monkeypatch):
@@ -708,6 +733,8 @@ def test_backward_mode_resolution(monkeypatch):
             ia._resolve_backward(half)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+    with ia.backward_mode("auto"), ia.count_tiles():
+        assert ia._resolve_backward(half) == "split"  # timing would add its runs to the counts
     monkeypatch.setattr(ia, "INTERPRET", True)
     with ia.backward_mode("auto"):
         assert ia._resolve_backward(half) == "split"  # the interpreter never times
@@ -747,6 +774,32 @@ def test_auto_backward_keeps_the_faster_scheme(monkeypatch):
     q, k, v = (torch.randn(1, 2, 20, 32, requires_grad=True) for _ in "qkv")
     _grads(case, q, k, v, "cpu")
     assert sorted(ia.backward_choices().values()) == ["atomic", "split"]
+    # So is another number of batch rows x heads (17 heads: the next bucket) at the same lengths.
+    atomic_wins = True
+    q, k, v = (torch.randn(1, 17, 20, 32, requires_grad=True) for _ in "qkv")
+    _grads(case, q, k, v, "cpu")
+    assert sorted(ia.backward_choices().values()) == ["atomic", "atomic", "split"]
+    assert len(timed) == 6
+
+
+def test_auto_backward_falls_back_to_split_when_timing_runs_out_of_memory(monkeypatch):
+    def no_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(ia, "_time_ms", no_memory)
+    monkeypatch.setattr(ia, "_resolve_backward", lambda q: "auto")
+    monkeypatch.setattr(ia, "_BACKWARD_CHOICE", {})
+    case = random_case(1, 30, 30)
+    q, k, v = (torch.randn(1, 2, 30, 32, requires_grad=True) for _ in "qkv")
+    before = len(ia.tuning_log())
+    got = _grads(case, q, k, v, "cpu")
+    with ia.backward_mode("split"):
+        want = _grads(case, q, k, v, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert list(ia.backward_choices().values()) == ["split"]
+    rows = [r for r in ia.tuning_log()[before:] if r["kernel"] == "backward"]
+    assert [(r["scheme"], r["chosen"]) for r in rows] == [("split", True), ("atomic", False)]
+    assert all(math.isnan(r["ms"]) for r in rows)
 
 
 @pytest.mark.gpu
