@@ -469,6 +469,28 @@ def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     return settings
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
+
+
+def weights_digests(cfg: QuickConfig, run_dir: Path, steps: list[int]) -> dict[str, str]:
+    """Digests of the weights an evaluation of ``run_dir`` at ``steps`` reads: the model checkpoints, the
+    run's autoencoder and, with FID on, the feature CNN (trained first if absent, as the evaluation would).
+    Part of every evaluation's cache fingerprint: a stored evaluation is reused for the very same weights,
+    not merely the same configuration (a fresh clone trains its own models, and thread counts change
+    them)."""
+    from transfusion.autoencoders.model import WEIGHTS_NAME
+
+    ckpt = run_dir / "checkpoints"
+    digests = {f"step_{s}": _file_digest(ckpt / f"step_{s:08d}.safetensors") for s in steps}
+    digests["autoencoder"] = _file_digest(run_dir / "autoencoder" / WEIGHTS_NAME)
+    if cfg.fid:
+        from transfusion.eval.features import FeatureCNNConfig, get_feature_cnn
+
+        digests["fid_cnn"] = _file_digest(get_feature_cnn(FeatureCNNConfig(**cfg.fid_cnn), _fid_cache(cfg)))
+    return digests
+
+
 def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -> dict[str, Any]:
     """Text-to-image alignment, captioning accuracy and bits per byte of one trained family."""
     from transfusion.eval import (
@@ -482,7 +504,13 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir}: no trained checkpoint (did the train stage fail?)")
-    fp_src = {"run": stored_run_fingerprint(run_dir), "step": int(latest["step"]), "eval": eval_settings(cfg)}
+    step = int(latest["step"])
+    fp_src = {
+        "run": stored_run_fingerprint(run_dir),
+        "step": step,
+        "eval": eval_settings(cfg),
+        "weights": weights_digests(cfg, run_dir, [step]),
+    }
     fp = _fingerprint(fp_src)
     out_json = eval_dir / f"{family}.json"
     samples_file = eval_dir / f"{family}_samples.npz"
@@ -562,10 +590,14 @@ def fid_against(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor) -
     from transfusion.eval.features import FeatureCNNConfig
     from transfusion.eval.fid import fid_kid
 
-    cache = Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
     return fid_kid(
-        real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=cache, seed=cfg.seed
+        real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=_fid_cache(cfg), seed=cfg.seed
     )
+
+
+def _fid_cache(cfg: QuickConfig) -> Path | None:
+    """Where the FID feature CNN is cached (None: transfusion.eval's default)."""
+    return Path(cfg.cache_dir) / "fid" if cfg.cache_dir else None
 
 
 def _fid_scores(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor, recon: torch.Tensor) -> dict:

@@ -69,6 +69,7 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
         _test_items,
         eval_settings,
         stored_run_fingerprint,
+        weights_digests,
     )
     from transfusion.eval import (
         bits_per_byte_of_texts,
@@ -82,7 +83,14 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
     if not steps:
         raise FileNotFoundError(f"{run_dir}: no checkpoints (did the train stage fail?)")
     flops = flops_at(run_dir, steps)
-    fp = _fingerprint({"run": stored_run_fingerprint(run_dir), "steps": steps, "eval": eval_settings(cfg)})
+    fp = _fingerprint(
+        {
+            "run": stored_run_fingerprint(run_dir),
+            "steps": steps,
+            "eval": eval_settings(cfg),
+            "weights": weights_digests(cfg, run_dir, steps),
+        }
+    )
     out_json = eval_dir / f"{family}_curve.json"
     if not fresh and out_json.is_file():
         stored = json.loads(out_json.read_text())

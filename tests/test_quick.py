@@ -115,6 +115,18 @@ def test_quick_pipeline_end_to_end_then_resumes(tmp_path):
         assert again["stages"][name]["status"] == "reused"
     assert again["families"] == res["families"]
 
+    # other weights under the same configuration (a fresh clone trains its own): evaluated afresh. The
+    # discrete run's final checkpoint is replaced by its step-3 weights, a valid but different model.
+    ckpt = out / "runs" / "discrete" / "checkpoints"
+    final = ckpt / "step_00000004.safetensors"
+    kept = final.read_bytes()
+    final.write_bytes((ckpt / "step_00000003.safetensors").read_bytes())
+    swapped = quick.run_quick(out, _config(tmp_path))
+    assert swapped["stages"]["eval_discrete"]["status"] == "ok"
+    assert swapped["stages"]["curve_discrete"]["status"] == "ok"
+    assert swapped["stages"]["eval_transfusion"]["status"] == "reused"
+    final.write_bytes(kept)
+
     # more steps: the run is resumed from its checkpoint, not restarted
     longer = quick.run_quick(out, _config(tmp_path, steps=6))
     assert longer["stages"]["train_transfusion"]["status"] == "ok"
