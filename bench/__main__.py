@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "summary":
         from bench.summary import summarize
 
+        needed = ("attention.csv", "attention_provenance.json")
+        missing = [n for n in needed if not (args.results / n).is_file()]
+        if missing:
+            parser.error(f"{args.results}: no {' or '.join(missing)} (did `bench attention` run into it?)")
         print(summarize(args.results, args.seq_len))
     elif args.suite == "breakdown":
         import torch

@@ -238,3 +238,13 @@ def test_report_table_of_an_older_quick_csv_shows_missing_columns_as_dashes(tmp_
     )
     table = _csv_table(path, ["family", "fid", "latent_std_ratio"])
     assert "| transfusion | 32.1 | - |" in table and "| discrete | - | - |" in table
+
+
+def test_summary_of_a_folder_without_a_sweep_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "summary", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "no attention.csv" in done.stderr and "Traceback" not in done.stderr
