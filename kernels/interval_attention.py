@@ -93,7 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .work_order import CHUNK, ORDER_SIZES, order_shape, work_order
+from .work_order import CHUNK, ORDER_SIZES, blocked_intervals, order_shape, work_order
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them only the pointer configs exist
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -735,17 +735,8 @@ def key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Te
     It depends only on the layout, so callers that reuse one layout (every layer of a model) can build
     it once and pass it to :func:`interval_attention` (``kv_table``), as FlexAttention reuses a BlockMask.
     """
-    bsz, q_len = lo.shape
-    n_chunks = triton.cdiv(q_len, CHUNK)
-    pad = n_chunks * CHUNK - q_len
-    lo_c = lo.clamp(min=0)
-    hi_c = hi.clamp(max=kv_len - 1)
-    if pad:
-        lo_c = torch.nn.functional.pad(lo_c, (0, pad), value=1)
-        hi_c = torch.nn.functional.pad(hi_c, (0, pad), value=0)
-    lo_c = lo_c.view(bsz, n_chunks, CHUNK)
-    hi_c = hi_c.view(bsz, n_chunks, CHUNK)
-    valid = lo_c <= hi_c
+    bsz = lo.shape[0]
+    lo_c, hi_c, valid = blocked_intervals(lo, hi, kv_len, CHUNK)
     big = torch.full_like(lo_c, _BIG)
     neg = torch.full_like(lo_c, -1)
     kmin = torch.where(valid, lo_c, big).amin(-1)

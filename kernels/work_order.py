@@ -45,18 +45,26 @@ def order_shape(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
     return (2, len(ORDER_SIZES), batch * _cdiv(max(q_len, kv_len), CHUNK))
 
 
-def query_block_work(lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block: int) -> torch.Tensor:
-    """(B, ceil(Lq / block)) int64: keys spanned by each query block's non-empty rows (0 if none)."""
+def blocked_intervals(
+    lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' intervals clipped to [0, kv_len), grouped into query blocks: (lo, hi, non-empty), each
+    (B, ceil(Lq / block), block); rows past Lq get the empty interval [1, 0]."""
     bsz, q_len = lo.shape
     n_blocks = _cdiv(q_len, block)
     pad = n_blocks * block - q_len
-    lo_c = lo.clamp(min=0).long()
-    hi_c = hi.clamp(max=kv_len - 1).long()
-    if pad:  # rows past Lq: the empty interval [1, 0]
+    lo_c = lo.clamp(min=0)
+    hi_c = hi.clamp(max=kv_len - 1)
+    if pad:
         lo_c = torch.nn.functional.pad(lo_c, (0, pad), value=1)
         hi_c = torch.nn.functional.pad(hi_c, (0, pad), value=0)
     lo_c, hi_c = lo_c.view(bsz, n_blocks, block), hi_c.view(bsz, n_blocks, block)
-    valid = lo_c <= hi_c
+    return lo_c, hi_c, lo_c <= hi_c
+
+
+def query_block_work(lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block: int) -> torch.Tensor:
+    """(B, ceil(Lq / block)) int64: keys spanned by each query block's non-empty rows (0 if none)."""
+    lo_c, hi_c, valid = blocked_intervals(lo.long(), hi.long(), kv_len, block)
     kmin = torch.where(valid, lo_c, torch.full_like(lo_c, 1 << 40)).amin(-1)
     kmax = torch.where(valid, hi_c, torch.full_like(hi_c, -1)).amax(-1)
     return (kmax - kmin + 1).clamp(min=0)
@@ -111,6 +119,7 @@ def list_schedule_makespan(work: Iterable[float], slots: int, overhead: float = 
 
 __all__ = [
     "ORDER_SIZES",
+    "blocked_intervals",
     "heaviest_first",
     "key_block_work",
     "list_schedule_makespan",
