@@ -120,16 +120,12 @@ def _family_ladder(
     baseline's with ``discrete_eval`` ((label suffix, overrides); default: its default evaluation).
     ``lr_suffix`` picks the trainings at another learning rate (``"-lr3e-4"``); the labels then name it."""
     lr = f", lr {lr_suffix.removeprefix('-lr')}" if lr_suffix else ""
-
-    def training(family: str, size: str) -> str:
-        return ladder_training(family, size, lr_suffix)
-
     return [
         *(
             Row(
                 group,
                 f"transfusion {size}, {suffix}{lr}",
-                training("transfusion", size),
+                ladder_training("transfusion", size, lr_suffix),
                 eval=transfusion_eval,
                 series="transfusion",
             )  # fmt: skip
@@ -139,7 +135,7 @@ def _family_ladder(
             Row(
                 group,
                 f"discrete {size}{discrete_eval[0]}{lr}",
-                training("discrete", size),
+                ladder_training("discrete", size, lr_suffix),
                 eval=discrete_eval[1],
                 series="discrete",
             )  # fmt: skip
