@@ -37,11 +37,18 @@ def _csv_table(path: Path, columns: list[str]) -> str:
 def _changed_settings(folder: Path) -> str:
     """The quick config fields this run changed from the defaults (e.g. the x_0 clamp), as
     "`key=value`, ..."; "" when none, or when the folder has no readable quick.json."""
-    from bench.quick import QuickConfig
-
     try:
         config = json.loads((folder / "quick.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
+        return ""
+    return _settings_changed(config)
+
+
+def _settings_changed(config: dict | None) -> str:
+    """:func:`_changed_settings` of a quick run's stored config ("" for none)."""
+    from bench.quick import QuickConfig
+
+    if not config:
         return ""
     defaults = QuickConfig().to_dict()
     changed = {k: v for k, v in config.items() if k not in _NOT_SETTINGS and defaults.get(k, v) != v}
@@ -79,7 +86,7 @@ def headline_section(results_root: Path) -> list[str]:
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
-            changed = _changed_settings(folder)
+            changed = _settings_changed(info.get("config"))
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
             rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
         if (folder / "study.json").exists():
