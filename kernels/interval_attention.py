@@ -308,9 +308,16 @@ def _autotune(kernel: str):
         "reset_to_zero": ["COUNTER"] + (["DQ_ACC"] if kernel == "dkdv-atomic" else []),
         "prune_configs_by": {"early_config_prune": _make_pruner(kernel)},
     }
-    if "do_bench" in inspect.signature(triton.autotune).parameters and not INTERPRET:
-        kwargs["do_bench"] = _time_ms
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        kwargs["do_bench"] = _no_timing if INTERPRET else _time_ms
     return triton.autotune(**kwargs)
+
+
+def _no_timing(fn, quantiles=None):
+    """The interpreter's "benchmark": it keeps one candidate (see _candidates), so nothing needs timing.
+    Triton 3.8 skips a lone pruned candidate; 3.6 (torch 2.11's) still times it, through the GPU driver
+    that a CPU-only machine lacks ("0 active drivers")."""
+    return [math.nan] * len(quantiles) if quantiles else math.nan  # "not timed": _log_tuning skips it
 
 
 def _time_ms(fn, quantiles=None):
@@ -820,6 +827,8 @@ def _log_tuning(name: str, kernel, head_dim: int, dtype: torch.dtype, q_len: int
     best = getattr(kernel, "best_config", None)
     for cfg, t in timings.items():
         ms = t[0] if isinstance(t, (list, tuple)) else t
+        if math.isnan(ms):  # the interpreter's placeholder (_no_timing): nothing was timed
+            continue
         bm, bn, warps, stages, tma, *dq_t = _config_key(cfg)
         _TUNING_LOG.append(
             dict(
@@ -1185,6 +1194,26 @@ def _check_inputs(
             f"inputs are on {q.device}, but Triton is compiling for the GPU; move them to CUDA or set "
             "TRITON_INTERPRET=1 before importing kernels (slow, for tests)"
         )
+    if INTERPRET and (problem := _interpreter_problem()):
+        raise RuntimeError(problem)
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None. Before 3.7 it turns a loop
+    bound held in a 1-element array into an int with int(array), which NumPy 2.4 refuses."""
+    import numpy as np
+
+    def release(version: str) -> tuple[int, int]:
+        return tuple(int(part) for part in version.split(".")[:2])  # type: ignore[return-value]
+
+    if release(triton.__version__) < (3, 7) and release(np.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s CPU interpreter cannot run these kernels with NumPy "
+            f"{np.__version__} (it converts 1-element arrays to int, which NumPy 2.4 refuses): install "
+            "numpy<2.4, or Triton 3.7 or newer"
+        )
+    return None
 
 
 def interval_attention(

@@ -539,6 +539,10 @@ def test_tuning_log_records_every_timed_candidate():
         configs[1].kwargs["BLOCK_M"],
         configs[1].kwargs["USE_TMA"],
     )
+    # the interpreter's placeholder timings (Triton before 3.8 "times" even a lone candidate) are not rows
+    untimed = SimpleNamespace(configs_timings={configs[0]: ia._no_timing(None, (0.5, 0.2, 0.8))})
+    ia._log_tuning("fwd-test", untimed, 64, torch.bfloat16, 1000, 3000)
+    assert len(ia.tuning_log()) == before + 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -738,6 +742,38 @@ def test_backward_mode_resolution(monkeypatch):
     monkeypatch.setattr(ia, "INTERPRET", True)
     with ia.backward_mode("auto"):
         assert ia._resolve_backward(half) == "split"  # the interpreter never times
+
+
+def test_interpreter_refuses_triton_numpy_pairs_that_cannot_run(monkeypatch):
+    """Triton before 3.7 interprets loop bounds with int(1-element array), which NumPy 2.4 refuses: that
+    pair gets one clear error naming both versions (before any launch); the pairs that work get none."""
+    import numpy as np
+
+    for triton_version, numpy_version, broken in (
+        ("3.6.0", "2.4.1", True),
+        ("3.5.1", "2.5.0", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.1", "2.4.6", False),
+        ("3.8.0+git1a2b", "2.4.0rc1", False),
+    ):
+        monkeypatch.setattr(ia.triton, "__version__", triton_version)
+        monkeypatch.setattr(np, "__version__", numpy_version)
+        ia._interpreter_problem.cache_clear()
+        problem = ia._interpreter_problem()
+        assert (problem is not None) == broken, (triton_version, numpy_version, problem)
+        if broken:
+            assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+    monkeypatch.setattr(ia.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    monkeypatch.setattr(ia, "INTERPRET", True)
+    ia._interpreter_problem.cache_clear()
+    q = torch.randn(1, 1, 8, 32)
+    lo, hi = torch.zeros(1, 8, dtype=torch.int32), torch.arange(8, dtype=torch.int32)[None]
+    try:
+        with pytest.raises(RuntimeError, match="NumPy 2.4.1"):
+            interval_attention(q, q, q, lo, hi)
+    finally:
+        ia._interpreter_problem.cache_clear()
 
 
 def test_auto_backward_keeps_the_faster_scheme(monkeypatch):
