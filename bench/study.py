@@ -35,11 +35,14 @@ from typing import Any
 from bench.quick import QuickConfig, eval_metrics, parse_set_options, to_csv
 from bench.quick_curves import CURVE_METRICS, metric_parity
 from bench.study_grid import (
+    DEFAULT_GROUPS,
+    EXTRA_GROUPS,
     FAMILY_LADDERS,
     GROUP_TITLES,
     GROUPS,
     LADDER_LRS,
     LR_CHOICE,
+    LR_CHOICE_GROUP,
     SIZES,
     TRAININGS,
     Row,
@@ -71,7 +74,7 @@ SUMMARY_STATS: tuple[str, ...] = (
 class StudyConfig:
     """What the study runs; the defaults fit <= 90 min on 2 CPU cores (two one-thread workers)."""
 
-    groups: tuple[str, ...] = GROUPS
+    groups: tuple[str, ...] = DEFAULT_GROUPS
     seeds: tuple[int, ...] = (0, 1)
     workers: int = 2
     # the quick profile's recipe for every training (steps, batch, data, evaluation sizes, ...)
@@ -361,15 +364,16 @@ def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
     """The learning rate chosen on the val split, per metric, family and size, and the ladders it gives.
 
     For each metric, each (family, size) takes the rate of LADDER_LRS whose val-split mean of that metric
-    is best (the rows of the LR_CHOICE val group), and its test-split row from that rate's test ladder.
-    Those rows form one ladder per metric, read for its parity FLOP ratio like the fixed-rate ladders:
-    both families tuned for the metric on held-out data, as one would before comparing them."""
-    val_group, test_groups = LR_CHOICE
+    is best (the rate's val rows, LR_CHOICE), and its test-split row from that rate's test ladder. A rate
+    whose rows the summary lacks (an extra group not run) is not a candidate. The chosen rows form one
+    ladder per metric, read for its parity FLOP ratio like the fixed-rate ladders: both families tuned
+    for the metric on held-out data, as one would before comparing them."""
 
     def by_training(group: str) -> dict[str, dict[str, Any]]:
         return {s["training"]: s for s in summary if s["group"] == group}
 
-    val, tests = by_training(val_group), {lr: by_training(g) for lr, g in test_groups.items()}
+    val = {lr: by_training(val_group) for lr, (val_group, _) in LR_CHOICE.items()}
+    tests = {lr: by_training(test_group) for lr, (_, test_group) in LR_CHOICE.items()}
     choices: list[dict[str, Any]] = []
     parity: dict[str, dict | None] = {}
     for metric, lower in CURVE_METRICS.items():
@@ -379,7 +383,7 @@ def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
                 scored = {}  # lr -> (val mean, test summary row)
                 for lr, suffix in LADDER_LRS.items():
                     training = ladder_training(family, size, suffix)
-                    v = (val.get(training) or {}).get(f"{metric}_mean")
+                    v = (val[lr].get(training) or {}).get(f"{metric}_mean")
                     if _is_number(v) and training in tests[lr]:
                         scored[lr] = (float(v), tests[lr][training])
                 if not scored:
@@ -412,9 +416,9 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     summary = summarize_rows(rows, lines)
     parity = {g: scaling_parity(summary, g) for g in cfg.groups if g in FAMILY_LADDERS}
     chosen = None
-    if {LR_CHOICE[0], *LR_CHOICE[1].values()} <= set(cfg.groups):
+    if all(g in cfg.groups for lr in ("1e-3", "3e-4") for g in LR_CHOICE[lr]):  # a choice of at least two
         chosen = lr_choice(summary)
-        parity[LR_CHOICE[0]] = chosen["parity"]
+        parity[LR_CHOICE_GROUP] = chosen["parity"]
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
         references = reference_scores(cfg.base())
     except Exception as e:
@@ -480,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results") / "study", help="results folder")
     p.add_argument("--runs-dir", type=Path, default=Path("runs") / "study",
                    help="training runs and evaluations (reused and resumed on reruns)")  # fmt: skip
-    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of " + ",".join(GROUPS))
+    p.add_argument(
+        "--groups",
+        default=",".join(DEFAULT_GROUPS),
+        help=f"comma-separated groups (default: every group but the extra ones, {','.join(EXTRA_GROUPS)}, "
+        "which would take the study past 90 minutes; 'all' runs every group); valid: " + ",".join(GROUPS),
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated training/evaluation seeds")
     p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (quick default: 400)")
@@ -501,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    if groups == ("all",):
+        groups = GROUPS
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
     except (TypeError, ValueError) as e:

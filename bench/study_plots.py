@@ -26,6 +26,7 @@ EXTRA_PANELS: dict[str, str] = {
             "scaling_ddim_clip3",
             "scaling_val_samplers",
             "scaling_lr_3e-4",
+            "scaling_lr_3e-3",
             "inference_steps",
             "x0_clip",
             "sampler_clip",

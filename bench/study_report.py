@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.study_grid import GROUP_TITLES, LR_CHOICE
+from bench.study_grid import GROUP_TITLES, LR_CHOICE_GROUP
 
 _METRICS = (
     ("text_bpb", "bits/byte"),
@@ -40,7 +40,7 @@ def _lr_choice_lines(choice: dict | None) -> list[str]:
     columns = list(dict.fromkeys(zip(picks.family, picks["size"])))
     lines = [
         "Chosen on val: per metric, the learning rate whose val mean is best for each family and size. The",
-        "test rows at those rates (from the two fixed-rate ladders) form one ladder per metric, read for its",
+        "test rows at those rates (from the fixed-rate ladders) form one ladder per metric, read for its",
         "parity FLOP ratio like the others.",
         "",
         "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " | parity |",
@@ -102,7 +102,7 @@ def study_section(folder: Path) -> list[str]:
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
-        if group == LR_CHOICE[0]:
+        if group == LR_CHOICE_GROUP:
             lines += _lr_choice_lines(info.get("lr_choice"))
         elif (info.get("parity") or {}).get(group):
             parts = [f"{m}: {p['display']}" for m, p in info["parity"][group].items() if p]

@@ -19,7 +19,7 @@ TINY = {**TINY_QUICK, "curve_points": 1}  # no checkpoint curves: the study does
 
 def test_every_row_names_a_training_and_every_training_builds(tmp_path):
     assert {r.training for r in ROWS} == set(TRAININGS)  # no training is trained for nothing
-    cfg = study.StudyConfig(seeds=(3, 5))
+    cfg = study.StudyConfig(groups=GROUPS, seeds=(3, 5))  # every group, extras too
     jobs = study.plan_jobs(cfg, tmp_path)
     keys = [(j["training"], j["seed"]) for j in jobs]
     assert len(keys) == len(set(keys)) == 2 * len(TRAININGS)
@@ -178,7 +178,6 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     read as one ladder for the parity ratio."""
     from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
 
-    val_group, test_groups = LR_CHOICE
     flops = {size: 10.0 ** (9 + i) for i, size in enumerate(SIZES)}
     rng = __import__("random").Random(7)
     summary, val_bpb, test_bpb = [], {}, {}
@@ -187,7 +186,7 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
             for lr, suffix in LADDER_LRS.items():
                 training = ladder_training(family, size, suffix)
                 val_bpb[training], test_bpb[training] = rng.uniform(1, 3), rng.uniform(1, 3)
-                for group, bpb in ((val_group, val_bpb), (test_groups[lr], test_bpb)):
+                for group, bpb in zip(LR_CHOICE[lr], (val_bpb, test_bpb)):
                     row = {
                         "group": group,
                         "training": training,
@@ -218,6 +217,32 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     ]  # fmt: skip
     want = study.scaling_parity(ladder, "g")["text_bpb"]
     assert got["parity"]["text_bpb"]["ratio"] == want["ratio"] and got["parity"]["fid"] is None
+    # without the extra 3e-3 groups (the default grid) the choice is between the other two rates
+    extra = set(LR_CHOICE["3e-3"])
+    two = study.lr_choice([r for r in summary if r["group"] not in extra])
+    for c in two["choices"]:
+        rates = {lr: ladder_training(c["family"], c["size"], sfx) for lr, sfx in LADDER_LRS.items()}
+        assert set(k for k in c if k.startswith("val_")) == {"val_1e-3", "val_3e-4"}
+        assert c["lr"] == min(("1e-3", "3e-4"), key=lambda lr: val_bpb[rates[lr]])
+
+
+def test_default_grid_leaves_out_the_extra_groups(capsys):
+    """The extra groups (learning rate 3e-3) are outside the default grid and the default StudyConfig;
+    `--groups all` adds them, with their trainings at lr 3e-3."""
+    from bench.study_grid import DEFAULT_GROUPS, EXTRA_GROUPS
+
+    assert set(EXTRA_GROUPS) == {"scaling_lr_3e-3", "lr_choice_val_3e-3"}
+    assert set(DEFAULT_GROUPS) == set(GROUPS) - set(EXTRA_GROUPS)
+    assert study.StudyConfig().groups == DEFAULT_GROUPS
+    extra_trainings = {r.training for r in rows_for(EXTRA_GROUPS)}
+    assert len(extra_trainings) == 6 and all(TRAININGS[t].recipe == {"lr": 3e-3} for t in extra_trainings)
+    assert not extra_trainings & {r.training for r in rows_for(DEFAULT_GROUPS)}
+    assert study.main(["--list"]) == 0
+    default = capsys.readouterr().out
+    assert study.main(["--list", "--groups", "all"]) == 0
+    every = capsys.readouterr().out
+    assert "lr 3e-3" not in default and "discrete S, lr 3e-3 (val)" in every
+    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 6)} jobs")
 
 
 def test_study_end_to_end_then_reused(tmp_path):
