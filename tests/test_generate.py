@@ -441,7 +441,7 @@ def _write_run(path, model, source: str, ae=None, family: str = "transfusion") -
 
 
 @pytest.mark.parametrize("source", ["auto", "pool", "discrete"])
-def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, source):
+def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, monkeypatch, source):
     """``transfusion generate`` on Transfusion runs (VAE or pool latents) and a discrete run (VQ codes)."""
     from PIL import Image
 
@@ -501,6 +501,18 @@ def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, source):
     assert "wrote" in capsys.readouterr().out
     assert generate_main([*argv, "--clip-sample-range", "-1"]) == 2
     assert "clip_sample_range = -1.0 must be None or a finite number > 0" in capsys.readouterr().err
+    # captions get the evaluations' one-token floor unless asked otherwise; a bad floor is refused
+    import transfusion.generation.api as api
+
+    floors = []
+    real_caption = api.caption
+    monkeypatch.setattr(api, "caption", lambda *a, **kw: floors.append(kw["config"].min_new_tokens) or ["x"])
+    red = ["--checkpoint", str(run), "--image", str(tmp_path / "red.png"), "--max-new-tokens", "5"]
+    assert generate_main(red) == 0 and generate_main([*red, "--min-new-tokens", "0"]) == 0
+    assert floors == [1, 0]
+    monkeypatch.setattr(api, "caption", real_caption)
+    assert generate_main([*red, "--min-new-tokens", "6"]) == 2
+    assert "min_new_tokens = 6" in capsys.readouterr().err
 
 
 def test_generation_benchmark_writes_csv_and_provenance(tmp_path):

@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64)")
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=1,
+        help="caption tokens before <EOS> may end it (default 1, as in the quick and study evaluations: a "
+        "greedy caption can otherwise end at once, since caption dropout trains that form; 0 = no floor)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="caption top-k sampling")
     p.add_argument(
@@ -142,7 +149,7 @@ def run_generate(args: argparse.Namespace) -> int:
             autoencoder=run.autoencoder,
             tokenizer=run.tokenizer,
             generator=args.seed,
-            config=sampling,
+            config=sampling.with_options(min_new_tokens=args.min_new_tokens),
         )[0]
         print(text)
         return 0
