@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.study_grid import GROUP_TITLES, LR_CHOICE_GROUP
+from bench.study_grid import GROUP_TITLES, LR_CHOICE, LR_CHOICE_GROUP
 
 _METRICS = (
     ("text_bpb", "bits/byte"),
@@ -84,6 +84,9 @@ def study_section(folder: Path) -> list[str]:
             f"{refs['shuffled_caption_accuracy']:.3g}, alignment {refs['shuffled_t2i_alignment']:.3g}.",
         ]
     lines.append("")
+    # the learning-rate choice follows the last of its val groups present (3e-3's may follow the others)
+    val_groups = {val_group for val_group, _ in LR_CHOICE.values()}
+    choice_after = next((g for g in reversed(df["group"].unique()) if g in val_groups), LR_CHOICE_GROUP)
     for group, rows in df.groupby("group", sort=False):
         paper_cols = [(k, name) for k, name in _PAPER if rows[k].notna().any()]
         cols = ["row", "seeds", *(name for _, name in _METRICS), *(name for _, name in paper_cols)]
@@ -102,7 +105,7 @@ def study_section(folder: Path) -> list[str]:
             cells += [f"{r[k]:.3g}" if not math.isnan(r[k]) else "-" for k, _ in paper_cols]
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
-        if group == LR_CHOICE_GROUP:
+        if group == choice_after:
             lines += _lr_choice_lines(info.get("lr_choice"))
         elif (info.get("parity") or {}).get(group):
             parts = [f"{m}: {p['display']}" for m, p in info["parity"][group].items() if p]

@@ -363,6 +363,33 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
     assert f"| {linear_s['label']} | 2 | 1e+11 | {linear_s['text_bpb_mean']:.3g} ± " in text
 
 
+@pytest.mark.parametrize("extra", [False, True])
+def test_report_puts_the_learning_rate_choice_after_its_last_val_group(tmp_path, extra):
+    """The choice table follows lr_choice_val, or lr_choice_val_3e-3 when that extra group ran."""
+    from bench.study_grid import LR_CHOICE
+    from bench.study_report import study_section
+
+    rates = ("1e-3", "3e-4", "3e-3") if extra else ("1e-3", "3e-4")
+    groups = tuple(dict.fromkeys(LR_CHOICE[lr][0] for lr in rates))
+    rows = rows_for(groups + tuple(LR_CHOICE[lr][1] for lr in rates))
+    base = study.StudyConfig().base()
+    records = []
+    for i, t in enumerate(dict.fromkeys(r.training for r in rows)):
+        for seed in (0, 1):
+            rec = _record(t, seed, bpb=1.0 + i / 10, fid=20.0 - i, flops=10.0 ** (9 + i % 3))
+            ev = rec["evals"]["default"]
+            rec["evals"] = {eval_key(study.eval_overrides(r, base)): ev for r in rows if r.training == t}
+            records.append(rec)
+    summary = study.summarize_rows(rows, study.run_rows(rows, records, (0, 1), base))
+    (tmp_path / "study.csv").write_text(to_csv(summary, list(summary[0])))
+    (tmp_path / "study.json").write_text(json.dumps({"lr_choice": study.lr_choice(summary)}))
+    text = "\n".join(study_section(tmp_path))
+    chosen = text.index("Chosen on val")
+    headers = [text.index(f"### {study.GROUP_TITLES[g]}") for g in groups]
+    assert text.count("Chosen on val") == 1 and all(h < chosen for h in headers)
+    assert "### " not in text[headers[-1] + 4 : chosen]  # right after the last val group's table
+
+
 def test_one_worker_runs_in_process_each_familys_first_job_first(tmp_path):
     jobs = study.plan_jobs(study.StudyConfig(groups=("scaling",), seeds=(0,)), tmp_path)
     order = []
