@@ -382,12 +382,16 @@ def test_report_puts_the_learning_rate_choice_after_its_last_val_group(tmp_path,
             records.append(rec)
     summary = study.summarize_rows(rows, study.run_rows(rows, records, (0, 1), base))
     (tmp_path / "study.csv").write_text(to_csv(summary, list(summary[0])))
-    (tmp_path / "study.json").write_text(json.dumps({"lr_choice": study.lr_choice(summary)}))
+    chosen = study.lr_choice(summary)
+    (tmp_path / "study.json").write_text(
+        json.dumps({"lr_choice": chosen, "parity": {"lr_choice_val": chosen["parity"]}})
+    )
     text = "\n".join(study_section(tmp_path))
     chosen = text.index("Chosen on val")
     headers = [text.index(f"### {study.GROUP_TITLES[g]}") for g in groups]
     assert text.count("Chosen on val") == 1 and all(h < chosen for h in headers)
     assert "### " not in text[headers[-1] + 4 : chosen]  # right after the last val group's table
+    assert "Parity FLOP ratios read across" not in text  # the val groups' parity is the choice's
 
 
 def test_one_worker_runs_in_process_each_familys_first_job_first(tmp_path):
