@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (about 8 to 9 minutes on one H100/H200, no network needed):
+# The one prepared GPU run (sized for 8 to 9 minutes on one H100/H200, no network needed):
 #   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
 #   2. checks the Triton kernel's TMA path and every autotuning candidate config on CUDA; if that
 #      fails, the sweep runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
@@ -15,8 +15,8 @@
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
-# Phase limits: with install and plots the whole run stays under about 9 minutes (the device tool's
-# per-command limit is 10).
+# Phase limits (timeouts for the tests and the breakdown, a time budget for the sweep), sized so that with
+# the install and the summary the run fits the device tool's 10-minute per-command limit.
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-130}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-140}
 CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-150}  # every candidate of both backward schemes compiles

@@ -360,12 +360,14 @@ def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dic
     return {} if "absent" in out.values() else out
 
 
-def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
+def lr_choice(summary: list[dict[str, Any]], seeds: int | None = None) -> dict[str, Any]:
     """The learning rate chosen on the val split, per metric, family and size, and the ladders it gives.
 
     For each metric, each (family, size) takes the rate of LADDER_LRS whose val-split mean of that metric
     is best (the rate's val rows, LR_CHOICE), and its test-split row from that rate's test ladder. A rate
-    whose rows the summary lacks (an extra group not run) is not a candidate. The chosen rows form one
+    is a candidate only where both rows hold that metric for every one of the ``seeds`` seeds (default: the
+    row's own count of seeds that did not fail): not where an extra group did not run, nor where a seed
+    failed or diverged (a one-seed mean against two-seed means). The chosen rows form one
     ladder per metric, read for its parity FLOP ratio like the fixed-rate ladders: both families tuned
     for the metric on held-out data, as one would before comparing them."""
 
@@ -383,9 +385,9 @@ def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
                 scored = {}  # lr -> (val mean, test summary row)
                 for lr, suffix in LADDER_LRS.items():
                     training = ladder_training(family, size, suffix)
-                    v = (val[lr].get(training) or {}).get(f"{metric}_mean")
-                    if _is_number(v) and training in tests[lr]:
-                        scored[lr] = (float(v), tests[lr][training])
+                    v_row, t_row = val[lr].get(training), tests[lr].get(training)
+                    if _complete(v_row, metric, seeds) and _complete(t_row, metric, seeds):
+                        scored[lr] = (float(v_row[f"{metric}_mean"]), t_row)
                 if not scored:
                     continue
                 best = (min if lower else max)(scored, key=lambda lr: scored[lr][0])
@@ -397,6 +399,19 @@ def lr_choice(summary: list[dict[str, Any]]) -> dict[str, Any]:
         par = _ladder_parity(ladder, metric, lower)
         parity[metric] = None if par == "absent" else par
     return {"choices": choices, "parity": parity}
+
+
+def _complete(row: dict[str, Any] | None, metric: str, seeds: int | None) -> bool:
+    """Whether a summary row holds ``metric`` for all ``seeds`` seeds (None: its non-failed ones)."""
+    if not row or not _is_number(row.get(f"{metric}_mean")):
+        return False
+    return row.get(f"{metric}_n") == (row.get("n_seeds") if seeds is None else seeds)
+
+
+def lr_choice_rates(groups: tuple[str, ...] | list[str]) -> list[str]:
+    """The learning rates whose val rows and test ladder are both among ``groups``: the candidates of
+    lr_choice, which runs when there are at least two."""
+    return [lr for lr, lr_groups in LR_CHOICE.items() if set(lr_groups) <= set(groups)]
 
 
 # ---------------------------------------------------------------------- the profile
@@ -416,8 +431,8 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     summary = summarize_rows(rows, lines)
     parity = {g: scaling_parity(summary, g) for g in cfg.groups if g in FAMILY_LADDERS}
     chosen = None
-    if all(g in cfg.groups for lr in ("1e-3", "3e-4") for g in LR_CHOICE[lr]):  # a choice of at least two
-        chosen = lr_choice(summary)
+    if len(lr_choice_rates(cfg.groups)) >= 2:
+        chosen = lr_choice(summary, seeds=len(cfg.seeds))
         parity[LR_CHOICE_GROUP] = chosen["parity"]
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
         references = reference_scores(cfg.base())
@@ -510,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    if groups == ("all",):
+    if "all" in groups:
         groups = GROUPS
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
@@ -534,7 +549,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["StudyConfig", "lr_choice", "main", "plan_jobs", "run_job", "run_study", "scaling_parity"]
+__all__ = [
+    "StudyConfig",
+    "lr_choice",
+    "lr_choice_rates",
+    "main",
+    "plan_jobs",
+    "run_job",
+    "run_study",
+    "scaling_parity",
+]
 
 
 if __name__ == "__main__":

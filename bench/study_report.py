@@ -107,9 +107,9 @@ def study_section(folder: Path) -> list[str]:
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
         if group == choice_after:
             lines += _lr_choice_lines(info.get("lr_choice"))
-        elif group not in val_groups and (info.get("parity") or {}).get(
-            group
-        ):  # a val group: its parity is the choice's
+        elif group in val_groups:
+            pass  # its parity is the choice's, printed with the choice table
+        elif (info.get("parity") or {}).get(group):
             parts = [f"{m}: {p['display']}" for m, p in info["parity"][group].items() if p]
             if parts:
                 lines += [

@@ -86,6 +86,7 @@ import functools
 import inspect
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -110,6 +111,7 @@ __all__ = [
     "backward_mode",
     "candidate_count",
     "count_tiles",
+    "interpreter_problem",
     "interval_attention",
     "kernel_block_sizes",
     "kernel_configs",
@@ -291,6 +293,8 @@ def _make_pruner(kernel: str):
         has_desc = _TensorDescriptor is not None and isinstance(args[desc_name], _TensorDescriptor)
         wanted = _candidates(kernel, args["Q"].dtype, args["HEAD_DIM"], has_desc)
         by_key = {_config_key(c): c for c in configs}
+        global _LONE_CANDIDATE
+        _LONE_CANDIDATE = len(wanted) == 1  # read by _time_candidates, which Triton calls next
         return [by_key[w] for w in wanted]
 
     return prune
@@ -309,15 +313,22 @@ def _autotune(kernel: str):
         "prune_configs_by": {"early_config_prune": _make_pruner(kernel)},
     }
     if "do_bench" in inspect.signature(triton.autotune).parameters:
-        kwargs["do_bench"] = _no_timing if INTERPRET else _time_ms
+        kwargs["do_bench"] = _time_candidates
     return triton.autotune(**kwargs)
 
 
-def _no_timing(fn, quantiles=None):
-    """The interpreter's "benchmark": it keeps one candidate (see _candidates), so nothing needs timing.
-    Triton 3.8 skips a lone pruned candidate; 3.6 (torch 2.11's) still times it, through the GPU driver
-    that a CPU-only machine lacks ("0 active drivers")."""
-    return [math.nan] * len(quantiles) if quantiles else math.nan  # "not timed": _log_tuning skips it
+# Whether the last pruning left one candidate (pinned, INTERVAL_ATTENTION_AUTOTUNE=0, the interpreter).
+_LONE_CANDIDATE = False
+
+
+def _time_candidates(fn, quantiles=None):
+    """The autotuner's timer. A lone candidate needs no timing: Triton 3.8 skips it, but 3.6 (torch
+    2.11's) times it anyway, on a GPU about a thousand cache-flushed launches per new shape (the GPU
+    tests pin one config per kernel), and in the CPU interpreter through a GPU driver that is not there
+    ("0 active drivers"). Its placeholder NaN is "not timed": _log_tuning skips it."""
+    if _LONE_CANDIDATE:
+        return [math.nan] * len(quantiles) if quantiles else math.nan
+    return _time_ms(fn, quantiles)
 
 
 def _time_ms(fn, quantiles=None):
@@ -827,7 +838,7 @@ def _log_tuning(name: str, kernel, head_dim: int, dtype: torch.dtype, q_len: int
     best = getattr(kernel, "best_config", None)
     for cfg, t in timings.items():
         ms = t[0] if isinstance(t, (list, tuple)) else t
-        if math.isnan(ms):  # the interpreter's placeholder (_no_timing): nothing was timed
+        if math.isnan(ms):  # a lone candidate's placeholder (_time_candidates): nothing was timed
             continue
         bm, bn, warps, stages, tma, *dq_t = _config_key(cfg)
         _TUNING_LOG.append(
@@ -1194,20 +1205,22 @@ def _check_inputs(
             f"inputs are on {q.device}, but Triton is compiling for the GPU; move them to CUDA or set "
             "TRITON_INTERPRET=1 before importing kernels (slow, for tests)"
         )
-    if INTERPRET and (problem := _interpreter_problem()):
+    if INTERPRET and (problem := interpreter_problem()):
         raise RuntimeError(problem)
 
 
 @functools.cache
-def _interpreter_problem() -> str | None:
+def interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter cannot run these kernels here, or None. Before 3.7 it turns a loop
     bound held in a 1-element array into an int with int(array), which NumPy 2.4 refuses."""
     import numpy as np
 
-    def release(version: str) -> tuple[int, int]:
-        return tuple(int(part) for part in version.split(".")[:2])  # type: ignore[return-value]
+    def release(version: str) -> tuple[int, ...] | None:
+        match = re.match(r"(\d+)\.(\d+)", version)
+        return tuple(map(int, match.groups())) if match else None
 
-    if release(triton.__version__) < (3, 7) and release(np.__version__) >= (2, 4):
+    triton_release, numpy_release = release(triton.__version__), release(np.__version__)
+    if triton_release and numpy_release and triton_release < (3, 7) and numpy_release >= (2, 4):
         return (
             f"Triton {triton.__version__}'s CPU interpreter cannot run these kernels with NumPy "
             f"{np.__version__} (it converts 1-element arrays to int, which NumPy 2.4 refuses): install "
@@ -1327,6 +1340,8 @@ def plan_tiles(lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block_m: int, bl
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < CHUNK or blk > _MAX_BLOCK or blk & (blk - 1):
             raise ValueError(f"{name} = {blk} must be a power of two in [{CHUNK}, {_MAX_BLOCK}]")
+    if INTERPRET and (problem := interpreter_problem()):
+        raise RuntimeError(problem)
     kv_len = int(kv_len)
     bsz, q_len = lo.shape
     n_mb = triton.cdiv(q_len, block_m)

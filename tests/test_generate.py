@@ -509,10 +509,13 @@ def test_cli_writes_a_grid_and_captions_an_image(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(api, "caption", lambda *a, **kw: floors.append(kw["config"].min_new_tokens) or ["x"])
     red = ["--checkpoint", str(run), "--image", str(tmp_path / "red.png"), "--max-new-tokens", "5"]
     assert generate_main(red) == 0 and generate_main([*red, "--min-new-tokens", "0"]) == 0
-    assert floors == [1, 0]
+    assert generate_main([*red, "--max-new-tokens", "0"]) == 0  # the default floor yields to a 0 limit
+    assert floors == [1, 0, 0]
     monkeypatch.setattr(api, "caption", real_caption)
     assert generate_main([*red, "--min-new-tokens", "6"]) == 2
     assert "min_new_tokens = 6" in capsys.readouterr().err
+    assert generate_main([*red, "--min-new-tokens", "-1"]) == 2
+    assert "--min-new-tokens -1: must be 0 or more" in capsys.readouterr().err
 
 
 def test_generation_benchmark_writes_csv_and_provenance(tmp_path):

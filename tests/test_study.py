@@ -193,7 +193,11 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
                         "family": family,
                         "label": training,
                         "train_flops_mean": flops[size],
+                        "n_seeds": 2,
                         **{f"{m}_mean": None for m in CURVE_METRICS},
+                        **{f"{m}_n": 0 for m in CURVE_METRICS},
+                        "text_bpb_n": 2,
+                        "t2i_alignment_n": 2,
                     }
                     row["text_bpb_mean"] = bpb[training]
                     row["t2i_alignment_mean"] = -bpb[training]  # higher is better: the opposite choice
@@ -220,10 +224,34 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     # without the extra 3e-3 groups (the default grid) the choice is between the other two rates
     extra = set(LR_CHOICE["3e-3"])
     two = study.lr_choice([r for r in summary if r["group"] not in extra])
+    assert len(two["choices"]) == 2 * 2 * len(SIZES)  # two metrics hold values, two families
     for c in two["choices"]:
         rates = {lr: ladder_training(c["family"], c["size"], sfx) for lr, sfx in LADDER_LRS.items()}
         assert set(k for k in c if k.startswith("val_")) == {"val_1e-3", "val_3e-4"}
         assert c["lr"] == min(("1e-3", "3e-4"), key=lambda lr: val_bpb[rates[lr]])
+    # a rate with a seed missing (failed or diverged) is no candidate, on val or on test
+    best = chosen[("text_bpb", "transfusion", "tiny")]
+    training = ladder_training("transfusion", "tiny", LADDER_LRS[best])
+    for group in LR_CHOICE[best]:
+        short = [
+            dict(r, text_bpb_n=1) if (r["group"], r["training"]) == (group, training) else r for r in summary
+        ]
+        again = study.lr_choice(short, seeds=2)
+        pick = next(
+            c
+            for c in again["choices"]
+            if (c["metric"], c["family"], c["size"]) == ("text_bpb", "transfusion", "tiny")
+        )
+        assert pick["lr"] != best and f"val_{best}" not in pick
+    assert study.lr_choice(summary, seeds=3)["choices"] == []  # every row short of the run's seeds
+
+
+def test_lr_choice_runs_when_at_least_two_rates_ran():
+    assert study.lr_choice_rates(study.DEFAULT_GROUPS) == ["1e-3", "3e-4"]
+    assert study.lr_choice_rates(GROUPS) == ["1e-3", "3e-4", "3e-3"]
+    one_and_extra = ("lr_choice_val", "scaling_val_samplers", "lr_choice_val_3e-3", "scaling_lr_3e-3")
+    assert study.lr_choice_rates(one_and_extra) == ["1e-3", "3e-3"]
+    assert study.lr_choice_rates(("lr_choice_val", "scaling_lr_3e-3", "masking")) == []
 
 
 def test_default_grid_leaves_out_the_extra_groups(capsys):
@@ -242,6 +270,8 @@ def test_default_grid_leaves_out_the_extra_groups(capsys):
     assert study.main(["--list", "--groups", "all"]) == 0
     every = capsys.readouterr().out
     assert "lr 3e-3" not in default and "discrete S, lr 3e-3 (val)" in every
+    assert study.main(["--list", "--groups", "masking,all"]) == 0  # 'all' anywhere in the list
+    assert capsys.readouterr().out == every
     assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 6)} jobs")
 
 

@@ -27,16 +27,22 @@ import kernels  # noqa: E402
 from kernels import interval_attention, plan_tiles  # noqa: E402
 from kernels.work_order import work_order  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
-
 # The package re-exports the function under the module's name, so fetch the module itself.
 ia = importlib.import_module("kernels.interval_attention") if kernels.HAS_TRITON else None
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = bool(ia is not None and ia.INTERPRET)
+# a Triton / NumPy pair whose interpreter cannot run the kernels (the kernels refuse it, saying why)
+INTERPRETER_PROBLEM = ia.interpreter_problem() if INTERPRET else None
+
+pytestmark = [
+    pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed"),
+    pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=str(INTERPRETER_PROBLEM)),
+]
 
 DEVICES = [
     pytest.param(
-        "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="the CPU path needs TRITON_INTERPRET=1")
+        "cpu",
+        marks=pytest.mark.skipif(not INTERPRET, reason="the CPU path needs TRITON_INTERPRET=1"),
     ),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
 ]
@@ -539,10 +545,35 @@ def test_tuning_log_records_every_timed_candidate():
         configs[1].kwargs["BLOCK_M"],
         configs[1].kwargs["USE_TMA"],
     )
-    # the interpreter's placeholder timings (Triton before 3.8 "times" even a lone candidate) are not rows
-    untimed = SimpleNamespace(configs_timings={configs[0]: ia._no_timing(None, (0.5, 0.2, 0.8))})
+    # a lone candidate's placeholder timings (Triton before 3.8 "times" even that one) are not rows
+    untimed = SimpleNamespace(configs_timings={configs[0]: [math.nan] * 3})
     ia._log_tuning("fwd-test", untimed, 64, torch.bfloat16, 1000, 3000)
     assert len(ia.tuning_log()) == before + 2
+
+
+def test_autotuner_times_only_a_choice(monkeypatch):
+    """Every kernel's autotuner times through _time_candidates. After a pruning that leaves one candidate
+    it runs nothing and returns "not timed" (Triton 3.6 would otherwise time it: on a GPU, a thousand
+    launches per shape; in the interpreter, through a missing GPU driver); otherwise it times."""
+    for kernel in (ia._fwd_kernel, ia._bwd_dkdv_kernel, ia._bwd_dkdv_atomic_kernel, ia._bwd_dq_kernel):
+        assert kernel._do_bench is ia._time_candidates
+    ran = []
+    monkeypatch.setattr(ia, "_time_ms", lambda fn, quantiles=None: ran.append(fn) or [1.0, 0.9, 1.1])
+    monkeypatch.setattr(ia, "_LONE_CANDIDATE", True)
+    timings = ia._time_candidates(lambda: ran.append("launched"), quantiles=(0.5, 0.2, 0.8))
+    assert len(timings) == 3 and all(math.isnan(t) for t in timings) and ran == []
+    monkeypatch.setattr(ia, "_LONE_CANDIDATE", False)
+    assert ia._time_candidates("run", quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1] and ran == ["run"]
+    # the pruner sets the flag from the candidates it keeps
+    half = {"Q": torch.zeros(1, dtype=torch.bfloat16), "HEAD_DIM": 128, "DESC_K": None}
+    monkeypatch.setattr(ia, "INTERPRET", False)
+    monkeypatch.setattr(ia, "_PIN_INDEX", None)
+    monkeypatch.setattr(ia, "_AUTOTUNE", True)
+    prune = ia._make_pruner("fwd")
+    configs = ia._make_configs("fwd")
+    assert len(prune(configs, half)) > 1 and ia._LONE_CANDIDATE is False
+    monkeypatch.setattr(ia, "_PIN_INDEX", 0)
+    assert len(prune(configs, half)) == 1 and ia._LONE_CANDIDATE is True
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -758,22 +789,22 @@ def test_interpreter_refuses_triton_numpy_pairs_that_cannot_run(monkeypatch):
     ):
         monkeypatch.setattr(ia.triton, "__version__", triton_version)
         monkeypatch.setattr(np, "__version__", numpy_version)
-        ia._interpreter_problem.cache_clear()
-        problem = ia._interpreter_problem()
+        ia.interpreter_problem.cache_clear()
+        problem = ia.interpreter_problem()
         assert (problem is not None) == broken, (triton_version, numpy_version, problem)
         if broken:
             assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
     monkeypatch.setattr(ia.triton, "__version__", "3.6.0")
     monkeypatch.setattr(np, "__version__", "2.4.1")
     monkeypatch.setattr(ia, "INTERPRET", True)
-    ia._interpreter_problem.cache_clear()
+    ia.interpreter_problem.cache_clear()
     q = torch.randn(1, 1, 8, 32)
     lo, hi = torch.zeros(1, 8, dtype=torch.int32), torch.arange(8, dtype=torch.int32)[None]
     try:
         with pytest.raises(RuntimeError, match="NumPy 2.4.1"):
             interval_attention(q, q, q, lo, hi)
     finally:
-        ia._interpreter_problem.cache_clear()
+        ia.interpreter_problem.cache_clear()
 
 
 def test_auto_backward_keeps_the_faster_scheme(monkeypatch):

@@ -24,7 +24,9 @@ def _triton_unavailable() -> str | None:
         return f"needs the kernels package ({e})"
     if not kernels.HAS_TRITON:
         return "needs triton (pip install triton)"
-    return None
+    from kernels.interval_attention import INTERPRET, interpreter_problem
+
+    return interpreter_problem() if INTERPRET else None  # a Triton / NumPy pair its interpreter cannot run
 
 
 def key_major_table(layout: AttentionLayout) -> torch.Tensor:

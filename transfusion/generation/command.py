@@ -63,9 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-new-tokens",
         type=int,
-        default=1,
-        help="caption tokens before <EOS> may end it (default 1, as in the quick and study evaluations: a "
-        "greedy caption can otherwise end at once, since caption dropout trains that form; 0 = no floor)",
+        default=None,
+        help="caption tokens before <EOS> may end it (default 1, or --max-new-tokens if that is 0; as in "
+        "the quick and study evaluations: a greedy caption can otherwise end at once, since caption "
+        "dropout trains that form; 0 = no floor)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="caption top-k sampling")
@@ -96,6 +97,9 @@ def run_generate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is None or value < (0 if name == "max_new_tokens" else 1):
             return _fail(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if args.min_new_tokens is not None and args.min_new_tokens < 0:
+        return _fail(f"--min-new-tokens {args.min_new_tokens}: must be 0 or more")
+    min_new_tokens = min(1, args.max_new_tokens) if args.min_new_tokens is None else args.min_new_tokens
     try:
         run = load_run(args.checkpoint, step=args.step, device=args.device, attention=args.attention)
         if run.tokenizer is None:
@@ -149,7 +153,7 @@ def run_generate(args: argparse.Namespace) -> int:
             autoencoder=run.autoencoder,
             tokenizer=run.tokenizer,
             generator=args.seed,
-            config=sampling.with_options(min_new_tokens=args.min_new_tokens),
+            config=sampling.with_options(min_new_tokens=min_new_tokens),
         )[0]
         print(text)
         return 0
