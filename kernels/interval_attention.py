@@ -323,9 +323,9 @@ _LONE_CANDIDATE = False
 
 def _time_candidates(fn, quantiles=None):
     """The autotuner's timer. A lone candidate needs no timing: Triton 3.8 skips it, but 3.6 (torch
-    2.11's) times it anyway, on a GPU about a thousand cache-flushed launches per new shape (the GPU
-    tests pin one config per kernel), and in the CPU interpreter through a GPU driver that is not there
-    ("0 active drivers"). Its placeholder NaN is "not timed": _log_tuning skips it."""
+    2.11's) times it anyway. On a GPU that is _time_ms's 20 ms of cache-flushed launches per new shape
+    (the GPU tests pin one config per kernel); in the CPU interpreter it fails, through a GPU driver
+    that is not there ("0 active drivers"). Its placeholder NaN is "not timed": _log_tuning skips it."""
     if _LONE_CANDIDATE:
         return [math.nan] * len(quantiles) if quantiles else math.nan
     return _time_ms(fn, quantiles)
