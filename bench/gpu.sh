@@ -29,7 +29,9 @@ mkdir -p "$RESULTS"
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --find-links "$WHEELS" --no-deps --target /tmp/tfb-site \
     xformers diffusers torch-fidelity importlib_metadata || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/tfb-site:$PWD
+  # the project first: torch-fidelity's wheel ships a top-level `tests` package of its own (from the
+  # repository root the working directory already comes first; this holds from anywhere)
+  export PYTHONPATH=$PWD:/tmp/tfb-site
 else
   echo "no wheels in $WHEELS: xformers/diffusers must already be installed"
   export PYTHONPATH=$PWD
