@@ -783,8 +783,7 @@ def key_major_table(lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Te
 # ----------------------------------------------------------------------------------------------------------
 _POISON = False
 _COUNTS: dict[str, list[int]] | None = None
-_DUMMY_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_DUMMY_ACCS: dict[torch.device, torch.Tensor] = {}
+_DUMMIES: dict[tuple[str, torch.device], torch.Tensor] = {}
 _BACKWARD_CHOICE: dict[tuple, str] = {}
 _TUNED_BLOCKS: dict[tuple, tuple[int, int]] = {}
 _TUNING_LOG: list[dict] = []
@@ -987,19 +986,25 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dummy_acc(device: torch.device) -> torch.Tensor:
-    """The DQ_ACC argument when dQ is not accumulated by atomics (the autotuner zeroes it: keep it apart)."""
-    if device not in _DUMMY_ACCS:
-        _DUMMY_ACCS[device] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _DUMMY_ACCS[device]
+# The stand-in buffers of arguments a launch does not use, one per kind and device, made once. The
+# autotuner zeroes them (reset_to_zero), so each kind keeps its own.
+_DUMMY_SHAPES: dict[str, tuple[int, torch.dtype]] = {
+    "counter": (2, torch.int32),
+    "dq_acc": (1, torch.float32),
+}
+
+
+def _dummy(kind: str, device: torch.device) -> torch.Tensor:
+    if (kind, device) not in _DUMMIES:
+        size, dtype = _DUMMY_SHAPES[kind]
+        _DUMMIES[kind, device] = torch.zeros(size, dtype=dtype, device=device)
+    return _DUMMIES[kind, device]
 
 
 def _counter(device: torch.device) -> torch.Tensor:
     if _COUNTS is not None:
         return torch.zeros(2, dtype=torch.int32, device=device)
-    if device not in _DUMMY_COUNTERS:
-        _DUMMY_COUNTERS[device] = torch.zeros(2, dtype=torch.int32, device=device)
-    return _DUMMY_COUNTERS[device]
+    return _dummy("counter", device)
 
 
 def _record_count(name: str, counter: torch.Tensor) -> None:
@@ -1106,7 +1111,10 @@ def _backward(
 
     order_t, order_stride, ordered = _order_args(order, 1, lo)
     # the atomic dQ accumulator must start at zero; without atomics the kernel never touches it
-    dq_acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=dev) if atomic_dq else _dummy_acc(dev)
+    if atomic_dq:
+        dq_acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=dev)
+    else:
+        dq_acc = _dummy("dq_acc", dev)
 
     def grid_kv(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]) * bsz * n_heads,)
@@ -1205,6 +1213,11 @@ def _check_inputs(
             f"inputs are on {q.device}, but Triton is compiling for the GPU; move them to CUDA or set "
             "TRITON_INTERPRET=1 before importing kernels (slow, for tests)"
         )
+    _check_interpreter()
+
+
+def _check_interpreter() -> None:
+    """Refuse to launch where Triton's CPU interpreter cannot run the kernels (interpreter_problem)."""
     if INTERPRET and (problem := interpreter_problem()):
         raise RuntimeError(problem)
 
@@ -1340,8 +1353,7 @@ def plan_tiles(lo: torch.Tensor, hi: torch.Tensor, kv_len: int, block_m: int, bl
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < CHUNK or blk > _MAX_BLOCK or blk & (blk - 1):
             raise ValueError(f"{name} = {blk} must be a power of two in [{CHUNK}, {_MAX_BLOCK}]")
-    if INTERPRET and (problem := interpreter_problem()):
-        raise RuntimeError(problem)
+    _check_interpreter()
     kv_len = int(kv_len)
     bsz, q_len = lo.shape
     n_mb = triton.cdiv(q_len, block_m)
