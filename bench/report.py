@@ -34,18 +34,9 @@ def _csv_table(path: Path, columns: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def _changed_settings(folder: Path) -> str:
-    """The quick config fields this run changed from the defaults (e.g. the x_0 clamp), as
-    "`key=value`, ..."; "" when none, or when the folder has no readable quick.json."""
-    try:
-        config = json.loads((folder / "quick.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return ""
-    return _settings_changed(config)
-
-
-def _settings_changed(config: dict | None) -> str:
-    """:func:`_changed_settings` of a quick run's stored config ("" for none)."""
+def _changed_settings(config: dict | None) -> str:
+    """The quick config fields a run's stored ``config`` changed from the defaults (e.g. the x_0 clamp), as
+    "`key=value`, ..."; "" for none."""
     from bench.quick import QuickConfig
 
     if not config:
@@ -56,8 +47,13 @@ def _settings_changed(config: dict | None) -> str:
 
 
 def _quick_settings(folder: Path) -> list[str]:
-    """A line naming the quick config fields this run changed from the defaults, if any."""
-    changed = _changed_settings(folder)
+    """A line naming the quick config fields this run changed from the defaults, if any (none when the
+    folder has no readable quick.json)."""
+    try:
+        config = json.loads((folder / "quick.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return []
+    changed = _changed_settings(config)
     return [f"Settings changed from the quick defaults: {changed}.", ""] if changed else []
 
 
@@ -86,7 +82,7 @@ def headline_section(results_root: Path) -> list[str]:
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
-            changed = _settings_changed(info.get("config"))
+            changed = _changed_settings(info.get("config"))
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
             rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
         if (folder / "study.json").exists():
