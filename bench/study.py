@@ -491,9 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             "scale, the x_0 clamp and both families' samplers (also chosen on the val split), eps vs v "
             "prediction and the diffusion loss's timestep weighting, the loss after dropped captions, and "
             "Transfusion vs the discrete baseline across 3 sizes (with several samplers, at the paper's "
-            "learning rate too, and with each size's learning rate chosen on the val split; learning rate "
-            "3e-3 is an extra group, run by --groups all). Every row is trained for each seed with the "
-            "quick recipe and judged on the quick job's metrics. --list prints the grid."
+            "learning rate too, and with each size's learning rate chosen on the val split; learning rates "
+            "3e-3 and 1e-2 are extra groups, run by --groups all). Every row is trained for each seed with "
+            "the quick recipe and judged on the quick job's metrics. --list prints the grid."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("results") / "study", help="results folder")

@@ -26,7 +26,7 @@ SIZES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # the size ladder's learning rates: label -> training-name suffix (1e-3 is the quick recipe's)
-LADDER_LRS: dict[str, str] = {"1e-3": "", "3e-4": "-lr3e-4", "3e-3": "-lr3e-3"}
+LADDER_LRS: dict[str, str] = {"1e-3": "", "3e-4": "-lr3e-4", "3e-3": "-lr3e-3", "1e-2": "-lr1e-2"}
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,14 @@ DDIM_CLIP3: dict[str, Any] = {"scheduler": "ddim", "num_diffusion_steps": 50, "c
 # clamped at 3, the baseline guidance 1 (temperature 1)
 VAL_SAMPLERS: dict[str, dict[str, Any]] = {"transfusion": DDIM_CLIP3, "discrete": {"guidance_scale": 1.0}}
 # the learning-rate choice on val: per rate, the group of its val rows and its test ladder. The choice is
-# reported under LR_CHOICE_GROUP; 3e-3's groups are extra (outside the default grid: see EXTRA_GROUPS).
+# reported under LR_CHOICE_GROUP; 3e-3's and 1e-2's groups are extra (outside the default grid: see
+# EXTRA_GROUPS).
 LR_CHOICE_GROUP = "lr_choice_val"
 LR_CHOICE: dict[str, tuple[str, str]] = {
     "1e-3": (LR_CHOICE_GROUP, "scaling_val_samplers"),
     "3e-4": (LR_CHOICE_GROUP, "scaling_lr_3e-4"),
     "3e-3": ("lr_choice_val_3e-3", "scaling_lr_3e-3"),
+    "1e-2": ("lr_choice_val_1e-2", "scaling_lr_1e-2"),
 }
 
 ROWS: tuple[Row, ...] = (
@@ -192,7 +194,7 @@ ROWS: tuple[Row, ...] = (
         VAL_SAMPLERS["transfusion"],
         discrete_eval=(", guidance 1", VAL_SAMPLERS["discrete"]),
     ),
-    # the same ladder trained at learning rate 3e-4 (the paper's rate) and 3e-3: is the parity ratio a
+    # the same ladder trained at learning rate 3e-4 (the paper's rate), 3e-3 and 1e-2: is the parity ratio a
     # property of the families or of the one learning rate they share?
     *(
         row
@@ -345,9 +347,9 @@ ROWS += tuple(
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups outside the default grid, which fits the study's 90 minutes; `--groups all` adds them. The
-# learning rate 3e-3 brackets the val choice from above: six more trainings (12 jobs at 2 seeds), about
-# 40 minutes of compute.
-EXTRA_GROUPS: tuple[str, ...] = LR_CHOICE["3e-3"]
+# learning rates 3e-3 and 1e-2 bracket the val choice from above: six more trainings each (12 jobs at 2
+# seeds), about 40 minutes of compute each.
+EXTRA_GROUPS: tuple[str, ...] = (*LR_CHOICE["3e-3"], *LR_CHOICE["1e-2"])
 DEFAULT_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in EXTRA_GROUPS)
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
 FAMILY_LADDERS: tuple[str, ...] = (
@@ -357,6 +359,7 @@ FAMILY_LADDERS: tuple[str, ...] = (
     "scaling_val_samplers",
     "scaling_lr_3e-4",
     "scaling_lr_3e-3",
+    "scaling_lr_1e-2",
 )
 
 GROUP_TITLES: dict[str, str] = {
@@ -370,6 +373,8 @@ GROUP_TITLES: dict[str, str] = {
     "scaling_lr_3e-3": "The val-sampler comparison with both families trained at lr 3e-3 instead of 1e-3",
     "lr_choice_val": "The learning rate of each family and size, chosen on the val split per metric",
     "lr_choice_val_3e-3": "The learning rate 3e-3 on the val split, beside lr_choice_val's 1e-3 and 3e-4",
+    "scaling_lr_1e-2": "The val-sampler comparison with both families trained at lr 1e-2 instead of 1e-3",
+    "lr_choice_val_1e-2": "The learning rate 1e-2 on the val split, beside the other rates' val groups",
     "adapter_scaling": "Linear vs U-Net adapters across model sizes (paper Table 7)",
     "masking": "Attention masking inside images (paper Table 5)",
     "patch": "Latent patch size (paper Table 6)",

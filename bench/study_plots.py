@@ -27,6 +27,7 @@ EXTRA_PANELS: dict[str, str] = {
             "scaling_val_samplers",
             "scaling_lr_3e-4",
             "scaling_lr_3e-3",
+            "scaling_lr_1e-2",
             "inference_steps",
             "x0_clip",
             "sampler_clip",

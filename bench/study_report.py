@@ -84,7 +84,8 @@ def study_section(folder: Path) -> list[str]:
             f"{refs['shuffled_caption_accuracy']:.3g}, alignment {refs['shuffled_t2i_alignment']:.3g}.",
         ]
     lines.append("")
-    # the learning-rate choice follows the last of its val groups present (3e-3's may follow the others)
+    # the learning-rate choice follows the last of its val groups present (the extra rates' groups may
+    # follow the others)
     val_groups = {val_group for val_group, _ in LR_CHOICE.values()}
     choice_after = next((g for g in reversed(df["group"].unique()) if g in val_groups), LR_CHOICE_GROUP)
     for group, rows in df.groupby("group", sort=False):

@@ -176,7 +176,7 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     """Per metric, each family and size takes the learning rate with the better val mean (lower bits per
     byte, higher alignment), its test row comes from that rate's test ladder, and the chosen rows are
     read as one ladder for the parity ratio."""
-    from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
+    from bench.study_grid import EXTRA_GROUPS, LADDER_LRS, LR_CHOICE, SIZES, ladder_training
 
     flops = {size: 10.0 ** (9 + i) for i, size in enumerate(SIZES)}
     rng = __import__("random").Random(7)
@@ -221,8 +221,8 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     ]  # fmt: skip
     want = study.scaling_parity(ladder, "g")["text_bpb"]
     assert got["parity"]["text_bpb"]["ratio"] == want["ratio"] and got["parity"]["fid"] is None
-    # without the extra 3e-3 groups (the default grid) the choice is between the other two rates
-    extra = set(LR_CHOICE["3e-3"])
+    # without the extra groups (the default grid) the choice is between the other two rates
+    extra = set(EXTRA_GROUPS)
     two = study.lr_choice([r for r in summary if r["group"] not in extra])
     assert len(two["choices"]) == 2 * 2 * len(SIZES)  # two metrics hold values, two families
     for c in two["choices"]:
@@ -248,31 +248,38 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
 
 def test_lr_choice_runs_when_at_least_two_rates_ran():
     assert study.lr_choice_rates(study.DEFAULT_GROUPS) == ["1e-3", "3e-4"]
-    assert study.lr_choice_rates(GROUPS) == ["1e-3", "3e-4", "3e-3"]
+    assert study.lr_choice_rates(GROUPS) == ["1e-3", "3e-4", "3e-3", "1e-2"]
     one_and_extra = ("lr_choice_val", "scaling_val_samplers", "lr_choice_val_3e-3", "scaling_lr_3e-3")
     assert study.lr_choice_rates(one_and_extra) == ["1e-3", "3e-3"]
     assert study.lr_choice_rates(("lr_choice_val", "scaling_lr_3e-3", "masking")) == []
 
 
 def test_default_grid_leaves_out_the_extra_groups(capsys):
-    """The extra groups (learning rate 3e-3) are outside the default grid and the default StudyConfig;
-    `--groups all` adds them, with their trainings at lr 3e-3."""
+    """The extra groups (learning rates 3e-3 and 1e-2) are outside the default grid and the default
+    StudyConfig; `--groups all` adds them, with six trainings at each of those rates."""
     from bench.study_grid import DEFAULT_GROUPS, EXTRA_GROUPS
 
-    assert set(EXTRA_GROUPS) == {"scaling_lr_3e-3", "lr_choice_val_3e-3"}
+    assert set(EXTRA_GROUPS) == {
+        "scaling_lr_3e-3",
+        "lr_choice_val_3e-3",
+        "scaling_lr_1e-2",
+        "lr_choice_val_1e-2",
+    }
     assert set(DEFAULT_GROUPS) == set(GROUPS) - set(EXTRA_GROUPS)
     assert study.StudyConfig().groups == DEFAULT_GROUPS
     extra_trainings = {r.training for r in rows_for(EXTRA_GROUPS)}
-    assert len(extra_trainings) == 6 and all(TRAININGS[t].recipe == {"lr": 3e-3} for t in extra_trainings)
+    extra_rates = sorted(TRAININGS[t].recipe["lr"] for t in extra_trainings)
+    assert extra_rates == [3e-3] * 6 + [1e-2] * 6
     assert not extra_trainings & {r.training for r in rows_for(DEFAULT_GROUPS)}
     assert study.main(["--list"]) == 0
     default = capsys.readouterr().out
     assert study.main(["--list", "--groups", "all"]) == 0
     every = capsys.readouterr().out
     assert "lr 3e-3" not in default and "discrete S, lr 3e-3 (val)" in every
+    assert "lr 1e-2" not in default and "transfusion tiny, lr 1e-2 (val)" in every
     assert study.main(["--list", "--groups", "masking,all"]) == 0  # 'all' anywhere in the list
     assert capsys.readouterr().out == every
-    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 6)} jobs")
+    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 12)} jobs")
 
 
 def test_study_end_to_end_then_reused(tmp_path):
@@ -395,11 +402,11 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
 
 @pytest.mark.parametrize("extra", [False, True])
 def test_report_puts_the_learning_rate_choice_after_its_last_val_group(tmp_path, extra):
-    """The choice table follows lr_choice_val, or lr_choice_val_3e-3 when that extra group ran."""
+    """The choice table follows lr_choice_val, or the last extra val group when the extra groups ran."""
     from bench.study_grid import LR_CHOICE
     from bench.study_report import study_section
 
-    rates = ("1e-3", "3e-4", "3e-3") if extra else ("1e-3", "3e-4")
+    rates = tuple(LR_CHOICE) if extra else ("1e-3", "3e-4")
     groups = tuple(dict.fromkeys(LR_CHOICE[lr][0] for lr in rates))
     rows = rows_for(groups + tuple(LR_CHOICE[lr][1] for lr in rates))
     base = study.StudyConfig().base()
