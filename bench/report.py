@@ -88,11 +88,16 @@ def headline_section(results_root: Path) -> list[str]:
         if (folder / "study.json").exists():
             from bench.study_grid import FAMILY_LADDERS, GROUP_TITLES
 
-            parities = json.loads((folder / "study.json").read_text()).get("parity") or {}
+            info = json.loads((folder / "study.json").read_text())
+            parities = info.get("parity") or {}
+            # the folder and seed count tell apart two studies that share a group (a rerun with more seeds)
+            seeds = len(info.get("config", {}).get("seeds", []))
+            run = f"{folder.name}, {seeds} seed{'s' * (seeds != 1)}" if seeds else folder.name
             order = [g for g in FAMILY_LADDERS if g in parities] + sorted(set(parities) - set(FAMILY_LADDERS))
             for group in order:
                 title = GROUP_TITLES.get(group, group)
-                rows.append(f"| study ladder `{group}`: {title} | {_parity_cells(parities[group] or {})} |")
+                cells = _parity_cells(parities[group] or {})
+                rows.append(f"| study ladder `{group}` ({run}): {title} | {cells} |")
     if not rows:
         return []
     paper = " | ".join(f"{PAPER_PARITY[m]:g}" for m, _ in _PARITY_COLUMNS)

@@ -224,12 +224,21 @@ def test_report_headlines_every_parity_ratio(tmp_path):
     )
     ladders = {"scaling_x0_clip": parity(fid="> 0.9"), "scaling": parity(fid="0.7", caption_accuracy="0.3")}
     (study_dir / "study.json").write_text(json.dumps({"parity": ladders}))
+    # a second study sharing a group (more seeds) gets its own row, named by its folder and seed count
+    more_seeds = tmp_path / "study_more_seeds"
+    more_seeds.mkdir()
+    (more_seeds / "study.json").write_text(
+        json.dumps({"config": {"seeds": [0, 1, 2]}, "parity": {"scaling": parity(fid="0.6")}})
+    )
     text = build_report(tmp_path).read_text()
     head = text.split("## Headlines: parity FLOP ratios", 1)[1].split("\n## ", 1)[0]
     assert f"| {PAPER_PARITY['text_bpb']:g} | {PAPER_PARITY['caption_accuracy']:g} |" in head
     assert '(quick_alt; `scheduler="ddim"`) | 0.5 | - | - | <= 0.2 |' in head
     assert head.index("`scaling`") < head.index("`scaling_x0_clip`")  # the grid's order
-    assert "`scaling`: Transfusion vs the discrete baseline" in head and "| - | 0.3 | - | 0.7 |" in head
+    assert (
+        "`scaling` (study): Transfusion vs the discrete baseline" in head and "| - | 0.3 | - | 0.7 |" in head
+    )
+    assert "`scaling` (study_more_seeds, 3 seeds): Transfusion" in head and "| - | - | - | 0.6 |" in head
 
 
 def test_report_table_of_an_older_quick_csv_shows_missing_columns_as_dashes(tmp_path):
