@@ -5,6 +5,8 @@ Suites:
               write results/quick/ with plots (python -m bench quick --help)
   study       the paper's ablations and the scaling comparison at toy scale, 2 seeds (CPU, <= 90 min;
               python -m bench study --help)
+  eval_noise  how much of a study row's spread over seeds is the evaluation's sampling: evaluation seeds
+              against training seeds (python -m bench eval_noise --help)
   attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
               attention_provenance.json and plots/attention_*.png
   plots       redraw the plots of a results folder from its files
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.study import main as study_main
 
         return study_main(argv[1:])
+    if argv[:1] == ["eval_noise"]:  # its own option parser
+        from bench.eval_noise import main as eval_noise_main
+
+        return eval_noise_main(argv[1:])
     if argv[:1] == ["quick"]:  # its own option parser
         from bench.quick import main as quick_main
 

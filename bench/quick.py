@@ -114,9 +114,17 @@ class QuickConfig:
     # feature space (transfusion.eval.fid); fid_cnn overrides FeatureCNNConfig fields.
     fid: bool = True
     fid_cnn: dict[str, Any] = field(default_factory=dict)
+    # the evaluation's sampling seed (image noise, caption decoding, KID subsets; the prompts stay the
+    # split's first items). None: ``seed``, the training's. bench.eval_noise varies it alone, to tell
+    # the evaluation's sampling noise from the training seed's.
+    eval_seed: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.eval_seed is not None and (
+            isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or self.eval_seed < 0
+        ):
+            raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer >= 0")
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"QuickConfig.eval_split = {self.eval_split!r} must be one of {EVAL_SPLITS}")
         for name in ("guidance_scale", "baseline_guidance_scale"):
@@ -129,6 +137,11 @@ class QuickConfig:
             from transfusion.generation import SamplingConfig
 
             SamplingConfig(clip_sample_range=self.clip_sample_range)
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of the evaluation's sampling: ``eval_seed``, else the training's ``seed``."""
+        return self.seed if self.eval_seed is None else self.eval_seed
 
     def guidance(self, family: str) -> float:
         """The guidance scale ``family`` samples images with."""
@@ -382,7 +395,7 @@ def _generate_images(
             lm.model,
             prompts,
             tokenizer=lm.tokenizer,
-            generator=cfg.seed,
+            generator=cfg.sampling_seed,
             scheduler=cfg.scheduler,
             num_steps=cfg.num_diffusion_steps,
             guidance_scale=guidance,
@@ -393,7 +406,7 @@ def _generate_images(
     from transfusion.baseline_sampling import generate_images
     from transfusion.train import special_tokens
 
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.sampling_seed)
     samples = generate_images(
         lm.model,
         [lm.tokenizer.encode(p) for p in prompts],
@@ -466,6 +479,8 @@ def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
         settings["eval_split"] = cfg.eval_split
     if cfg.baseline_guidance_scale is not None:
         settings["baseline_guidance_scale"] = cfg.baseline_guidance_scale
+    if cfg.eval_seed is not None:
+        settings["eval_seed"] = cfg.eval_seed
     return settings
 
 
@@ -521,7 +536,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
             return {**stored, "_reused": True}
 
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.sampling_seed)
     lm = _load(family, run_dir)
     n_img = max(cfg.n_t2i, cfg.n_caption)
     items = _test_items(cfg, max(n_img, cfg.n_text))
@@ -591,7 +606,11 @@ def fid_against(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor) -
     from transfusion.eval.fid import fid_kid
 
     return fid_kid(
-        real, generated, cnn_config=FeatureCNNConfig(**cfg.fid_cnn), cache_dir=_fid_cache(cfg), seed=cfg.seed
+        real,
+        generated,
+        cnn_config=FeatureCNNConfig(**cfg.fid_cnn),
+        cache_dir=_fid_cache(cfg),
+        seed=cfg.sampling_seed,
     )
 
 

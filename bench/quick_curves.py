@@ -106,7 +106,7 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
     cap_images = torch.stack([it["image"] for it in cap_items])
     points = []
     for step in steps:
-        torch.manual_seed(cfg.seed)  # as the evaluation: the same noise for the same prompts
+        torch.manual_seed(cfg.sampling_seed)  # as the evaluation: the same noise for the same prompts
         lm = _load(family, run_dir, step)
         with torch.no_grad():
             images = _generate_images(cfg, family, lm, prompts)

@@ -118,9 +118,12 @@ class StudyConfig:
 # ---------------------------------------------------------------------- jobs
 def eval_overrides(row: Row, base: QuickConfig) -> dict[str, Any]:
     """The row's evaluation settings that differ from the base recipe: a row that names the default
-    (250 steps, guidance 3) shares the default evaluation, and stays true when ``--set`` changes it."""
+    (250 steps, guidance 3) shares the default evaluation, and stays true when ``--set`` changes it. A
+    base ``eval_seed`` is named too, so that its evaluations get folders of their own instead of
+    replacing those of the training seed's sampling."""
     d = base.to_dict()
-    return {k: v for k, v in row.eval.items() if d[k] != v}
+    seed = {} if base.eval_seed is None else {"eval_seed": base.eval_seed}
+    return {**{k: v for k, v in row.eval.items() if d[k] != v}, **seed}
 
 
 def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dict[str, Any]]:

@@ -136,3 +136,48 @@ def _ladder_panel(ax, metric: str, rows: list[dict[str, Any]], lines: list[dict[
     ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
     ax.set_xlabel("training FLOPs", fontsize=8)
     ax.legend(fontsize=7)
+
+
+def plot_eval_noise(out: Path, lines: list[dict[str, Any]]) -> Path:
+    """bench.eval_noise's figure: per sampled metric and row, each training seed's scores under every
+    evaluation seed (dots, side by side), so the two spreads can be compared by eye."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("fid", "t2i_alignment", "caption_accuracy")  # bits per byte draw no samples
+    labels = list(dict.fromkeys(ln["label"] for ln in lines))
+    seeds = sorted({ln["seed"] for ln in lines})
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.0), squeeze=False)
+    width = 0.6 / max(1, len(seeds))
+    for ax, metric in zip(axes[0], metrics):
+        for i, seed in enumerate(seeds):
+            for x, label in enumerate(labels):
+                ys = [ln[metric] for ln in lines if ln["label"] == label and ln["seed"] == seed]
+                ys = [y for y in ys if y is not None]
+                xpos = x - 0.3 + width * (i + 0.5)
+                ax.plot([xpos] * len(ys), ys, ".", color=colors(i), ms=6,
+                        label=f"training seed {seed}" if x == 0 else None)  # fmt: skip
+                if ys:
+                    ax.plot(
+                        [xpos - width / 3, xpos + width / 3], [sum(ys) / len(ys)] * 2, "-", color=colors(i)
+                    )
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(_LABELS[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    eval_seeds = sorted({ln["eval_seed"] for ln in lines})
+    fig.suptitle(
+        f"Evaluation seeds {', '.join(map(str, eval_seeds))} (dots; dash: their mean) per training seed",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    plots = Path(out) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    path = plots / "eval_noise.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

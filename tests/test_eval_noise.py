@@ -1,0 +1,115 @@
+"""bench.eval_noise: the two spreads against numpy's, and a reduced run against the study's own evaluation."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from bench import eval_noise, study
+from bench.quick import QuickConfig, eval_settings
+from tests.tiny_quick import TINY_QUICK
+
+TINY = {**TINY_QUICK, "curve_points": 1}
+
+
+def _line(seed: int, eval_seed: int, **metrics: float | None) -> dict:
+    return {"group": "g", "label": "row", "training": "t", "seed": seed, "eval_seed": eval_seed,
+            "status": "ok", **metrics}  # fmt: skip
+
+
+def test_spreads_match_a_numpy_reading_of_the_same_table():
+    rng = random.Random()
+    n_seeds, eval_seeds = rng.randint(2, 5), list(range(rng.randint(2, 5)))
+    table = np.array([[rng.gauss(20, 3) for _ in eval_seeds] for _ in range(n_seeds)])
+    lines = [
+        _line(s, k, fid=float(table[s, k]), text_bpb=0.25 + s / 100)
+        for s in range(n_seeds)
+        for k in eval_seeds
+    ]
+    # a training seed one evaluation short is left out (unbalanced), not averaged in
+    lines += [_line(n_seeds, k, fid=99.0 if k else None, text_bpb=0.3) for k in eval_seeds]
+    got = {r["metric"]: r for r in eval_noise.summarize_noise(lines, ("fid", "text_bpb"))}
+    fid = got["fid"]
+    assert fid["n_seeds"] == n_seeds and fid["n_eval_seeds"] == len(eval_seeds)
+    assert fid["mean"] == pytest.approx(table.mean())
+    assert fid["sampling_std"] == pytest.approx(np.sqrt(table.var(axis=1, ddof=1).mean()))
+    assert fid["seed_std"] == pytest.approx(table.mean(axis=1).std(ddof=1))
+    excess = table.mean(axis=1).var(ddof=1) - table.var(axis=1, ddof=1).mean() / len(eval_seeds)
+    assert fid["training_std"] == pytest.approx(np.sqrt(max(0.0, excess)))
+    text = got["text_bpb"]  # the same value under every evaluation seed: no sampling spread
+    assert text["sampling_std"] == 0 and text["n_seeds"] == n_seeds + 1
+    assert text["seed_std"] == pytest.approx(np.std([0.25 + s / 100 for s in range(n_seeds)] + [0.3], ddof=1))
+
+
+def test_one_training_seed_or_one_evaluation_seed_leaves_that_spread_empty():
+    one_seed = eval_noise.summarize_noise([_line(0, k, fid=float(k)) for k in (1, 2)], ("fid",))[0]
+    assert (
+        one_seed["seed_std"] is None
+        and one_seed["training_std"] is None
+        and one_seed["sampling_std"] == 0.5**0.5
+    )
+    one_eval = eval_noise.summarize_noise([_line(s, 1, fid=float(s)) for s in (0, 1)], ("fid",))[0]
+    assert (
+        one_eval["sampling_std"] is None
+        and one_eval["seed_std"] == 0.5**0.5
+        and one_eval["training_std"] is None
+    )
+
+
+def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
+    with pytest.raises(ValueError, match="eval_seed = -1"):
+        QuickConfig(eval_seed=-1)
+    with pytest.raises(ValueError, match="eval_seed = True"):
+        QuickConfig(eval_seed=True)
+    assert "eval_seed" not in eval_settings(QuickConfig())  # earlier evaluation caches stay valid
+    assert eval_settings(QuickConfig(eval_seed=7))["eval_seed"] == 7
+    assert QuickConfig(seed=3).sampling_seed == 3 and QuickConfig(seed=3, eval_seed=7).sampling_seed == 7
+
+
+def test_cli_refuses_bad_evaluation_seeds(capsys):
+    for argv, message in (
+        (["--eval-seeds", "1,1"], "distinct integers"),
+        (["--eval-seeds", "a"], "comma-separated integers"),
+        (["--set", "eval_seed=3"], "use --eval-seeds"),
+        (["--groups", "nope"], "nope"),
+    ):
+        with pytest.raises(SystemExit):
+            eval_noise.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    quick_cfg = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    cfg = study.StudyConfig(groups=("cfg_scale",), seeds=(0,), workers=1, quick=quick_cfg)
+    runs = tmp_path / "runs"
+    base = {
+        (ln["label"]): ln for ln in study.run_study(tmp_path / "study", cfg, runs, progress=False)["runs"]
+    }
+    run_dir = runs / "base" / "seed0"
+    before = {p: p.read_bytes() for p in (run_dir / "eval").rglob("*.json")}
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    res = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
+    assert sorted((run_dir / "checkpoints").iterdir()) == ckpts  # the training was reused
+    assert {p: p.read_bytes() for p in before} == before  # the study's evaluations are untouched
+    assert any("eval_seed=7" in p.name for p in (run_dir / "eval").iterdir())
+    lines = res["runs"]
+    assert len(lines) == 3 * 2 and all(ln["status"] == "ok" for ln in lines), [ln["error"] for ln in lines]
+    by = {(ln["label"], ln["eval_seed"]): ln for ln in lines}
+    for label, ln in base.items():
+        # evaluation seed 0 is the training seed's own sampling: the study's numbers, recomputed
+        assert by[(label, 0)]["fid"] == ln["fid"] and by[(label, 0)]["t2i_alignment"] == ln["t2i_alignment"]
+        assert by[(label, 7)]["fid"] != ln["fid"]  # another sampling seed, other images
+        assert by[(label, 7)]["text_bpb"] == ln["text_bpb"]  # bits per byte draw no samples
+    text = [r for r in res["summary"] if r["metric"] == "text_bpb"]
+    assert len(text) == 3 and all(r["sampling_std"] == 0 for r in text)
+    out = tmp_path / "out"
+    for name in ("eval_noise.json", "eval_noise.csv", "eval_noise_summary.csv", "eval_noise_provenance.json"):
+        assert (out / name).is_file()
+    assert (out / "plots" / "eval_noise.png").is_file() and "plots_error" not in res
+    prov = json.loads((out / "eval_noise_provenance.json").read_text())
+    assert prov["eval_seeds"] == [0, 7] and prov["profile"] == "eval_noise"
+    again = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
+    assert [ln["fid"] for ln in again["runs"]] == [ln["fid"] for ln in lines]  # reused, the same
