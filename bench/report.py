@@ -163,6 +163,33 @@ def build_report(results_root: Path = Path("results")) -> Path:
             sections.append("")
         if (folder / "study.csv").exists():
             sections += study_section(folder)
+        if (folder / "eval_noise_summary.csv").exists():
+            sections += [
+                f"## Evaluation noise ({folder.name})",
+                "",
+                "Study rows evaluated again under several evaluation seeds (`python -m bench eval_noise`):",
+                "`sampling_std` is the spread over evaluation seeds with the weights fixed (pooled over the",
+                "training seeds), `seed_std` the spread over training seeds of their means over evaluation",
+                "seeds, and `training_std` the training seed's own spread estimated from the two (one-way",
+                "random effects). Bits per byte draw no samples: their `sampling_std` is 0.",
+                "",
+                _csv_table(
+                    folder / "eval_noise_summary.csv",
+                    [
+                        "label",
+                        "metric",
+                        "n_seeds",
+                        "n_eval_seeds",
+                        "mean",
+                        "sampling_std",
+                        "seed_std",
+                        "training_std",
+                    ],
+                ),
+                "",
+                f"![eval_noise]({folder.name}/plots/eval_noise.png)",
+                "",
+            ]
         if (folder / "attention.csv").exists():
             plot_attention(folder)
             summary = summarize(folder).replace("# Attention", f"## Attention ({folder.name})", 1)
@@ -188,7 +215,14 @@ def build_report(results_root: Path = Path("results")) -> Path:
             sections += [text.replace("# Launch order", title, 1), ""]
         if any(
             (folder / f).exists()
-            for f in ("attention.csv", "generation.csv", "quick.csv", "kernel_resources.md", "study.csv")
+            for f in (
+                "attention.csv",
+                "generation.csv",
+                "quick.csv",
+                "kernel_resources.md",
+                "study.csv",
+                "eval_noise_summary.csv",
+            )
         ):
             notes = folder / "NOTES.md"
             if notes.exists():

@@ -111,5 +111,12 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
     assert (out / "plots" / "eval_noise.png").is_file() and "plots_error" not in res
     prov = json.loads((out / "eval_noise_provenance.json").read_text())
     assert prov["eval_seeds"] == [0, 7] and prov["profile"] == "eval_noise"
+    from bench.report import build_report
+
+    report = build_report(tmp_path).read_text()
+    assert "## Evaluation noise (out)" in report and "![eval_noise](out/plots/eval_noise.png)" in report
+    assert (
+        "| guidance 3 | text_bpb | 1 | 2 |" in report and "0 | - | - |" in report
+    )  # one seed: no seed spread
     again = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
     assert [ln["fid"] for ln in again["runs"]] == [ln["fid"] for ln in lines]  # reused, the same
