@@ -3,17 +3,17 @@
     python -m bench eval_noise [--groups lr_choice_val] [--seeds 0,1,2] [--eval-seeds 100,101,102]
 
 Every (training, seed) of the groups' rows is taken from the study's runs (trained first if missing)
-and evaluated again under each evaluation seed (``QuickConfig.eval_seed``: the image noise, the caption
-decoding and the KID subsets; the prompts, images and texts stay the split's first items). Per row
-and metric, two spreads are then set side by side:
+and evaluated again under each evaluation seed (``QuickConfig.eval_seed``: the images' sampling noise
+and the KID subsets; the prompts, images and texts stay the split's first items). Per row and metric,
+two spreads are then set side by side:
 
 - ``sampling_std``: the spread over evaluation seeds with the weights fixed, pooled over the training
   seeds (the root of the mean within-training variance);
 - ``seed_std``: the spread over training seeds of each training's mean over evaluation seeds.
 
 With n evaluation seeds, a one-way random-effects reading estimates the training seed's own spread as
-``training_std = sqrt(max(0, seed_std**2 - sampling_std**2 / n))``. Bits per byte draw no samples,
-so their ``sampling_std`` is 0: a check that only the sampling moved.
+``training_std = sqrt(max(0, seed_std**2 - sampling_std**2 / n))``. Bits per byte draw no samples and
+captions are decoded greedily, so their ``sampling_std`` is 0: a check that only the sampling moved.
 
 Writes OUT/eval_noise.csv (a line per row, training seed and evaluation seed), OUT/eval_noise_summary.csv,
 OUT/eval_noise.json, OUT/eval_noise_provenance.json and OUT/plots/eval_noise.png. The evaluations live
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench eval_noise",
         description=(
             "Evaluation noise (CPU): evaluate each training seed of some study groups again under several "
-            "evaluation seeds (the samplers' noise, the caption decoding and the KID subsets; the same "
-            "prompts), and set the spread over evaluation seeds beside the spread over training seeds, per "
-            "row and metric. Trainings are reused from the study's runs folder (missing ones are trained)."
+            "evaluation seeds (the images' sampling noise and the KID subsets; the same prompts), and set "
+            "the spread over evaluation seeds beside the spread over training seeds, per row and metric. "
+            "Trainings are reused from the study's runs folder (missing ones are trained)."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("results") / "eval_noise", help="results folder")

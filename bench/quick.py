@@ -114,9 +114,9 @@ class QuickConfig:
     # feature space (transfusion.eval.fid); fid_cnn overrides FeatureCNNConfig fields.
     fid: bool = True
     fid_cnn: dict[str, Any] = field(default_factory=dict)
-    # the evaluation's sampling seed (image noise, caption decoding, KID subsets; the prompts stay the
-    # split's first items). None: ``seed``, the training's. bench.eval_noise varies it alone, to tell
-    # the evaluation's sampling noise from the training seed's.
+    # the evaluation's sampling seed (the images' noise, the KID subsets; captions are greedy and the
+    # prompts stay the split's first items). None: ``seed``, the training's. bench.eval_noise varies it
+    # alone, to tell the evaluation's sampling noise from the training seed's.
     eval_seed: int | None = None
     progress: bool = True
 

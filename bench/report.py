@@ -171,7 +171,8 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "`sampling_std` is the spread over evaluation seeds with the weights fixed (pooled over the",
                 "training seeds), `seed_std` the spread over training seeds of their means over evaluation",
                 "seeds, and `training_std` the training seed's own spread estimated from the two (one-way",
-                "random effects). Bits per byte draw no samples: their `sampling_std` is 0.",
+                "random effects). Bits per byte draw no samples and captions are greedy: their",
+                "`sampling_std` is 0.",
                 "",
                 _csv_table(
                     folder / "eval_noise_summary.csv",

@@ -103,6 +103,7 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
         assert by[(label, 0)]["fid"] == ln["fid"] and by[(label, 0)]["t2i_alignment"] == ln["t2i_alignment"]
         assert by[(label, 7)]["fid"] != ln["fid"]  # another sampling seed, other images
         assert by[(label, 7)]["text_bpb"] == ln["text_bpb"]  # bits per byte draw no samples
+        assert by[(label, 7)]["caption_accuracy"] == ln["caption_accuracy"]  # greedy captions
     text = [r for r in res["summary"] if r["metric"] == "text_bpb"]
     assert len(text) == 3 and all(r["sampling_std"] == 0 for r in text)
     out = tmp_path / "out"
