@@ -1,6 +1,6 @@
 """Evaluation noise: how much of a study row's spread over training seeds is the evaluation's sampling.
 
-    python -m bench eval_noise [--groups lr_choice_val] [--seeds 0,1,2] [--eval-seeds 100,101,102]
+    python -m bench eval_noise [--groups lr_choice_val] [--seeds 0,1,2] [--eval-seeds 1000,2000,3000]
 
 Every (training, seed) of the groups' rows is taken from the study's runs (trained first if missing)
 and evaluated again under each evaluation seed (``QuickConfig.eval_seed``: the images' sampling noise
@@ -30,14 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quick import parse_set_options, to_csv
+from bench.quick import QuickConfig, parse_set_options, to_csv
 from bench.quick_curves import CURVE_METRICS
 from bench.study import RUN_FIELDS, StudyConfig, execute, plan_jobs, run_rows
 from bench.study_grid import GROUPS, rows_for
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 DEFAULT_GROUPS: tuple[str, ...] = ("lr_choice_val",)
-DEFAULT_EVAL_SEEDS: tuple[int, ...] = (100, 101, 102)
+# far apart: Transfusion's image rows are seeded eval_seed + i (check_eval_seeds)
+DEFAULT_EVAL_SEEDS: tuple[int, ...] = (1000, 2000, 3000)
 SUMMARY_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "metric", "n_seeds", "n_eval_seeds", "mean", "sampling_std", "seed_std",
     "training_std",
@@ -89,11 +90,29 @@ def summarize_noise(
     return out
 
 
+def check_eval_seeds(eval_seeds: tuple[int, ...], base: QuickConfig) -> None:
+    """Refuse evaluation seeds that would share sampling noise. Transfusion seeds its n_t2i image rows
+    eval_seed + i (transfusion.generation.row_generators), so two evaluation seeds closer than n_t2i
+    draw mostly the same noises, shifted by a prompt or two, and their spread understates the
+    sampling's."""
+    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds) or min(eval_seeds) < 0:
+        raise ValueError(f"eval_seeds = {eval_seeds} must be distinct integers >= 0")
+    ordered = sorted(eval_seeds)
+    close = [(a, b) for a, b in zip(ordered, ordered[1:]) if b - a < base.n_t2i]
+    if close:
+        step = max(1000, base.n_t2i)
+        spaced = ", ".join(str(step * (i + 1)) for i in range(len(ordered)))
+        raise ValueError(
+            f"eval_seeds = {eval_seeds}: {close[0][0]} and {close[0][1]} are closer than "
+            f"n_t2i = {base.n_t2i}; image row i is seeded eval_seed + i, so they would share noises. "
+            f"Space them at least {base.n_t2i} apart (e.g. {spaced})"
+        )
+
+
 def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int, ...], runs_dir: str | Path,
                    progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Evaluate the study rows of ``cfg`` under every evaluation seed and write the result files."""
-    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
-        raise ValueError(f"eval_seeds = {eval_seeds} must be distinct and non-empty")
+    check_eval_seeds(eval_seeds, cfg.base())
     out, runs = Path(out_dir), Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -179,11 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if "eval_seed" in quick:
         p.error("--set eval_seed: use --eval-seeds")
     seeds, eval_seeds = _ints(args.seeds, "--seeds", p), _ints(args.eval_seeds, "--eval-seeds", p)
-    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds) or min(eval_seeds) < 0:
-        p.error(f"--eval-seeds {args.eval_seeds!r}: expected distinct integers >= 0")
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
+        check_eval_seeds(eval_seeds, cfg.base())
     except (TypeError, ValueError) as e:
         p.error(str(e))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["DEFAULT_EVAL_SEEDS", "main", "run_eval_noise", "summarize_noise"]
+__all__ = ["DEFAULT_EVAL_SEEDS", "check_eval_seeds", "main", "run_eval_noise", "summarize_noise"]
 
 
 if __name__ == "__main__":

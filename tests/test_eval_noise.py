@@ -70,6 +70,7 @@ def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
 def test_cli_refuses_bad_evaluation_seeds(capsys):
     for argv, message in (
         (["--eval-seeds", "1,1"], "distinct integers"),
+        (["--eval-seeds", "1000,1063"], "closer than n_t2i = 64"),  # image rows seeded eval_seed + i
         (["--eval-seeds", "a"], "comma-separated integers"),
         (["--set", "eval_seed=3"], "use --eval-seeds"),
         (["--groups", "nope"], "nope"),
@@ -91,6 +92,8 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
     run_dir = runs / "base" / "seed0"
     before = {p: p.read_bytes() for p in (run_dir / "eval").rglob("*.json")}
     ckpts = sorted((run_dir / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="closer than n_t2i = 3"):  # TINY draws 3 images
+        eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 2), runs, progress=False)
     res = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
     assert sorted((run_dir / "checkpoints").iterdir()) == ckpts  # the training was reused
     assert {p: p.read_bytes() for p in before} == before  # the study's evaluations are untouched
