@@ -2,18 +2,25 @@
 
     python -m bench eval_noise [--groups lr_choice_val] [--seeds 0,1,2] [--eval-seeds 1000,2000,3000]
 
-Every (training, seed) of the groups' rows is taken from the study's runs (trained first if missing)
-and evaluated again under each evaluation seed (``QuickConfig.eval_seed``: the images' sampling noise
-and the KID subsets; the prompts, images and texts stay the split's first items). Per row and metric,
-two spreads are then set side by side:
+Every (training, seed) of the groups' rows is taken from the study's runs and evaluated again under
+each evaluation seed (``QuickConfig.eval_seed``: the images' sampling noise and the KID subsets; the
+prompts, images and texts stay the split's first items). The design is crossed: every training seed
+meets every evaluation seed, and an evaluation seed draws the same noises for all of them. Per row and
+metric, from the table x[s, k] (training seed s, evaluation seed k; n_s x n_e, one value per cell):
 
 - ``sampling_std``: the spread over evaluation seeds with the weights fixed, pooled over the training
-  seeds (the root of the mean within-training variance);
-- ``seed_std``: the spread over training seeds of each training's mean over evaluation seeds.
+  seeds (the root of the mean within-training sample variance): how far one evaluation of one model
+  can move;
+- ``seed_std``: the spread over training seeds of each training's mean over evaluation seeds;
+- ``training_std``: the training seed's own spread, from a two-way random-effects reading,
+  sqrt(max(0, seed_std**2 - MS_int / n_e)), where MS_int is the interaction (residual) mean square;
+  the evaluation seeds' shared effect cancels out of ``seed_std``, so only the interaction is removed;
+- ``pool_std``: the evaluation seed's effect shared by every training seed (common random numbers),
+  sqrt(max(0, var_k(mean_s x) - MS_int / n_s)): how far a change of noise pool moves all of a row's
+  models together.
 
-With n evaluation seeds, a one-way random-effects reading estimates the training seed's own spread as
-``training_std = sqrt(max(0, seed_std**2 - sampling_std**2 / n))``. Bits per byte draw no samples and
-captions are decoded greedily, so their ``sampling_std`` is 0: a check that only the sampling moved.
+Bits per byte draw no samples and captions are decoded greedily, so their ``sampling_std`` and
+``pool_std`` are exactly 0: a check that only the sampling moved.
 
 Writes OUT/eval_noise.csv (a line per row, training seed and evaluation seed), OUT/eval_noise_summary.csv,
 OUT/eval_noise.json, OUT/eval_noise_provenance.json and OUT/plots/eval_noise.png. The evaluations live
@@ -25,12 +32,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig, parse_set_options, to_csv
+from bench.quick import QuickConfig, _run_fingerprint, parse_set_options, stored_run_fingerprint, to_csv
 from bench.quick_curves import CURVE_METRICS
 from bench.study import RUN_FIELDS, StudyConfig, execute, plan_jobs, run_rows
 from bench.study_grid import GROUPS, rows_for
@@ -41,51 +49,61 @@ DEFAULT_GROUPS: tuple[str, ...] = ("lr_choice_val",)
 DEFAULT_EVAL_SEEDS: tuple[int, ...] = (1000, 2000, 3000)
 SUMMARY_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "metric", "n_seeds", "n_eval_seeds", "mean", "sampling_std", "seed_std",
-    "training_std",
+    "training_std", "pool_std",
 )  # fmt: skip
-
-
-def _mean(vals: list[float]) -> float:
-    return sum(vals) / len(vals)
-
-
-def _var(vals: list[float]) -> float:
-    m = _mean(vals)
-    return sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
 
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def crossed_spreads(table: list[list[float]]) -> dict[str, float | None]:
+    """The four spreads of the module docstring for one table (rows: training seeds, columns: evaluation
+    seeds, every cell filled). Exact arithmetic (statistics' fractions), so a constant metric reads 0."""
+    n_s, n_e = len(table), len(table[0]) if table else 0
+    out: dict[str, float | None] = dict.fromkeys(
+        ("mean", "sampling_std", "seed_std", "training_std", "pool_std")
+    )
+    if not n_s or not n_e:
+        return out
+    out["mean"] = statistics.mean(v for row in table for v in row)
+    row_means = [statistics.mean(row) for row in table]
+    if n_e > 1:
+        out["sampling_std"] = math.sqrt(statistics.mean(statistics.variance(row) for row in table))
+    if n_s > 1:
+        out["seed_std"] = statistics.stdev(row_means)
+    if n_s > 1 and n_e > 1:
+        col_means = [statistics.mean(col) for col in zip(*table)]
+        grand = statistics.mean(row_means)
+        ss_int = sum(
+            (table[s][k] - row_means[s] - col_means[k] + grand) ** 2 for s in range(n_s) for k in range(n_e)
+        )
+        ms_int = ss_int / ((n_s - 1) * (n_e - 1))
+        out["training_std"] = math.sqrt(max(0.0, statistics.variance(row_means) - ms_int / n_e))
+        out["pool_std"] = math.sqrt(max(0.0, statistics.variance(col_means) - ms_int / n_s))
+    return out
+
+
 def summarize_noise(
-    lines: list[dict[str, Any]], metrics: tuple[str, ...] = CURVE_METRICS
+    lines: list[dict[str, Any]],
+    eval_seeds: tuple[int, ...] | list[int] | None = None,
+    metrics: tuple[str, ...] = CURVE_METRICS,
 ) -> list[dict[str, Any]]:
-    """Per row and metric: the mean, the pooled spread over evaluation seeds, the spread over training
-    seeds of the per-training means, and the training seed's own spread estimated from both. A training
-    seed counts only when every evaluation seed scored it (a balanced design)."""
-    eval_seeds = sorted({ln["eval_seed"] for ln in lines})
+    """Per row and metric, ``crossed_spreads`` of its table. A training seed counts only when it holds
+    the metric under every one of ``eval_seeds`` (default: every evaluation seed in ``lines``), so the
+    table stays balanced; ``n_seeds`` says how many did."""
+    wanted = sorted(set(eval_seeds) if eval_seeds is not None else {ln["eval_seed"] for ln in lines})
     out = []
     for key in dict.fromkeys((ln["group"], ln["label"], ln["training"]) for ln in lines):
         mine = [ln for ln in lines if (ln["group"], ln["label"], ln["training"]) == key]
         for metric in metrics:
-            by_seed: dict[int, list[float]] = {}
+            cells: dict[int, dict[int, float]] = {}
             for ln in mine:
-                if _number(ln.get(metric)):
-                    by_seed.setdefault(ln["seed"], []).append(float(ln[metric]))
-            full = [v for v in by_seed.values() if len(v) == len(eval_seeds)]
+                if ln["eval_seed"] in wanted and _number(ln.get(metric)):
+                    cells.setdefault(ln["seed"], {})[ln["eval_seed"]] = float(ln[metric])
+            table = [[c[k] for k in wanted] for _, c in sorted(cells.items()) if set(c) == set(wanted)]
             row: dict[str, Any] = dict(zip(("group", "label", "training"), key))
-            row.update(metric=metric, n_seeds=len(full), n_eval_seeds=len(eval_seeds), mean=None,
-                       sampling_std=None, seed_std=None, training_std=None)  # fmt: skip
-            if full:
-                row["mean"] = _mean([v for vals in full for v in vals])
-            if full and len(eval_seeds) > 1:
-                row["sampling_std"] = math.sqrt(_mean([_var(vals) for vals in full]))
-            if len(full) > 1:
-                row["seed_std"] = math.sqrt(_var([_mean(vals) for vals in full]))
-            if row["sampling_std"] is not None and row["seed_std"] is not None:
-                excess = row["seed_std"] ** 2 - row["sampling_std"] ** 2 / len(eval_seeds)
-                row["training_std"] = math.sqrt(max(0.0, excess))
+            row.update(metric=metric, n_seeds=len(table), n_eval_seeds=len(wanted), **crossed_spreads(table))
             out.append(row)
     return out
 
@@ -95,8 +113,8 @@ def check_eval_seeds(eval_seeds: tuple[int, ...], base: QuickConfig) -> None:
     eval_seed + i (transfusion.generation.row_generators), so two evaluation seeds closer than n_t2i
     draw mostly the same noises, shifted by a prompt or two, and their spread understates the
     sampling's."""
-    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds) or min(eval_seeds) < 0:
-        raise ValueError(f"eval_seeds = {eval_seeds} must be distinct integers >= 0")
+    if len(eval_seeds) < 2 or len(set(eval_seeds)) != len(eval_seeds) or min(eval_seeds) < 0:
+        raise ValueError(f"eval_seeds = {eval_seeds} must be at least two distinct integers >= 0")
     ordered = sorted(eval_seeds)
     close = [(a, b) for a, b in zip(ordered, ordered[1:]) if b - a < base.n_t2i]
     if close:
@@ -109,10 +127,26 @@ def check_eval_seeds(eval_seeds: tuple[int, ...], base: QuickConfig) -> None:
         )
 
 
+def check_trained_alike(jobs: list[dict[str, Any]]) -> None:
+    """Refuse run folders trained with other settings: the trainer would discard them (and the study's
+    evaluations inside) and train again, and this command only means to evaluate."""
+    for job in jobs:
+        run_dir = Path(job["run_dir"])
+        stored = stored_run_fingerprint(run_dir)
+        if stored is not None and stored != _run_fingerprint(
+            QuickConfig.from_dict(job["quick"]), job["family"]
+        ):
+            raise ValueError(
+                f"{run_dir} was trained with other settings than these (its quick_fingerprint.json differs); "
+                "eval_noise would discard it. Pass the study's own --set values, or another --runs-dir"
+            )
+
+
 def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int, ...], runs_dir: str | Path,
                    progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Evaluate the study rows of ``cfg`` under every evaluation seed and write the result files."""
     check_eval_seeds(eval_seeds, cfg.base())
+    check_trained_alike(plan_jobs(cfg, Path(runs_dir)))
     out, runs = Path(out_dir), Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -127,7 +161,7 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
         walls = [ev.get("eval_wall_s") for r in records for ev in r["evals"].values()]
         compute_s += sum(float(w) for w in walls if _number(w))
         lines += [{**ln, "eval_seed": k} for ln in run_rows(rows, records, cfg.seeds, seeded.base())]
-    summary = summarize_noise([ln for ln in lines if ln["status"] != "failed"])
+    summary = summarize_noise([ln for ln in lines if ln["status"] != "failed"], eval_seeds)
     result: dict[str, Any] = {
         "profile": "eval_noise",
         "config": {**cfg.to_dict(), "eval_seeds": list(eval_seeds)},
@@ -170,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             "Evaluation noise (CPU): evaluate each training seed of some study groups again under several "
             "evaluation seeds (the images' sampling noise and the KID subsets; the same prompts), and set "
             "the spread over evaluation seeds beside the spread over training seeds, per row and metric. "
-            "Trainings are reused from the study's runs folder (missing ones are trained)."
+            "Trainings are reused from the study's runs folder (missing ones are trained; one trained with "
+            "other settings is refused, not discarded)."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("results") / "eval_noise", help="results folder")
@@ -179,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--groups",
         default=",".join(DEFAULT_GROUPS),
-        help="comma-separated study groups (default: %(default)s); valid: " + ",".join(GROUPS),
+        help="comma-separated study groups (default: %(default)s; 'all': every group); valid: "
+        + ",".join(GROUPS),
     )
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
-    p.add_argument("--eval-seeds", default=",".join(map(str, DEFAULT_EVAL_SEEDS)),
-                   help="evaluation seeds (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--eval-seeds",
+        default=",".join(map(str, DEFAULT_EVAL_SEEDS)),
+        help="at least two evaluation seeds, n_t2i or more apart (default: %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
     p.add_argument(
         "--set",
@@ -199,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--set eval_seed: use --eval-seeds")
     seeds, eval_seeds = _ints(args.seeds, "--seeds", p), _ints(args.eval_seeds, "--eval-seeds", p)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    if "all" in groups:
+        groups = GROUPS
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
         check_eval_seeds(eval_seeds, cfg.base())
+        check_trained_alike(plan_jobs(cfg, args.runs_dir))
     except (TypeError, ValueError) as e:
         p.error(str(e))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers
@@ -214,7 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["DEFAULT_EVAL_SEEDS", "check_eval_seeds", "main", "run_eval_noise", "summarize_noise"]
+__all__ = [
+    "DEFAULT_EVAL_SEEDS",
+    "check_eval_seeds",
+    "check_trained_alike",
+    "crossed_spreads",
+    "main",
+    "run_eval_noise",
+    "summarize_noise",
+]
 
 
 if __name__ == "__main__":

@@ -147,15 +147,17 @@ def plot_eval_noise(out: Path, lines: list[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = ("fid", "t2i_alignment", "caption_accuracy")  # bits per byte draw no samples
-    labels = list(dict.fromkeys(ln["label"] for ln in lines))
+    keys = list(dict.fromkeys((ln["group"], ln["label"]) for ln in lines))  # labels repeat across groups
+    one_group = len({g for g, _ in keys}) == 1
+    labels = [label if one_group else f"{group}: {label}" for group, label in keys]
     seeds = sorted({ln["seed"] for ln in lines})
     colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.0), squeeze=False)
     width = 0.6 / max(1, len(seeds))
     for ax, metric in zip(axes[0], metrics):
         for i, seed in enumerate(seeds):
-            for x, label in enumerate(labels):
-                ys = [ln[metric] for ln in lines if ln["label"] == label and ln["seed"] == seed]
+            for x, key in enumerate(keys):
+                ys = [ln[metric] for ln in lines if (ln["group"], ln["label"]) == key and ln["seed"] == seed]
                 ys = [y for y in ys if y is not None]
                 xpos = x - 0.3 + width * (i + 0.5)
                 ax.plot([xpos] * len(ys), ys, ".", color=colors(i), ms=6,

@@ -1,4 +1,5 @@
-"""bench.eval_noise: the two spreads against numpy's, and a reduced run against the study's own evaluation."""
+"""bench.eval_noise: the spreads against numpy's two-way reading, and a reduced run against the study's own
+evaluation."""
 
 import json
 import random
@@ -18,43 +19,72 @@ def _line(seed: int, eval_seed: int, **metrics: float | None) -> dict:
             "status": "ok", **metrics}  # fmt: skip
 
 
+def _numpy_two_way(table: np.ndarray) -> dict[str, float]:
+    """The crossed design's mean squares, the textbook way (rows: training seeds, columns: eval seeds)."""
+    n_s, n_e = table.shape
+    rows, cols, grand = table.mean(axis=1), table.mean(axis=0), table.mean()
+    ms_seed = n_e * ((rows - grand) ** 2).sum() / (n_s - 1)
+    ms_eval = n_s * ((cols - grand) ** 2).sum() / (n_e - 1)
+    ms_int = ((table - rows[:, None] - cols[None, :] + grand) ** 2).sum() / ((n_s - 1) * (n_e - 1))
+    return {
+        "training_std": np.sqrt(max(0.0, (ms_seed - ms_int) / n_e)),
+        "pool_std": np.sqrt(max(0.0, (ms_eval - ms_int) / n_s)),
+    }
+
+
 def test_spreads_match_a_numpy_reading_of_the_same_table():
     rng = random.Random()
-    n_seeds, eval_seeds = rng.randint(2, 5), list(range(rng.randint(2, 5)))
+    n_seeds, eval_seeds = rng.randint(2, 5), [1000 * (i + 1) for i in range(rng.randint(2, 5))]
     table = np.array([[rng.gauss(20, 3) for _ in eval_seeds] for _ in range(n_seeds)])
     lines = [
-        _line(s, k, fid=float(table[s, k]), text_bpb=0.25 + s / 100)
+        _line(s, k, fid=float(table[s, j]), text_bpb=0.1 + 0.2 + s / 100)
         for s in range(n_seeds)
-        for k in eval_seeds
+        for j, k in enumerate(eval_seeds)
     ]
-    # a training seed one evaluation short is left out (unbalanced), not averaged in
-    lines += [_line(n_seeds, k, fid=99.0 if k else None, text_bpb=0.3) for k in eval_seeds]
-    got = {r["metric"]: r for r in eval_noise.summarize_noise(lines, ("fid", "text_bpb"))}
+    # a training seed that misses one evaluation seed is left out (unbalanced), even with a duplicate
+    # line making up the count
+    short = [_line(n_seeds, k, fid=99.0, text_bpb=0.5) for k in eval_seeds[:-1]]
+    lines += [*short, short[0]]
+    got = {r["metric"]: r for r in eval_noise.summarize_noise(lines, metrics=("fid", "text_bpb"))}
     fid = got["fid"]
     assert fid["n_seeds"] == n_seeds and fid["n_eval_seeds"] == len(eval_seeds)
     assert fid["mean"] == pytest.approx(table.mean())
     assert fid["sampling_std"] == pytest.approx(np.sqrt(table.var(axis=1, ddof=1).mean()))
     assert fid["seed_std"] == pytest.approx(table.mean(axis=1).std(ddof=1))
-    excess = table.mean(axis=1).var(ddof=1) - table.var(axis=1, ddof=1).mean() / len(eval_seeds)
-    assert fid["training_std"] == pytest.approx(np.sqrt(max(0.0, excess)))
-    text = got["text_bpb"]  # the same value under every evaluation seed: no sampling spread
-    assert text["sampling_std"] == 0 and text["n_seeds"] == n_seeds + 1
-    assert text["seed_std"] == pytest.approx(np.std([0.25 + s / 100 for s in range(n_seeds)] + [0.3], ddof=1))
+    want = _numpy_two_way(table)
+    assert fid["training_std"] == pytest.approx(want["training_std"], abs=1e-12)
+    assert fid["pool_std"] == pytest.approx(want["pool_std"], abs=1e-12)
+    # the same value under every evaluation seed: no sampling spread, exactly (0.1 + 0.2 is inexact)
+    text = got["text_bpb"]
+    assert text["sampling_std"] == 0 and text["pool_std"] == 0 and text["n_seeds"] == n_seeds
+    assert text["training_std"] == pytest.approx(np.std([0.3 + s / 100 for s in range(n_seeds)], ddof=1))
+    # an evaluation seed asked for but never scored leaves no balanced training seed
+    none = eval_noise.summarize_noise(lines, eval_seeds=[*eval_seeds, 9999], metrics=("fid",))[0]
+    assert none["n_seeds"] == 0 and none["mean"] is None and none["n_eval_seeds"] == len(eval_seeds) + 1
+
+
+def test_a_shared_noise_pool_is_told_apart_from_the_training_seed():
+    """Every training seed meets the same evaluation seeds, whose noise pools shift all models alike. The
+    two-way reading finds both effects where a one-way one would call the training spread 0."""
+    rng = np.random.default_rng()
+    pools = np.array([-3.0, -1.0, 1.0, 3.0])  # shared by every training seed: sd 2.58
+    training = rng.normal(0.0, 1.0, size=40)  # each training seed's own effect
+    table = 20 + training[:, None] + pools[None, :] + rng.normal(0.0, 0.3, size=(40, 4))
+    lines = [_line(s, 1000 * (k + 1), fid=float(table[s, k])) for s in range(40) for k in range(4)]
+    got = eval_noise.summarize_noise(lines, metrics=("fid",))[0]
+    assert abs(got["training_std"] - training.std(ddof=1)) < 0.1
+    assert abs(got["pool_std"] - pools.std(ddof=1)) < 0.2
+    one_way = table.mean(axis=1).var(ddof=1) - table.var(axis=1, ddof=1).mean() / 4
+    assert one_way < 0  # what the one-way formula would have clipped to a training spread of 0
 
 
 def test_one_training_seed_or_one_evaluation_seed_leaves_that_spread_empty():
-    one_seed = eval_noise.summarize_noise([_line(0, k, fid=float(k)) for k in (1, 2)], ("fid",))[0]
-    assert (
-        one_seed["seed_std"] is None
-        and one_seed["training_std"] is None
-        and one_seed["sampling_std"] == 0.5**0.5
-    )
-    one_eval = eval_noise.summarize_noise([_line(s, 1, fid=float(s)) for s in (0, 1)], ("fid",))[0]
-    assert (
-        one_eval["sampling_std"] is None
-        and one_eval["seed_std"] == 0.5**0.5
-        and one_eval["training_std"] is None
-    )
+    one_seed = eval_noise.summarize_noise([_line(0, k, fid=float(k)) for k in (1, 2)], metrics=("fid",))[0]
+    assert one_seed["seed_std"] is None and one_seed["training_std"] is None and one_seed["pool_std"] is None
+    assert one_seed["sampling_std"] == 0.5**0.5
+    one_eval = eval_noise.summarize_noise([_line(s, 1, fid=float(s)) for s in (0, 1)], metrics=("fid",))[0]
+    assert one_eval["sampling_std"] is None and one_eval["training_std"] is None
+    assert one_eval["seed_std"] == 0.5**0.5
 
 
 def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
@@ -69,7 +99,8 @@ def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
 
 def test_cli_refuses_bad_evaluation_seeds(capsys):
     for argv, message in (
-        (["--eval-seeds", "1,1"], "distinct integers"),
+        (["--eval-seeds", "1000,1000"], "distinct integers"),
+        (["--eval-seeds", "1000"], "at least two"),
         (["--eval-seeds", "1000,1063"], "closer than n_t2i = 64"),  # image rows seeded eval_seed + i
         (["--eval-seeds", "a"], "comma-separated integers"),
         (["--set", "eval_seed=3"], "use --eval-seeds"),
@@ -86,14 +117,19 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
     quick_cfg = {**TINY, "cache_dir": str(tmp_path / "cache")}
     cfg = study.StudyConfig(groups=("cfg_scale",), seeds=(0,), workers=1, quick=quick_cfg)
     runs = tmp_path / "runs"
-    base = {
-        (ln["label"]): ln for ln in study.run_study(tmp_path / "study", cfg, runs, progress=False)["runs"]
-    }
+    study_lines = study.run_study(tmp_path / "study", cfg, runs, progress=False)["runs"]
+    base = {ln["label"]: ln for ln in study_lines}
     run_dir = runs / "base" / "seed0"
     before = {p: p.read_bytes() for p in (run_dir / "eval").rglob("*.json")}
+    assert len(before) >= 3  # the study's three evaluations (guidance 1, 3, 5)
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     with pytest.raises(ValueError, match="closer than n_t2i = 3"):  # TINY draws 3 images
         eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 2), runs, progress=False)
+    # other training settings would make the trainer discard the study's run: refused, nothing lost
+    other = study.StudyConfig(groups=("cfg_scale",), seeds=(0,), workers=1, quick={**quick_cfg, "lr": 5e-4})
+    with pytest.raises(ValueError, match="trained with other settings"):
+        eval_noise.run_eval_noise(tmp_path / "out", other, (0, 7), runs, progress=False)
+    assert sorted((run_dir / "checkpoints").iterdir()) == ckpts
     res = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
     assert sorted((run_dir / "checkpoints").iterdir()) == ckpts  # the training was reused
     assert {p: p.read_bytes() for p in before} == before  # the study's evaluations are untouched
@@ -119,8 +155,8 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
 
     report = build_report(tmp_path).read_text()
     assert "## Evaluation noise (out)" in report and "![eval_noise](out/plots/eval_noise.png)" in report
-    assert (
-        "| guidance 3 | text_bpb | 1 | 2 |" in report and "0 | - | - |" in report
-    )  # one seed: no seed spread
+    text_row = next(r for r in text if r["label"] == "guidance 3")
+    # one training seed: no seed, training or pool spread; two evaluation seeds, no sampling spread
+    assert f"| cfg_scale | guidance 3 | text_bpb | 1 | 2 | {text_row['mean']:.3g} | 0 | - | - | - |" in report
     again = eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 7), runs, progress=False)
     assert [ln["fid"] for ln in again["runs"]] == [ln["fid"] for ln in lines]  # reused, the same
