@@ -40,7 +40,16 @@ from typing import Any
 
 from bench.quick import QuickConfig, _run_fingerprint, parse_set_options, stored_run_fingerprint, to_csv
 from bench.quick_curves import CURVE_METRICS
-from bench.study import RUN_FIELDS, StudyConfig, execute, plan_jobs, run_rows
+from bench.study import (
+    RUN_FIELDS,
+    StudyConfig,
+    execute,
+    is_number,
+    parse_groups,
+    parse_ints,
+    plan_jobs,
+    run_rows,
+)
 from bench.study_grid import GROUPS, rows_for
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
@@ -51,10 +60,6 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "metric", "n_seeds", "n_eval_seeds", "mean", "sampling_std", "seed_std",
     "training_std", "pool_std",
 )  # fmt: skip
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def crossed_spreads(table: list[list[float]]) -> dict[str, float | None]:
@@ -99,7 +104,7 @@ def summarize_noise(
         for metric in metrics:
             cells: dict[int, dict[int, float]] = {}
             for ln in mine:
-                if ln["eval_seed"] in wanted and _number(ln.get(metric)):
+                if ln["eval_seed"] in wanted and is_number(ln.get(metric)):
                     cells.setdefault(ln["seed"], {})[ln["eval_seed"]] = float(ln[metric])
             table = [[c[k] for k in wanted] for _, c in sorted(cells.items()) if set(c) == set(wanted)]
             row: dict[str, Any] = dict(zip(("group", "label", "training"), key))
@@ -159,7 +164,7 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
         records = execute(plan_jobs(seeded, runs), seeded.workers, progress)
         # the evaluations' own times when computed (the reused trainings are the study's cost)
         walls = [ev.get("eval_wall_s") for r in records for ev in r["evals"].values()]
-        compute_s += sum(float(w) for w in walls if _number(w))
+        compute_s += sum(float(w) for w in walls if is_number(w))
         lines += [{**ln, "eval_seed": k} for ln in run_rows(rows, records, cfg.seeds, seeded.base())]
     summary = summarize_noise([ln for ln in lines if ln["status"] != "failed"], eval_seeds)
     result: dict[str, Any] = {
@@ -187,14 +192,6 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
                       eval_compute_s=result["eval_compute_s"], files=files)  # fmt: skip
     atomic_write_json(out / "eval_noise_provenance.json", prov)
     return result
-
-
-def _ints(text: str, flag: str, p: argparse.ArgumentParser) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        p.error(f"{flag} {text!r}: expected comma-separated integers")
-        raise  # unreachable: p.error exits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,10 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = parse_set_options(args.set, p)
     if "eval_seed" in quick:
         p.error("--set eval_seed: use --eval-seeds")
-    seeds, eval_seeds = _ints(args.seeds, "--seeds", p), _ints(args.eval_seeds, "--eval-seeds", p)
-    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    if "all" in groups:
-        groups = GROUPS
+    seeds, eval_seeds = parse_ints(args.seeds, "--seeds", p), parse_ints(args.eval_seeds, "--eval-seeds", p)
+    groups = parse_groups(args.groups)
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
         check_eval_seeds(eval_seeds, cfg.base())

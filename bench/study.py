@@ -203,7 +203,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     # What the job costs when computed, read from its stored results, so reruns that reuse them still
     # report it: training wall time plus each evaluation's (the shared autoencoders are not counted).
     parts = [summary.get("train_wall_s")] + [ev.get("eval_wall_s") for ev in rec["evals"].values()]
-    rec["compute_s"] = round(sum(float(x) for x in parts if _is_number(x)), 2)
+    rec["compute_s"] = round(sum(float(x) for x in parts if is_number(x)), 2)
     return rec
 
 
@@ -315,7 +315,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
                              "family": TRAININGS[row.training].family, "series": row.series,
                              "n_seeds": sum(ln["status"] != "failed" for ln in mine)}  # fmt: skip
         for stat in SUMMARY_STATS:
-            vals = [float(ln[stat]) for ln in mine if _is_number(ln[stat])]
+            vals = [float(ln[stat]) for ln in mine if is_number(ln[stat])]
             s[f"{stat}_mean"] = sum(vals) / len(vals) if vals else None
             s[f"{stat}_std"] = _sample_std(vals) if len(vals) > 1 else None
             s[f"{stat}_n"] = len(vals)
@@ -325,7 +325,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -406,7 +406,7 @@ def lr_choice(summary: list[dict[str, Any]], seeds: int | None = None) -> dict[s
 
 def _complete(row: dict[str, Any] | None, metric: str, seeds: int | None) -> bool:
     """Whether a summary row holds ``metric`` for all ``seeds`` seeds (None: its non-failed ones)."""
-    if not row or not _is_number(row.get(f"{metric}_mean")):
+    if not row or not is_number(row.get(f"{metric}_mean")):
         return False
     return row.get(f"{metric}_n") == (row.get("n_seeds") if seeds is None else seeds)
 
@@ -473,6 +473,21 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     return result
 
 
+def parse_ints(text: str, flag: str, p: argparse.ArgumentParser) -> tuple[int, ...]:
+    """A comma-separated list of integers from the command line, or ``p.error`` naming the flag."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected comma-separated integers")
+        raise  # unreachable: p.error exits
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """A comma-separated list of study groups; 'all' anywhere in it means every group."""
+    groups = tuple(g.strip() for g in text.split(",") if g.strip())
+    return GROUPS if "all" in groups else groups
+
+
 def _listing(cfg: StudyConfig, runs_dir: Path) -> str:
     jobs = plan_jobs(cfg, runs_dir)
     lines = [f"{len(jobs)} jobs ({len(jobs) // len(cfg.seeds)} trainings x {len(cfg.seeds)} seeds):"]
@@ -523,13 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         quick["steps"] = args.steps
     if args.cache_dir is not None:
         quick["cache_dir"] = args.cache_dir
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
-    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    if "all" in groups:
-        groups = GROUPS
+    seeds, groups = parse_ints(args.seeds, "--seeds", p), parse_groups(args.groups)
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
     except (TypeError, ValueError) as e:
@@ -556,7 +565,10 @@ __all__ = [
     "StudyConfig",
     "lr_choice",
     "lr_choice_rates",
+    "is_number",
     "main",
+    "parse_groups",
+    "parse_ints",
     "plan_jobs",
     "run_job",
     "run_study",
