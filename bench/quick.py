@@ -58,6 +58,12 @@ CSV_FIELDS: tuple[str, ...] = (
     "n_t2i", "n_caption", "n_text", "eval_wall_s", "error",
 )  # fmt: skip
 
+# Transfusion seeds image row i with ``base + i`` (transfusion.generation.row_generators). Sampling seed k
+# starts its rows at k * IMAGE_POOL_STRIDE, so two sampling seeds never share a noise: with base = k,
+# training seeds 0, 1 and 2 drew nearly one pool of 64 noises, shifted by a prompt. Seed 0 keeps the
+# row seeds it always had. (The baseline draws its row seeds from a generator seeded with k.)
+IMAGE_POOL_STRIDE = 2**20
+
 
 @dataclass
 class QuickConfig:
@@ -125,6 +131,8 @@ class QuickConfig:
             isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or self.eval_seed < 0
         ):
             raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer >= 0")
+        if not 1 <= self.n_t2i <= IMAGE_POOL_STRIDE:
+            raise ValueError(f"QuickConfig.n_t2i = {self.n_t2i!r} must be between 1 and {IMAGE_POOL_STRIDE}")
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"QuickConfig.eval_split = {self.eval_split!r} must be one of {EVAL_SPLITS}")
         for name in ("guidance_scale", "baseline_guidance_scale"):
@@ -142,6 +150,11 @@ class QuickConfig:
     def sampling_seed(self) -> int:
         """The seed of the evaluation's sampling: ``eval_seed``, else the training's ``seed``."""
         return self.seed if self.eval_seed is None else self.eval_seed
+
+    @property
+    def image_row_seed(self) -> int:
+        """Transfusion's first image row seed: row i of the evaluation is seeded with this + i."""
+        return self.sampling_seed * IMAGE_POOL_STRIDE
 
     def guidance(self, family: str) -> float:
         """The guidance scale ``family`` samples images with."""
@@ -395,7 +408,7 @@ def _generate_images(
             lm.model,
             prompts,
             tokenizer=lm.tokenizer,
-            generator=cfg.sampling_seed,
+            generator=cfg.image_row_seed,
             scheduler=cfg.scheduler,
             num_steps=cfg.num_diffusion_steps,
             guidance_scale=guidance,
@@ -484,6 +497,15 @@ def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     return settings
 
 
+def image_noise_settings(cfg: QuickConfig, family: str) -> dict[str, Any]:
+    """The image rows' seeding where it differs from the first rule (row i seeded sampling_seed + i):
+    part of a Transfusion evaluation's fingerprint from sampling seed 1 on, so that those evaluations
+    are drawn again and seed 0's, and every baseline's, stay valid."""
+    if family != "transfusion" or cfg.image_row_seed == cfg.sampling_seed:
+        return {}
+    return {"image_row_seed": cfg.image_row_seed}
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
 
@@ -525,6 +547,7 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         "step": step,
         "eval": eval_settings(cfg),
         "weights": weights_digests(cfg, run_dir, [step]),
+        **image_noise_settings(cfg, family),
     }
     fp = _fingerprint(fp_src)
     out_json = eval_dir / f"{family}.json"

@@ -68,6 +68,7 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
         _log,
         _test_items,
         eval_settings,
+        image_noise_settings,
         stored_run_fingerprint,
         weights_digests,
     )
@@ -89,6 +90,7 @@ def curve_family(cfg, family: str, run_dir: Path, eval_dir: Path, fresh: bool) -
             "steps": steps,
             "eval": eval_settings(cfg),
             "weights": weights_digests(cfg, run_dir, steps),
+            **image_noise_settings(cfg, family),
         }
     )
     out_json = eval_dir / f"{family}_curve.json"

@@ -97,11 +97,44 @@ def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
     assert QuickConfig(seed=3).sampling_seed == 3 and QuickConfig(seed=3, eval_seed=7).sampling_seed == 7
 
 
+def test_sampling_seeds_draw_disjoint_image_noise():
+    """Each sampling seed gets its own pool of image noises. Seeding row i with seed + i (the first
+    rule) gave seed 1's row 0 the noise of seed 0's row 1, so nearby training seeds shared one pool."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.quick import IMAGE_POOL_STRIDE, _generate_images, image_noise_settings
+    from tests.test_generate import tiny
+    from transfusion.generation import text_to_image
+
+    lm = SimpleNamespace(model=tiny(), tokenizer=None, autoencoder=SimpleNamespace(decode=lambda z: z))
+    prompts, fast = [[10, 11, 12]] * 3, dict(scheduler="ddim", num_diffusion_steps=3, guidance_scale=1.0)
+    images = {k: _generate_images(QuickConfig(seed=k, **fast), "transfusion", lm, prompts) for k in range(3)}
+    flat = [(k, i, images[k][i]) for k in images for i in range(len(prompts))]
+    for a, (k, i, x) in enumerate(flat):
+        for k2, i2, y in flat[a + 1 :]:
+            assert not torch.allclose(x, y), f"seed {k} row {i} and seed {k2} row {i2} drew the same noise"
+    # row i of sampling seed k is seeded k * IMAGE_POOL_STRIDE + i; seed 0 keeps the first rule's rows
+    cfg = QuickConfig(seed=2, **fast)
+    same = dict(scheduler="ddim", num_steps=3, guidance_scale=None, clip_sample_range=cfg.clip_sample_range)
+    alone = text_to_image(lm.model, prompts[:1], generator=2 * IMAGE_POOL_STRIDE + 1, **same)
+    torch.testing.assert_close(images[2][1:2], alone, rtol=1e-5, atol=1e-5)
+    first_rule = text_to_image(lm.model, prompts, generator=0, **same)
+    torch.testing.assert_close(images[0], first_rule, rtol=1e-5, atol=1e-5)
+    # only Transfusion's evaluations from seed 1 on are drawn again
+    assert image_noise_settings(QuickConfig(seed=0), "transfusion") == {}
+    assert image_noise_settings(QuickConfig(seed=1), "discrete") == {}
+    assert image_noise_settings(QuickConfig(seed=1), "transfusion") == {"image_row_seed": IMAGE_POOL_STRIDE}
+    with pytest.raises(ValueError, match="n_t2i"):
+        QuickConfig(n_t2i=0)
+
+
 def test_cli_refuses_bad_evaluation_seeds(capsys):
     for argv, message in (
         (["--eval-seeds", "1000,1000"], "distinct integers"),
         (["--eval-seeds", "1000"], "at least two"),
-        (["--eval-seeds", "1000,1063"], "closer than n_t2i = 64"),  # image rows seeded eval_seed + i
+        (["--eval-seeds=5,-1"], "integers >= 0"),
         (["--eval-seeds", "a"], "comma-separated integers"),
         (["--set", "eval_seed=3"], "use --eval-seeds"),
         (["--groups", "nope"], "nope"),
@@ -123,8 +156,8 @@ def test_reduced_run_reuses_the_study_training_and_leaves_its_evaluations_alone(
     before = {p: p.read_bytes() for p in (run_dir / "eval").rglob("*.json")}
     assert len(before) >= 3  # the study's three evaluations (guidance 1, 3, 5)
     ckpts = sorted((run_dir / "checkpoints").iterdir())
-    with pytest.raises(ValueError, match="closer than n_t2i = 3"):  # TINY draws 3 images
-        eval_noise.run_eval_noise(tmp_path / "out", cfg, (0, 2), runs, progress=False)
+    with pytest.raises(ValueError, match="distinct integers"):
+        eval_noise.run_eval_noise(tmp_path / "out", cfg, (7, 7), runs, progress=False)
     # other training settings would make the trainer discard the study's run: refused, nothing lost
     other = study.StudyConfig(groups=("cfg_scale",), seeds=(0,), workers=1, quick={**quick_cfg, "lr": 5e-4})
     with pytest.raises(ValueError, match="trained with other settings"):
