@@ -38,7 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig, _run_fingerprint, parse_set_options, stored_run_fingerprint, to_csv
+from bench.quick import (
+    SAMPLING_SEED_LIMIT,
+    QuickConfig,
+    _run_fingerprint,
+    parse_set_options,
+    stored_run_fingerprint,
+    to_csv,
+)
 from bench.quick_curves import CURVE_METRICS
 from bench.study import (
     RUN_FIELDS,
@@ -113,11 +120,17 @@ def summarize_noise(
 
 
 def check_eval_seeds(eval_seeds: tuple[int, ...]) -> None:
-    """Refuse fewer than two evaluation seeds, repeats and negatives. Any two distinct seeds draw
-    disjoint noises: Transfusion's image rows start at eval_seed * IMAGE_POOL_STRIDE (bench.quick), the
-    baseline's are drawn from a generator seeded with eval_seed."""
-    if len(eval_seeds) < 2 or len(set(eval_seeds)) != len(eval_seeds) or min(eval_seeds) < 0:
-        raise ValueError(f"eval_seeds = {eval_seeds} must be at least two distinct integers >= 0")
+    """Refuse fewer than two evaluation seeds, repeats and seeds out of range. Any two distinct seeds
+    below SAMPLING_SEED_LIMIT draw disjoint noises: Transfusion's image rows start at
+    eval_seed * IMAGE_POOL_STRIDE (bench.quick), the baseline's are drawn from a generator seeded with
+    eval_seed."""
+    if len(eval_seeds) < 2 or len(set(eval_seeds)) != len(eval_seeds):
+        raise ValueError(f"eval_seeds = {eval_seeds} must be at least two distinct integers")
+    if not all(0 <= k < SAMPLING_SEED_LIMIT for k in eval_seeds):
+        raise ValueError(
+            f"eval_seeds = {eval_seeds} must lie from 0 to {SAMPLING_SEED_LIMIT - 1}: torch keeps a seed's "
+            "low 32 bits, so a larger one would draw the noise of a smaller one"
+        )
 
 
 def check_trained_alike(jobs: list[dict[str, Any]]) -> None:
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eval-seeds",
         default=",".join(map(str, DEFAULT_EVAL_SEEDS)),
-        help="at least two distinct evaluation seeds (default: %(default)s)",
+        help="at least two distinct evaluation seeds, from 0 to 4095 (default: %(default)s)",
     )
     p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
     p.add_argument(

@@ -63,6 +63,8 @@ CSV_FIELDS: tuple[str, ...] = (
 # training seeds 0, 1 and 2 drew nearly one pool of 64 noises, shifted by a prompt. Seed 0 keeps the
 # row seeds it always had. (The baseline draws its row seeds from a generator seeded with k.)
 IMAGE_POOL_STRIDE = 2**20
+# torch's CPU generator keeps only a seed's low 32 bits, so pool k + 4096 would be pool k again
+SAMPLING_SEED_LIMIT = 2**32 // IMAGE_POOL_STRIDE
 
 
 @dataclass
@@ -131,8 +133,21 @@ class QuickConfig:
             isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or self.eval_seed < 0
         ):
             raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer >= 0")
-        if not 1 <= self.n_t2i <= IMAGE_POOL_STRIDE:
-            raise ValueError(f"QuickConfig.n_t2i = {self.n_t2i!r} must be between 1 and {IMAGE_POOL_STRIDE}")
+        if (
+            isinstance(self.n_t2i, bool)
+            or not isinstance(self.n_t2i, int)
+            or not 1 <= self.n_t2i <= IMAGE_POOL_STRIDE
+        ):
+            limit = IMAGE_POOL_STRIDE
+            raise ValueError(f"QuickConfig.n_t2i = {self.n_t2i!r} must be an integer from 1 to {limit}")
+        seed_field = "seed" if self.eval_seed is None else "eval_seed"
+        if isinstance(self.sampling_seed, int) and not 0 <= self.sampling_seed < SAMPLING_SEED_LIMIT:
+            raise ValueError(
+                f"QuickConfig.{seed_field} = {self.sampling_seed} seeds the evaluation's images and must be "
+                f"from 0 to {SAMPLING_SEED_LIMIT - 1}: torch keeps a seed's low 32 bits, so a larger one "
+                "would draw the noise of a smaller one"
+                + ("; set eval_seed to evaluate this training" if seed_field == "seed" else "")
+            )
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"QuickConfig.eval_split = {self.eval_split!r} must be one of {EVAL_SPLITS}")
         for name in ("guidance_scale", "baseline_guidance_scale"):

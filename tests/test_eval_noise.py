@@ -104,7 +104,7 @@ def test_sampling_seeds_draw_disjoint_image_noise():
 
     import torch
 
-    from bench.quick import IMAGE_POOL_STRIDE, _generate_images, image_noise_settings
+    from bench.quick import IMAGE_POOL_STRIDE, SAMPLING_SEED_LIMIT, _generate_images, image_noise_settings
     from tests.test_generate import tiny
     from transfusion.generation import text_to_image
 
@@ -126,15 +126,28 @@ def test_sampling_seeds_draw_disjoint_image_noise():
     assert image_noise_settings(QuickConfig(seed=0), "transfusion") == {}
     assert image_noise_settings(QuickConfig(seed=1), "discrete") == {}
     assert image_noise_settings(QuickConfig(seed=1), "transfusion") == {"image_row_seed": IMAGE_POOL_STRIDE}
-    with pytest.raises(ValueError, match="n_t2i"):
-        QuickConfig(n_t2i=0)
+    for bad in (0, IMAGE_POOL_STRIDE + 1, "8", True):
+        with pytest.raises(ValueError, match="n_t2i"):
+            QuickConfig(n_t2i=bad)
+    # torch's CPU generator keeps a seed's low 32 bits: pool k + SAMPLING_SEED_LIMIT would be pool k again,
+    # so sampling seeds stop below it, where every pool's rows still fit in 32 bits
+    wrap = [torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in (5, 2**32 + 5)]
+    assert torch.equal(*wrap)
+    assert (SAMPLING_SEED_LIMIT - 1) * IMAGE_POOL_STRIDE + IMAGE_POOL_STRIDE - 1 < 2**32
+    assert QuickConfig(eval_seed=SAMPLING_SEED_LIMIT - 1).image_row_seed < 2**32
+    assert QuickConfig(seed=10**6, eval_seed=3).sampling_seed == 3  # a large training seed, evaluated apart
+    for fields, message in (({"seed": SAMPLING_SEED_LIMIT}, "QuickConfig.seed = 4096"),
+                            ({"eval_seed": 5000}, "QuickConfig.eval_seed = 5000")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            QuickConfig(**fields)
 
 
 def test_cli_refuses_bad_evaluation_seeds(capsys):
     for argv, message in (
         (["--eval-seeds", "1000,1000"], "distinct integers"),
         (["--eval-seeds", "1000"], "at least two"),
-        (["--eval-seeds=5,-1"], "integers >= 0"),
+        (["--eval-seeds=5,-1"], "from 0 to 4095"),
+        (["--eval-seeds", "1000,5000"], "from 0 to 4095"),
         (["--eval-seeds", "a"], "comma-separated integers"),
         (["--set", "eval_seed=3"], "use --eval-seeds"),
         (["--groups", "nope"], "nope"),
