@@ -494,6 +494,14 @@ def stored_run_fingerprint(run_dir: Path) -> str | None:
     return json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
 
 
+# the QuickConfig fields that change an evaluation and not the training it reads
+EVAL_FIELDS: tuple[str, ...] = (
+    "eval_split", "n_t2i", "n_caption", "n_text", "scheduler", "num_diffusion_steps", "guidance_scale",
+    "baseline_guidance_scale", "clip_sample_range", "image_temperature", "caption_max_tokens",
+    "caption_min_tokens", "fid", "fid_cnn", "eval_seed",
+)  # fmt: skip
+
+
 def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
     eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "clip_", "image_temp", "caption_", "fid")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.quick import QuickConfig, eval_metrics, parse_set_options, to_csv
+from bench.quick import EVAL_FIELDS, QuickConfig, eval_metrics, parse_set_options, to_csv
 from bench.quick_curves import CURVE_METRICS, metric_parity
 from bench.study_grid import (
     DEFAULT_GROUPS,
@@ -117,13 +117,13 @@ class StudyConfig:
 
 # ---------------------------------------------------------------------- jobs
 def eval_overrides(row: Row, base: QuickConfig) -> dict[str, Any]:
-    """The row's evaluation settings that differ from the base recipe: a row that names the default
-    (250 steps, guidance 3) shares the default evaluation, and stays true when ``--set`` changes it. A
-    base ``eval_seed`` is named too, so that its evaluations get folders of their own instead of
-    replacing those of the training seed's sampling."""
-    d = base.to_dict()
-    seed = {} if base.eval_seed is None else {"eval_seed": base.eval_seed}
-    return {**{k: v for k, v in row.eval.items() if d[k] != v}, **seed}
+    """The row's evaluation settings under ``base`` that differ from QuickConfig's defaults. So one
+    evaluation has one folder whichever way it is asked for (a row that names the default 250 steps
+    shares the default evaluation, also when ``--set`` changes the steps), and a ``--set`` of an
+    evaluation field (n_t2i, eval_seed, ...) gets folders of its own instead of replacing the
+    default evaluations."""
+    effective, default = base.replace(**row.eval).to_dict(), QuickConfig().to_dict()
+    return {k: effective[k] for k in dict.fromkeys([*EVAL_FIELDS, *row.eval]) if effective[k] != default[k]}
 
 
 def plan_jobs(cfg: StudyConfig, runs_dir: Path, fresh: bool = False) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from bench import study
-from bench.quick import to_csv
+from bench.quick import QuickConfig, to_csv
 from bench.quick_curves import CURVE_METRICS
 from bench.study_grid import GROUPS, ROWS, TRAININGS, eval_key, rows_for
 from tests.tiny_quick import TINY_QUICK
@@ -469,3 +469,29 @@ def test_report_lists_the_learning_rates_chosen_on_val():
     assert "| fid | 1e-3 | 3e-4 | 1e-3 | <= 0.144 |" in text
     assert "| text_bpb | 3e-4 | - | - | - |" in text
     assert _lr_choice_lines(None) == [] and _lr_choice_lines({"choices": []}) == []
+
+
+def test_an_evaluation_has_one_folder_whichever_way_it_is_asked_for():
+    """Folder names come from the effective evaluation settings, not from how --set and the row split
+    them: a --set n_t2i must not land in the default folder (where it would replace the default
+    evaluation), and a row naming the default steps shares the default folder under any --set."""
+    from bench.quick import EVAL_FIELDS, eval_settings
+    from bench.study_grid import Row
+
+    plain, named = Row("g", "plain", "base"), Row("g", "250 steps", "base", eval={"num_diffusion_steps": 250})
+    fifty = Row("g", "50 steps", "base", eval={"num_diffusion_steps": 50})
+
+    def key(row: Row, **quick) -> str:
+        return eval_key(study.eval_overrides(row, study.StudyConfig(quick=quick).base()))
+
+    assert key(plain) == key(named) == "default" and key(fifty) == "num_diffusion_steps=50"
+    assert key(plain, n_t2i=32) == key(named, n_t2i=32) == "n_t2i=32"
+    assert (
+        key(plain, num_diffusion_steps=50) == key(fifty) and key(named, num_diffusion_steps=50) == "default"
+    )
+    assert key(fifty, eval_seed=7) == "eval_seed=7-num_diffusion_steps=50"
+    # threads, progress and training fields never name an evaluation folder
+    assert eval_key(study.eval_overrides(plain, QuickConfig(threads=2, lr=3e-4, steps=10))) == "default"
+    # EVAL_FIELDS is every field an evaluation's fingerprint reads (besides the training's seed and data)
+    changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3)
+    assert set(eval_settings(changed)) - {"seed", "dataset_options"} == set(EVAL_FIELDS)
