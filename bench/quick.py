@@ -504,20 +504,11 @@ EVAL_FIELDS: tuple[str, ...] = (
 
 def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
-    eval_prefixes = ("n_", "scheduler", "num_diffusion", "guidance", "clip_", "image_temp", "caption_", "fid")
-    settings = {
-        k: v
-        for k, v in cfg.to_dict().items()
-        if k.startswith(eval_prefixes) or k in ("seed", "dataset_options")
-    }
-    # named only when not the default, so earlier caches stay valid
-    if cfg.eval_split != "test":
-        settings["eval_split"] = cfg.eval_split
-    if cfg.baseline_guidance_scale is not None:
-        settings["baseline_guidance_scale"] = cfg.baseline_guidance_scale
-    if cfg.eval_seed is not None:
-        settings["eval_seed"] = cfg.eval_seed
-    return settings
+    d = cfg.to_dict()
+    # these three are named only when not the default, so caches from before they existed stay valid
+    added_later = {"eval_split": "test", "baseline_guidance_scale": None, "eval_seed": None}
+    fields_read = (*EVAL_FIELDS, "seed", "dataset_options")
+    return {k: d[k] for k in fields_read if k not in added_later or d[k] != added_later[k]}
 
 
 def image_noise_settings(cfg: QuickConfig, family: str) -> dict[str, Any]:

@@ -492,6 +492,14 @@ def test_an_evaluation_has_one_folder_whichever_way_it_is_asked_for():
     assert key(fifty, eval_seed=7) == "eval_seed=7-num_diffusion_steps=50"
     # threads, progress and training fields never name an evaluation folder
     assert eval_key(study.eval_overrides(plain, QuickConfig(threads=2, lr=3e-4, steps=10))) == "default"
-    # EVAL_FIELDS is every field an evaluation's fingerprint reads (besides the training's seed and data)
+    # every QuickConfig field is an evaluation field, a training field or one of the few that are neither,
+    # so a new field cannot slip past the folder names and fingerprints unclassified
+    from dataclasses import fields
+
+    from bench.quick import _RUN_KEYS
+
+    neither = {"families", "steps", "log_every", "cache_dir", "threads", "progress"}
+    assert {f.name for f in fields(QuickConfig)} == {*EVAL_FIELDS, *_RUN_KEYS, *neither}
+    assert not set(EVAL_FIELDS) & set(_RUN_KEYS)
     changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3)
-    assert set(eval_settings(changed)) - {"seed", "dataset_options"} == set(EVAL_FIELDS)
+    assert set(eval_settings(changed)) == {*EVAL_FIELDS, "seed", "dataset_options"}
