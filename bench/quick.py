@@ -130,9 +130,9 @@ class QuickConfig:
 
     def __post_init__(self) -> None:
         if self.eval_seed is not None and (
-            isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int) or self.eval_seed < 0
+            isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int)
         ):
-            raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer >= 0")
+            raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer")
         if (
             isinstance(self.n_t2i, bool)
             or not isinstance(self.n_t2i, int)
@@ -140,6 +140,7 @@ class QuickConfig:
         ):
             limit = IMAGE_POOL_STRIDE
             raise ValueError(f"QuickConfig.n_t2i = {self.n_t2i!r} must be an integer from 1 to {limit}")
+        # the range of eval_seed (or of seed, when it samples) is checked here, once
         seed_field = "seed" if self.eval_seed is None else "eval_seed"
         if isinstance(self.sampling_seed, int) and not 0 <= self.sampling_seed < SAMPLING_SEED_LIMIT:
             raise ValueError(
