@@ -198,6 +198,20 @@ class QuickConfig:
         return QuickConfig.from_dict({**self.to_dict(), **changes})
 
 
+# run-time knobs that do not change what a run measures
+_NOT_SETTINGS = ("progress", "cache_dir", "threads")
+
+
+def changed_settings(config: dict[str, Any] | None) -> str:
+    """The fields a stored quick config (a quick run's, or a study's base) changed from the defaults,
+    as "`key=value`, ..." for a report; "" for none."""
+    if not config:
+        return ""
+    defaults = QuickConfig().to_dict()
+    changed = {k: v for k, v in config.items() if k not in _NOT_SETTINGS and defaults.get(k, v) != v}
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(changed.items()))
+
+
 # ---------------------------------------------------------------------- small helpers
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -34,31 +34,17 @@ def _csv_table(path: Path, columns: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def _changed_settings(config: dict | None) -> str:
-    """The quick config fields a run's stored ``config`` changed from the defaults (e.g. the x_0 clamp), as
-    "`key=value`, ..."; "" for none."""
-    from bench.quick import QuickConfig
-
-    if not config:
-        return ""
-    defaults = QuickConfig().to_dict()
-    changed = {k: v for k, v in config.items() if k not in _NOT_SETTINGS and defaults.get(k, v) != v}
-    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(changed.items()))
-
-
 def _quick_settings(folder: Path) -> list[str]:
     """A line naming the quick config fields this run changed from the defaults, if any (none when the
     folder has no readable quick.json)."""
+    from bench.quick import changed_settings
+
     try:
         config = json.loads((folder / "quick.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
         return []
-    changed = _changed_settings(config)
+    changed = changed_settings(config)
     return [f"Settings changed from the quick defaults: {changed}.", ""] if changed else []
-
-
-# run-time knobs that do not change what a quick run measures
-_NOT_SETTINGS = ("progress", "cache_dir", "threads")
 
 
 # The paper's parity FLOP ratios (Table 3, 7B) for the metrics ours stand in for: C4 perplexity (bits
@@ -78,11 +64,13 @@ def headline_section(results_root: Path) -> list[str]:
     """Every parity FLOP ratio the results hold, one row per comparison (the quick jobs' checkpoint
     curves, the study's family ladders), beside the paper's: the answer to "does Transfusion beat the
     discrete baseline at equal training FLOPs", read off the files."""
+    from bench.quick import changed_settings
+
     rows = []
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()):
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
-            changed = _changed_settings(info.get("config"))
+            changed = changed_settings(info.get("config"))
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
             rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
         if (folder / "study.json").exists():
@@ -93,6 +81,8 @@ def headline_section(results_root: Path) -> list[str]:
             # the folder and seed count tell apart two studies that share a group (a rerun with more seeds)
             seeds = len(info.get("config", {}).get("seeds", []))
             run = f"{folder.name}, {seeds} seed{'s' * (seeds != 1)}" if seeds else folder.name
+            changed = changed_settings(info.get("config", {}).get("quick"))  # e.g. a study's --set n_t2i
+            run += f"; {changed}" if changed else ""
             order = [g for g in FAMILY_LADDERS if g in parities] + sorted(set(parities) - set(FAMILY_LADDERS))
             for group in order:
                 title = GROUP_TITLES.get(group, group)

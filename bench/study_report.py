@@ -54,6 +54,8 @@ def _lr_choice_lines(choice: dict | None) -> list[str]:
 
 
 def study_section(folder: Path) -> list[str]:
+    from bench.quick import changed_settings
+
     df = pd.read_csv(folder / "study.csv")
     info = json.loads((folder / "study.json").read_text()) if (folder / "study.json").exists() else {}
     seeds = info.get("config", {}).get("seeds", [])
@@ -83,6 +85,9 @@ def study_section(folder: Path) -> list[str]:
             "Chance levels (the judge on shuffled pairs): caption accuracy "
             f"{refs['shuffled_caption_accuracy']:.3g}, alignment {refs['shuffled_t2i_alignment']:.3g}.",
         ]
+    changed = changed_settings(info.get("config", {}).get("quick"))
+    if changed:  # a study run with --set (e.g. more images per evaluation) says so beside its tables
+        lines.append(f"Settings changed from the quick defaults for every row: {changed}.")
     lines.append("")
     # the learning-rate choice follows the last of its val groups present (the extra rates' groups may
     # follow the others)

@@ -227,8 +227,12 @@ def test_report_headlines_every_parity_ratio(tmp_path):
     # a second study sharing a group (more seeds) gets its own row, named by its folder and seed count
     more_seeds = tmp_path / "study_more_seeds"
     more_seeds.mkdir()
+    # ... and names the settings it changed for every row (a study run with --set n_t2i=256)
+    more_images = dict(QuickConfig().to_dict(), n_t2i=256, progress=False)
     (more_seeds / "study.json").write_text(
-        json.dumps({"config": {"seeds": [0, 1, 2]}, "parity": {"scaling": parity(fid="0.6")}})
+        json.dumps(
+            {"config": {"seeds": [0, 1, 2], "quick": more_images}, "parity": {"scaling": parity(fid="0.6")}}
+        )
     )
     text = build_report(tmp_path).read_text()
     head = text.split("## Headlines: parity FLOP ratios", 1)[1].split("\n## ", 1)[0]
@@ -238,7 +242,8 @@ def test_report_headlines_every_parity_ratio(tmp_path):
     assert (
         "`scaling` (study): Transfusion vs the discrete baseline" in head and "| - | 0.3 | - | 0.7 |" in head
     )
-    assert "`scaling` (study_more_seeds, 3 seeds): Transfusion" in head and "| - | - | - | 0.6 |" in head
+    assert "`scaling` (study_more_seeds, 3 seeds; `n_t2i=256`): Transfusion" in head
+    assert "| - | - | - | 0.6 |" in head and "progress" not in head
 
 
 def test_report_table_of_an_older_quick_csv_shows_missing_columns_as_dashes(tmp_path):

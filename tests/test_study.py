@@ -398,6 +398,14 @@ def test_ladder_group_plots_against_flops_and_reports_them(tmp_path):
     )
     linear_s = next(s for s in summary if s["label"].startswith("linear S"))
     assert f"| {linear_s['label']} | 2 | 1e+11 | {linear_s['text_bpb_mean']:.3g} ± " in text
+    assert "Settings changed" not in text  # no study.json: nothing to name
+    # a study run with --set says so once, above its tables; a default one says nothing
+    for quick, line in (({}, None), ({"n_t2i": 256, "threads": 1}, "for every row: `n_t2i=256`.")):
+        config = {"seeds": [0, 1], "quick": dict(QuickConfig().to_dict(), **quick)}
+        (tmp_path / "study.json").write_text(json.dumps({"config": config}))
+        text = "\n".join(study_section(tmp_path))
+        assert text.count("Settings changed") == (line is not None)
+        assert line is None or line in text.split("### ", 1)[0]
 
 
 @pytest.mark.parametrize("extra", [False, True])
