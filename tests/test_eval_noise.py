@@ -144,6 +144,50 @@ def test_sampling_seeds_draw_disjoint_image_noise():
             QuickConfig(**fields)
 
 
+def _uncorrelated_normal_rows(x, rows: int) -> bool:
+    """Whether two pools of ``rows`` noise rows each (stacked in ``x``) read as independent standard
+    normal draws: the values' mean and std, and the mean |correlation| of row pairs within the first pool
+    and across the two against its expectation for independent rows (6 standard errors); no near-copies."""
+    import torch
+
+    x = x.reshape(2 * rows, -1).double()
+    d = x.shape[1]
+    if abs(x.std().item() - 1.0) > 0.03 or abs(x.mean().item()) > 0.04:
+        return False
+    corr = torch.corrcoef(x).abs()
+    # E|r| of two independent normal vectors of length d, and the sd of one |r|
+    expected, sd_one = (2 / (torch.pi * (d - 1))) ** 0.5, ((1 - 2 / torch.pi) / (d - 1)) ** 0.5
+    upper = torch.triu(torch.ones(rows, rows, dtype=torch.bool), 1)
+    for values in (corr[:rows, :rows][upper], corr[:rows, rows:].flatten()):
+        if abs(values.mean().item() - expected) > 6 * sd_one / values.numel() ** 0.5 or values.max() > 0.4:
+            return False
+    return True
+
+
+def test_noise_pools_hold_uncorrelated_standard_normal_rows():
+    """No pool is less diverse than chance: the rows of two pools (64 prompts each, drawn as the decoder
+    draws them) read as independent standard normals, within a pool and across the two. (A rule
+    whose nearby integer seeds gave correlated rows would give its images less spread, and FID would
+    read worse for it.) Every one of the 4096 pools is checked."""
+    import torch
+
+    from bench.quick import SAMPLING_SEED_LIMIT
+    from transfusion.generation.sampling import row_generators
+
+    def pool(seed: int, rows: int = 64) -> torch.Tensor:
+        return torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in row_generators(seed, rows)])
+
+    # every pool a sampling seed may draw, paired at random with another
+    seeds = random.sample(range(SAMPLING_SEED_LIMIT), SAMPLING_SEED_LIMIT)
+    for k1, k2 in zip(seeds[::2], seeds[1::2]):
+        pools = [pool(QuickConfig(eval_seed=k).image_row_seed) for k in (k1, k2)]
+        assert _uncorrelated_normal_rows(torch.cat(pools), 64), (k1, k2)
+    # the check can fail: a pool whose rows mix in a shared draw, or repeat one another
+    shared = torch.randn(1, 4, 8, 8)
+    assert not _uncorrelated_normal_rows(torch.cat([(pools[0] + 0.3 * shared) / 1.044, pools[1]]), 64)
+    assert not _uncorrelated_normal_rows(torch.cat([pools[0][:32].repeat(2, 1, 1, 1), pools[1]]), 64)
+
+
 def test_cli_refuses_bad_evaluation_seeds(capsys):
     for argv, message in (
         (["--eval-seeds", "1000,1000"], "distinct integers"),
