@@ -363,7 +363,9 @@ def scaling_parity(summary: list[dict[str, Any]], group: str = "scaling") -> dic
     return {} if "absent" in out.values() else out
 
 
-def lr_choice(summary: list[dict[str, Any]], seeds: int | None = None) -> dict[str, Any]:
+def lr_choice(
+    summary: list[dict[str, Any]], seeds: int | None = None, lines: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The learning rate chosen on the val split, per metric, family and size, and the ladders it gives.
 
     For each metric, each (family, size) takes the rate of LADDER_LRS whose val-split mean of that metric
@@ -372,11 +374,23 @@ def lr_choice(summary: list[dict[str, Any]], seeds: int | None = None) -> dict[s
     row's own count of seeds that did not fail): not where an extra group did not run, nor where a seed
     failed or diverged (a one-seed mean against two-seed means). The chosen rows form one
     ladder per metric, read for its parity FLOP ratio like the fixed-rate ladders: both families tuned
-    for the metric on held-out data, as one would before comparing them."""
+    for the metric on held-out data, as one would before comparing them.
+
+    With the per-seed ``lines``, each choice also names its runner-up rate and the chosen rate's paired
+    val lead over it (``paired_margin``: the mean, standard error and paired t-test, over training seeds,
+    of the difference between the two models of one seed). Both share that seed's noise pool and
+    prompts, so the difference leaves out the pool's luck that the two means carry."""
 
     def by_training(group: str) -> dict[str, dict[str, Any]]:
         return {s["training"]: s for s in summary if s["group"] == group}
 
+    per_seed: dict[tuple[str, str, str], dict[int, float]] = {}  # (group, training, metric) -> seed -> value
+    for line in lines or ():
+        for metric in CURVE_METRICS:
+            if is_number(line.get(metric)):
+                per_seed.setdefault((line["group"], line["training"], metric), {})[line["seed"]] = line[
+                    metric
+                ]
     val = {lr: by_training(val_group) for lr, (val_group, _) in LR_CHOICE.items()}
     tests = {lr: by_training(test_group) for lr, (_, test_group) in LR_CHOICE.items()}
     choices: list[dict[str, Any]] = []
@@ -393,15 +407,43 @@ def lr_choice(summary: list[dict[str, Any]], seeds: int | None = None) -> dict[s
                         scored[lr] = (float(v_row[f"{metric}_mean"]), t_row)
                 if not scored:
                     continue
-                best = (min if lower else max)(scored, key=lambda lr: scored[lr][0])
+                ranked = sorted(scored, key=lambda lr: scored[lr][0], reverse=not lower)
+                best = ranked[0]
                 ladder.append(scored[best][1])
-                choices.append(
-                    {"metric": metric, "family": family, "size": size, "lr": best,
-                     **{f"val_{lr}": v for lr, (v, _) in scored.items()}}
-                )  # fmt: skip
+                choice = {"metric": metric, "family": family, "size": size, "lr": best,
+                          **{f"val_{lr}": v for lr, (v, _) in scored.items()}}  # fmt: skip
+                if lines is not None and len(ranked) > 1:
+                    runner_up = ranked[1]
+                    seeds_of = {
+                        lr: per_seed.get(
+                            (LR_CHOICE[lr][0], ladder_training(family, size, LADDER_LRS[lr]), metric), {}
+                        )
+                        for lr in (best, runner_up)
+                    }
+                    choice.update(
+                        runner_up=runner_up, **paired_margin(seeds_of[best], seeds_of[runner_up], lower)
+                    )
+                choices.append(choice)
         par = _ladder_parity(ladder, metric, lower)
         parity[metric] = None if par == "absent" else par
     return {"choices": choices, "parity": parity}
+
+
+def paired_margin(best: dict[int, float], other: dict[int, float], lower: bool) -> dict[str, Any]:
+    """How far ``best`` leads ``other`` seed by seed (each a seed -> value map; positive: ``best`` is
+    better): ``margin`` (mean), ``margin_se`` (standard error), ``margin_p`` (two-sided paired t-test that
+    the lead is 0), ``margin_n`` (seeds both hold). The spread needs two seeds and the test a spread
+    (else None)."""
+    from scipy import stats
+
+    diffs = [other[s] - best[s] if lower else best[s] - other[s] for s in sorted(set(best) & set(other))]
+    n = len(diffs)
+    out: dict[str, Any] = {"margin": sum(diffs) / n if n else None, "margin_se": None, "margin_p": None}
+    if n > 1:
+        out["margin_se"] = math.sqrt(sum((d - out["margin"]) ** 2 for d in diffs) / (n - 1) / n)
+        if out["margin_se"] > 0:  # (every seed the same lead, as quantized scores allow: nothing to test)
+            out["margin_p"] = float(2 * stats.t.sf(abs(out["margin"]) / out["margin_se"], n - 1))
+    return {**out, "margin_n": n}
 
 
 def _complete(row: dict[str, Any] | None, metric: str, seeds: int | None) -> bool:
@@ -435,7 +477,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     parity = {g: scaling_parity(summary, g) for g in cfg.groups if g in FAMILY_LADDERS}
     chosen = None
     if len(lr_choice_rates(cfg.groups)) >= 2:
-        chosen = lr_choice(summary, seeds=len(cfg.seeds))
+        chosen = lr_choice(summary, seeds=len(cfg.seeds), lines=lines)
         parity[LR_CHOICE_GROUP] = chosen["parity"]
     try:  # chance levels of the judge (shuffled pairs), drawn on the plots
         references = reference_scores(cfg.base())

@@ -50,7 +50,63 @@ def _lr_choice_lines(choice: dict | None) -> list[str]:
         lr = {(r.family, r.size): r.lr for r in rows.itertuples()}
         parity = ((choice.get("parity") or {}).get(metric) or {}).get("display", "-")
         lines.append(f"| {metric} | " + " | ".join(str(lr.get(c, "-")) for c in columns) + f" | {parity} |")
+    return [*lines, "", *_margin_lines(choice["choices"], columns)]
+
+
+def _margin_cell(c: dict) -> str:
+    """The chosen rate's paired val lead over the runner-up, "+m ± se (vs rate)"; bold where the paired
+    t-test gives p < 0.05."""
+    margin, se, p = c.get("margin"), c.get("margin_se"), c.get("margin_p")
+    if not isinstance(margin, (int, float)):
+        return "-"
+    text = f"{margin:+.3g}" + (f" ± {se:.2g}" if isinstance(se, (int, float)) else "")
+    resolved = isinstance(p, (int, float)) and p < 0.05 and margin > 0
+    return (f"**{text}**" if resolved else text) + f" (vs {c.get('runner_up')})"
+
+
+def _margin_lines(choices: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """How clearly each rate was chosen (a study.json written before the margins has none: no table)."""
+    if not any("margin" in c for c in choices):
+        return []
+    lines = [
+        "How clearly: the chosen rate's val lead over the runner-up, seed by seed (mean ± standard error",
+        "over training seeds of the difference between one seed's two models, which share its noise pool",
+        "and prompts; positive favours the chosen rate). Bold: a paired t-test over the seeds finds the lead",
+        "at p < 0.05; the others do not resolve the choice.",
+        "",
+        "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    by_metric: dict[str, dict[tuple[str, str], dict]] = {}
+    for c in choices:
+        by_metric.setdefault(c["metric"], {})[(c["family"], c["size"])] = c
+    for metric, cells in by_metric.items():
+        lines.append(
+            f"| {metric} | "
+            + " | ".join(_margin_cell(cells[col]) if col in cells else "-" for col in columns)
+            + " |"
+        )
     return [*lines, ""]
+
+
+def _with_margins(info: dict) -> dict | None:
+    """The stored learning-rate choice, with each choice's paired margin over the runner-up. A study.json
+    written before the margins existed gets them from its own per-seed runs; a choice that reading does
+    not reproduce (the rule changed since) keeps none."""
+    choice = info.get("lr_choice")
+    if not choice or not info.get("runs") or any("runner_up" in c for c in choice.get("choices", [])):
+        return choice
+    from bench.study import lr_choice
+
+    seeds = len(info.get("config", {}).get("seeds", [])) or None
+    again = lr_choice(info.get("summary") or [], seeds=seeds, lines=info["runs"])["choices"]
+    key = ("metric", "family", "size", "lr")
+    read = {tuple(c[k] for k in key): c for c in again}
+    margins = [
+        {k: v for k, v in read.get(tuple(c[k] for k in key), {}).items() if k not in c}
+        for c in choice["choices"]
+    ]
+    return {**choice, "choices": [{**c, **m} for c, m in zip(choice["choices"], margins)]}
 
 
 def study_section(folder: Path) -> list[str]:
@@ -112,7 +168,7 @@ def study_section(folder: Path) -> list[str]:
             table.append("| " + " | ".join(cells) + " |")
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
         if group == choice_after:
-            lines += _lr_choice_lines(info.get("lr_choice"))
+            lines += _lr_choice_lines(_with_margins(info))
         elif group in val_groups:
             pass  # its parity is the choice's, printed with the choice table
         elif (info.get("parity") or {}).get(group):

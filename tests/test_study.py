@@ -246,6 +246,88 @@ def test_lr_choice_picks_each_size_rate_on_val_and_reads_the_test_rows():
     assert study.lr_choice(summary, seeds=3)["choices"] == []  # every row short of the run's seeds
 
 
+def test_paired_margin_matches_scipys_paired_t_test():
+    """The chosen rate's lead over the runner-up is read seed by seed: against scipy's paired t-test on
+    fresh numbers, for a lower-is-better and a higher-is-better metric, on the seeds both rates hold."""
+    import random
+
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random()
+    for lower in (True, False):
+        n = rng.randint(2, 6)
+        best = {s: rng.gauss(10, 2) for s in range(n + 1)}  # seed n: only the chosen rate holds it
+        other = {s: best[s] + (1 if lower else -1) * rng.gauss(0.5, 1) for s in range(n)} | {n + 7: 0.0}
+        got = study.paired_margin(best, other, lower)
+        a, b = [best[s] for s in range(n)], [other[s] for s in range(n)]
+        leads = [y - x if lower else x - y for x, y in zip(a, b)]
+        assert got["margin_n"] == n and got["margin"] == pytest.approx(statistics.fmean(leads))
+        assert got["margin_se"] == pytest.approx(statistics.stdev(leads) / math.sqrt(n))
+        assert got["margin_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert study.paired_margin({0: 1.0}, {0: 3.0}, True) == {
+        "margin": 2.0, "margin_se": None, "margin_p": None, "margin_n": 1
+    }  # fmt: skip
+    same_lead = study.paired_margin({0: 1.0, 1: 2.0}, {0: 2.0, 1: 3.0}, True)
+    assert same_lead["margin_se"] == 0 and same_lead["margin_p"] is None  # no spread: nothing to test
+    assert study.paired_margin({0: 1.0}, {1: 3.0}, True)["margin"] is None  # no seed in common
+
+
+def test_lr_choice_reads_each_choice_margin_from_the_seeds_val_rows(tmp_path):
+    """With the per-seed lines, a choice names its runner-up (the second-best val mean) and the paired
+    lead over it, read from the two rates' val rows of the same seeds (never from the test rows)."""
+    from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
+    from bench.study_report import _lr_choice_lines
+
+    rng = __import__("random").Random()
+    rates = ("1e-3", "3e-4")
+    summary, lines, vals = [], [], {}
+    for family in ("transfusion", "discrete"):
+        for size in SIZES:
+            for lr in rates:
+                training = ladder_training(family, size, LADDER_LRS[lr])
+                for group in LR_CHOICE[lr]:
+                    per_seed = {seed: rng.uniform(10, 20) for seed in (0, 1, 2)}
+                    if group == LR_CHOICE[lr][0]:
+                        vals[(family, size, lr)] = per_seed
+                    lines += [
+                        {"group": group, "training": training, "seed": k, "fid": v}
+                        for k, v in per_seed.items()
+                    ]
+                    summary.append(
+                        {"group": group, "training": training, "family": family, "label": training,
+                         "train_flops_mean": 10.0 ** (9 + list(SIZES).index(size)), "n_seeds": 3,
+                         **{f"{m}_mean": None for m in CURVE_METRICS}, **{f"{m}_n": 0 for m in CURVE_METRICS},
+                         "fid_mean": statistics.fmean(per_seed.values()), "fid_n": 3}
+                    )  # fmt: skip
+    got = study.lr_choice(summary, seeds=3, lines=lines)
+    assert len(got["choices"]) == 2 * len(SIZES)
+    for c in got["choices"]:
+        mine = {lr: vals[(c["family"], c["size"], lr)] for lr in rates}
+        best = min(rates, key=lambda lr: statistics.fmean(mine[lr].values()))
+        runner_up = next(lr for lr in rates if lr != best)
+        assert (c["lr"], c["runner_up"]) == (best, runner_up)
+        leads = [mine[runner_up][k] - mine[best][k] for k in (0, 1, 2)]
+        assert c["margin"] == pytest.approx(statistics.fmean(leads)) and c["margin"] > 0
+        assert c["margin_se"] == pytest.approx(statistics.stdev(leads) / math.sqrt(3))
+    assert "runner_up" not in study.lr_choice(summary, seeds=3)["choices"][0]  # no lines, no margin
+    # the report's margin table: bold where the paired test finds the lead at p < 0.05
+    text = "\n".join(_lr_choice_lines(got))
+    assert "How clearly" in text
+    for c in got["choices"]:
+        cell = f"{c['margin']:+.3g} ± {c['margin_se']:.2g}"
+        assert (f"**{cell}** (vs {c['runner_up']})" in text) == (c["margin_p"] < 0.05)
+        assert f"{cell}" in text
+    # a study.json written before the margins gets them from its own runs; a choice the reading does not
+    # reproduce keeps none
+    from bench.study_report import _with_margins
+
+    stored = study.lr_choice(summary, seeds=3)
+    stored["choices"][0] = dict(stored["choices"][0], lr="1e-2")
+    info = {"config": {"seeds": [0, 1, 2]}, "summary": summary, "runs": lines, "lr_choice": stored}
+    read = _with_margins(info)["choices"]
+    assert "runner_up" not in read[0] and read[1:] == got["choices"][1:]
+    assert _with_margins({**info, "runs": []}) == stored and _with_margins({}) is None
+
+
 def test_lr_choice_runs_when_at_least_two_rates_ran():
     assert study.lr_choice_rates(study.DEFAULT_GROUPS) == ["1e-3", "3e-4"]
     assert study.lr_choice_rates(GROUPS) == ["1e-3", "3e-4", "3e-3", "1e-2"]
