@@ -387,10 +387,8 @@ def lr_choice(
     per_seed: dict[tuple[str, str, str], dict[int, float]] = {}  # (group, training, metric) -> seed -> value
     for line in lines or ():
         for metric in CURVE_METRICS:
-            if is_number(line.get(metric)):
-                per_seed.setdefault((line["group"], line["training"], metric), {})[line["seed"]] = line[
-                    metric
-                ]
+            if is_number(value := line.get(metric)):
+                per_seed.setdefault((line["group"], line["training"], metric), {})[line["seed"]] = value
     val = {lr: by_training(val_group) for lr, (val_group, _) in LR_CHOICE.items()}
     tests = {lr: by_training(test_group) for lr, (_, test_group) in LR_CHOICE.items()}
     choices: list[dict[str, Any]] = []
