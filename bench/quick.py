@@ -123,12 +123,22 @@ class QuickConfig:
     fid: bool = True
     fid_cnn: dict[str, Any] = field(default_factory=dict)
     # the evaluation's sampling seed (the images' noise, the KID subsets; captions are greedy and the
-    # prompts stay the split's first items). None: ``seed``, the training's. bench.eval_noise varies it
+    # prompts stay those from eval_offset). None: ``seed``, the training's. bench.eval_noise varies it
     # alone, to tell the evaluation's sampling noise from the training seed's.
     eval_seed: int | None = None
+    # the index of the first held-out item an evaluation reads (its prompts and their images, the images
+    # it captions, the texts it scores): 0, the split's first items. Another offset scores the same models
+    # on other items, the prompt set's luck that eval_seed leaves fixed.
+    eval_offset: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.eval_offset, bool)
+            or not isinstance(self.eval_offset, int)
+            or self.eval_offset < 0
+        ):
+            raise ValueError(f"QuickConfig.eval_offset = {self.eval_offset!r} must be an integer >= 0")
         if self.eval_seed is not None and (
             isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int)
         ):
@@ -419,11 +429,18 @@ def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
 
 
 def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` items of the evaluation split (``cfg.eval_split``, normally "test")."""
+    """``n`` items of the evaluation split (``cfg.eval_split``, normally "test") from ``cfg.eval_offset``
+    (as many as there are from offset 0; past the split's end with an offset, a clear error)."""
     from transfusion.data import get_dataset
 
     ds = get_dataset("shapes", cfg.eval_split, **cfg.dataset_options)
-    return [ds[i] for i in range(min(n, len(ds)))]
+    start = cfg.eval_offset
+    if start and start + n > len(ds):
+        raise ValueError(
+            f"QuickConfig.eval_offset = {start} needs {n} items from there, but the {cfg.eval_split!r} "
+            f"split has {len(ds)}: an offset of at most {max(0, len(ds) - n)}"
+        )
+    return [ds[start + i] for i in range(min(n, len(ds)))]
 
 
 def _generate_images(
@@ -513,15 +530,15 @@ def stored_run_fingerprint(run_dir: Path) -> str | None:
 EVAL_FIELDS: tuple[str, ...] = (
     "eval_split", "n_t2i", "n_caption", "n_text", "scheduler", "num_diffusion_steps", "guidance_scale",
     "baseline_guidance_scale", "clip_sample_range", "image_temperature", "caption_max_tokens",
-    "caption_min_tokens", "fid", "fid_cnn", "eval_seed",
+    "caption_min_tokens", "fid", "fid_cnn", "eval_seed", "eval_offset",
 )  # fmt: skip
 
 
 def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
     d = cfg.to_dict()
-    # these three are named only when not the default, so caches from before they existed stay valid
-    added_later = {"eval_split": "test", "baseline_guidance_scale": None, "eval_seed": None}
+    # these are named only when not the default, so caches from before they existed stay valid
+    added_later = {"eval_split": "test", "baseline_guidance_scale": None, "eval_seed": None, "eval_offset": 0}
     fields_read = (*EVAL_FIELDS, "seed", "dataset_options")
     return {k: d[k] for k in fields_read if k not in added_later or d[k] != added_later[k]}
 

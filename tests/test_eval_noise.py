@@ -99,6 +99,32 @@ def test_eval_seed_is_validated_and_keys_only_the_evaluations_that_set_it():
     assert QuickConfig(seed=3).sampling_seed == 3 and QuickConfig(seed=3, eval_seed=7).sampling_seed == 7
 
 
+def test_eval_offset_moves_every_held_out_item_and_keys_only_the_evaluations_that_set_it():
+    """An evaluation from eval_offset k reads items k, k+1, ... of its split (prompts, images to caption,
+    texts), refuses to run past the split's end, and has a fingerprint and folder of its own; offset 0
+    keeps every earlier evaluation's cache."""
+    from bench.quick import _test_items
+    from bench.study_grid import Row, eval_key
+    from transfusion.data import get_dataset
+
+    for bad in (-1, True, "64", 1.5):
+        with pytest.raises(ValueError, match="eval_offset"):
+            QuickConfig(eval_offset=bad)
+    split = get_dataset("shapes", "val")
+    k = random.randrange(1, len(split) - 8)
+    got = _test_items(QuickConfig(eval_split="val", eval_offset=k), 8)
+    assert [it["caption"] for it in got] == [split[k + i]["caption"] for i in range(8)]
+    assert [it["caption"] for it in _test_items(QuickConfig(eval_split="val"), 3)] == [
+        split[i]["caption"] for i in range(3)
+    ]
+    with pytest.raises(ValueError, match=f"eval_offset = {len(split) - 4} needs 8 items"):
+        _test_items(QuickConfig(eval_split="val", eval_offset=len(split) - 4), 8)
+    assert "eval_offset" not in eval_settings(QuickConfig())  # earlier evaluation caches stay valid
+    assert eval_settings(QuickConfig(eval_offset=64))["eval_offset"] == 64
+    base = study.StudyConfig(quick={"eval_offset": 64}).base()
+    assert eval_key(study.eval_overrides(Row("g", "plain", "base"), base)) == "eval_offset=64"
+
+
 def test_sampling_seeds_draw_disjoint_image_noise():
     """Each sampling seed gets its own pool of image noises. Seeding row i with seed + i (the first
     rule) gave seed 1's row 0 the noise of seed 0's row 1, so nearby training seeds shared one pool."""

@@ -591,5 +591,5 @@ def test_an_evaluation_has_one_folder_whichever_way_it_is_asked_for():
     neither = {"families", "steps", "log_every", "cache_dir", "threads", "progress"}
     assert {f.name for f in fields(QuickConfig)} == {*EVAL_FIELDS, *_RUN_KEYS, *neither}
     assert not set(EVAL_FIELDS) & set(_RUN_KEYS)
-    changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3)
+    changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3, eval_offset=1)
     assert set(eval_settings(changed)) == {*EVAL_FIELDS, "seed", "dataset_options"}
