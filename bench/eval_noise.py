@@ -41,6 +41,7 @@ from typing import Any
 from bench.quick import (
     QuickConfig,
     _run_fingerprint,
+    check_eval_items,
     parse_set_options,
     stored_run_fingerprint,
     to_csv,
@@ -148,6 +149,7 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
                    progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Evaluate the study rows of ``cfg`` under every evaluation seed and write the result files."""
     check_eval_seeds(eval_seeds)
+    check_eval_items(cfg.base())
     check_trained_alike(plan_jobs(cfg, Path(runs_dir)))
     out, runs = Path(out_dir), Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = parse_groups(args.groups)
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
+        check_eval_items(cfg.base())
         check_eval_seeds(eval_seeds)
         check_trained_alike(plan_jobs(cfg, args.runs_dir))
     except (TypeError, ValueError) as e:

@@ -429,8 +429,8 @@ def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
 
 
 def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
-    """``n`` items of the evaluation split (``cfg.eval_split``, normally "test") from ``cfg.eval_offset``
-    (as many as there are from offset 0; past the split's end with an offset, a clear error)."""
+    """``n`` items of the evaluation split (``cfg.eval_split``, normally "test") from ``cfg.eval_offset``.
+    At offset 0, at most the split's length (as always); from a positive offset, an error past its end."""
     from transfusion.data import get_dataset
 
     ds = get_dataset("shapes", cfg.eval_split, **cfg.dataset_options)
@@ -441,6 +441,21 @@ def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
             f"split has {len(ds)}: an offset of at most {max(0, len(ds) - n)}"
         )
     return [ds[start + i] for i in range(min(n, len(ds)))]
+
+
+def check_eval_items(cfg: QuickConfig) -> None:
+    """Refuse, before anything trains, an ``eval_offset`` that would run an evaluation past its split's
+    end (every evaluation reads max(n_t2i, n_caption, n_text) items from the offset)."""
+    from transfusion.data import get_dataset
+
+    n = max(cfg.n_t2i, cfg.n_caption, cfg.n_text)
+    size = len(get_dataset("shapes", cfg.eval_split, **cfg.dataset_options))
+    if cfg.eval_offset and cfg.eval_offset + n > size:
+        raise ValueError(
+            f"QuickConfig.eval_offset = {cfg.eval_offset}: an evaluation reads {n} items (the largest of "
+            f"n_t2i, n_caption, n_text) and the {cfg.eval_split!r} split has {size}, so the offset can be at "
+            f"most {max(0, size - n)}"
+        )
 
 
 def _generate_images(
@@ -704,18 +719,21 @@ def reference_scores(cfg: QuickConfig) -> dict[str, Any]:
     """The judge on ground truth (its ceiling) and on shuffled pairs (chance level)."""
     from transfusion.eval import caption_accuracy, text_to_image_alignment
 
-    n = max(cfg.n_t2i, cfg.n_caption, 2)
-    items = _test_items(cfg, max(n, 64))
-    images = torch.stack([it["image"] for it in items])
+    # each metric over as many items as it scores (at least 64, for a steady chance level); shuffled:
+    # each item's caption moved to the next item, cyclically
+    n_align, n_cap = max(cfg.n_t2i, 64), max(cfg.n_caption, 64)
+    items = _test_items(cfg, max(n_align, n_cap))
+    a, c = min(n_align, len(items)), min(n_cap, len(items))
+    images = torch.stack([it["image"] for it in items[:a]])
     caps = [it["caption"] for it in items]
-    objs = [it["objects"] for it in items]
-    shifted = caps[1:] + caps[:1]
+    objs = [it["objects"] for it in items[:c]]
     return {
-        "n": len(items),
-        "ground_truth_t2i_alignment": text_to_image_alignment(images, caps).score,
-        "ground_truth_caption_accuracy": caption_accuracy(caps, objs).score,
-        "shuffled_t2i_alignment": text_to_image_alignment(images, shifted).score,
-        "shuffled_caption_accuracy": caption_accuracy(shifted, objs).score,
+        "n": a,
+        "n_caption": c,
+        "ground_truth_t2i_alignment": text_to_image_alignment(images, caps[:a]).score,
+        "ground_truth_caption_accuracy": caption_accuracy(caps[:c], objs).score,
+        "shuffled_t2i_alignment": text_to_image_alignment(images, caps[1:a] + caps[:1]).score,
+        "shuffled_caption_accuracy": caption_accuracy(caps[1:c] + caps[:1], objs).score,
     }
 
 
@@ -942,6 +960,7 @@ def run_quick(
     from transfusion.train import resolve_threads
 
     cfg = config or QuickConfig()
+    check_eval_items(cfg)  # before anything trains
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -1114,6 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     changes.update(parse_set_options(args.set, p))
     try:
         cfg = QuickConfig().replace(**changes)
+        check_eval_items(cfg)
     except (TypeError, ValueError) as e:
         p.error(str(e))
     result = run_quick(args.out, cfg, fresh=args.fresh, runs_dir=args.runs_dir)

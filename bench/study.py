@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.quick import EVAL_FIELDS, QuickConfig, eval_metrics, parse_set_options, to_csv
+from bench.quick import EVAL_FIELDS, QuickConfig, check_eval_items, eval_metrics, parse_set_options, to_csv
 from bench.quick_curves import CURVE_METRICS, metric_parity
 from bench.study_grid import (
     DEFAULT_GROUPS,
@@ -378,8 +378,10 @@ def lr_choice(
 
     With the per-seed ``lines``, each choice also names its runner-up rate and the chosen rate's paired
     val lead over it (``paired_margin``: the mean, standard error and paired t-test, over training seeds,
-    of the difference between the two models of one seed). Both share that seed's noise pool and
-    prompts, so the difference leaves out the pool's luck that the two means carry."""
+    of the difference between the two models of one seed). Both share that seed's initial weights, data
+    order and noise pool, so the difference leaves out what the two means share; the prompts are the
+    same for every model, so the test holds for them only. Equal val means go to the rate listed first
+    in LADDER_LRS (the lead then reads 0)."""
 
     def by_training(group: str) -> dict[str, dict[str, Any]]:
         return {s["training"]: s for s in summary if s["group"] == group}
@@ -464,6 +466,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig, runs_dir: str | Path, fresh
     from bench.quick import reference_scores
     from bench.study_plots import plot_study
 
+    check_eval_items(cfg.base())  # before anything trains
     out, runs = Path(out_dir), Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -581,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds, groups = parse_ints(args.seeds, "--seeds", p), parse_groups(args.groups)
     try:
         cfg = StudyConfig(groups=groups, seeds=seeds, workers=args.workers, quick=quick)
+        check_eval_items(cfg.base())
     except (TypeError, ValueError) as e:
         p.error(str(e))
     if args.list:

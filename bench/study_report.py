@@ -54,12 +54,15 @@ def _lr_choice_lines(choice: dict | None) -> list[str]:
 
 
 def _margin_cell(c: dict) -> str:
-    """The chosen rate's paired val lead over the runner-up, "+m ± se (vs rate)"; bold where the paired
-    t-test gives p < 0.05."""
+    """The chosen rate's paired val lead over the runner-up, "+m ± se, p (vs rate)"; bold where the paired
+    t-test gives p < 0.05. Equal val means read "tie" (the first rate listed was taken); a lead the same
+    for every seed has no spread to test ("untested")."""
     margin, se, p = c.get("margin"), c.get("margin_se"), c.get("margin_p")
     if not isinstance(margin, (int, float)):
         return "-"
-    text = f"{margin:+.3g}" + (f" ± {se:.2g}" if isinstance(se, (int, float)) else "")
+    text = "tie" if margin == 0 else f"{margin:+.3g}"
+    if isinstance(se, (int, float)):
+        text += f" ± {se:.2g}, p {p:.2g}" if isinstance(p, (int, float)) else f" ± {se:.2g}, untested"
     resolved = isinstance(p, (int, float)) and p < 0.05 and margin > 0
     return (f"**{text}**" if resolved else text) + f" (vs {c.get('runner_up')})"
 
@@ -70,9 +73,11 @@ def _margin_lines(choices: list[dict], columns: list[tuple[str, str]]) -> list[s
         return []
     lines = [
         "How clearly: the chosen rate's val lead over the runner-up, seed by seed (mean ± standard error",
-        "over training seeds of the difference between one seed's two models, which share its noise pool",
-        "and prompts; positive favours the chosen rate). Bold: a paired t-test over the seeds finds the lead",
-        "at p < 0.05; the others do not resolve the choice.",
+        "over training seeds of the difference between one seed's two models, which share its initial",
+        "weights, data order and noise pool; positive favours the chosen rate), and the two-sided p of a",
+        "paired t-test. Bold: p < 0.05; the others do not resolve the choice. Every model reads the same",
+        "val prompts, so the test holds for those prompts only; and with one test per cell, about one bold",
+        "cell in twenty untrue leads is expected by chance.",
         "",
         "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " |",
         "|" + "---|" * (len(columns) + 1),

@@ -119,6 +119,17 @@ def test_eval_offset_moves_every_held_out_item_and_keys_only_the_evaluations_tha
     ]
     with pytest.raises(ValueError, match=f"eval_offset = {len(split) - 4} needs 8 items"):
         _test_items(QuickConfig(eval_split="val", eval_offset=len(split) - 4), 8)
+    last = _test_items(QuickConfig(eval_split="val", eval_offset=len(split) - 8), 8)  # the last 8 fit
+    assert last[-1]["caption"] == split[len(split) - 1]["caption"]
+    # the commands refuse such an offset before anything trains, naming the largest that fits
+    from bench.quick import check_eval_items
+
+    fits = len(split) - 500  # n_text, the largest of the three counts by default
+    check_eval_items(QuickConfig(eval_split="val", eval_offset=fits))
+    with pytest.raises(ValueError, match=f"eval_offset = {fits + 1}: .* at most {fits}"):
+        check_eval_items(QuickConfig(eval_split="val", eval_offset=fits + 1))
+    with pytest.raises(SystemExit):
+        study.main(["--set", f"eval_offset={fits + 1}", "--list"])
     assert "eval_offset" not in eval_settings(QuickConfig())  # earlier evaluation caches stay valid
     assert eval_settings(QuickConfig(eval_offset=64))["eval_offset"] == 64
     base = study.StudyConfig(quick={"eval_offset": 64}).base()
@@ -191,10 +202,10 @@ def _uncorrelated_normal_rows(x, rows: int) -> bool:
 
 
 def test_noise_pools_hold_uncorrelated_standard_normal_rows():
-    """No pool is less diverse than chance: the rows of two pools (64 prompts each, drawn as the decoder
-    draws them) read as independent standard normals, within a pool and across the two. (A rule
-    whose nearby integer seeds gave correlated rows would give its images less spread, and FID would
-    read worse for it.) Every one of the 4096 pools is checked."""
+    """No pool is less diverse than chance: the rows of two pools (64 prompts each, and 256 for a few),
+    drawn as the decoder draws them, read as independent standard normals, within a pool and across the
+    two. (A rule whose nearby integer seeds gave correlated rows would give its images less spread, and
+    FID would read worse for it.) Every one of the 4096 pools is checked."""
     import torch
 
     from bench.quick import SAMPLING_SEED_LIMIT
@@ -208,6 +219,10 @@ def test_noise_pools_hold_uncorrelated_standard_normal_rows():
     for k1, k2 in zip(seeds[::2], seeds[1::2]):
         pools = [pool(QuickConfig(eval_seed=k).image_row_seed) for k in (k1, k2)]
         assert _uncorrelated_normal_rows(torch.cat(pools), 64), (k1, k2)
+    # and a few at the 256 rows of a --set n_t2i=256 evaluation
+    for k1, k2 in zip(seeds[:8:2], seeds[1:8:2]):
+        pools256 = [pool(QuickConfig(eval_seed=k).image_row_seed, 256) for k in (k1, k2)]
+        assert _uncorrelated_normal_rows(torch.cat(pools256), 256), (k1, k2)
     # the check can fail: a pool whose rows mix in a shared draw, or repeat one another
     shared = torch.randn(1, 4, 8, 8)
     assert not _uncorrelated_normal_rows(torch.cat([(pools[0] + 0.3 * shared) / 1.044, pools[1]]), 64)

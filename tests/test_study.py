@@ -251,7 +251,8 @@ def test_paired_margin_matches_scipys_paired_t_test():
     fresh numbers, for a lower-is-better and a higher-is-better metric, on the seeds both rates hold."""
     import random
 
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     rng = random.Random()
     for lower in (True, False):
         n = rng.randint(2, 6)
@@ -271,61 +272,90 @@ def test_paired_margin_matches_scipys_paired_t_test():
     assert study.paired_margin({0: 1.0}, {1: 3.0}, True)["margin"] is None  # no seed in common
 
 
-def test_lr_choice_reads_each_choice_margin_from_the_seeds_val_rows(tmp_path):
-    """With the per-seed lines, a choice names its runner-up (the second-best val mean) and the paired
-    lead over it, read from the two rates' val rows of the same seeds (never from the test rows)."""
-    from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
-    from bench.study_report import _lr_choice_lines
+def test_lr_choice_reads_each_choice_margin_from_the_seeds_val_rows():
+    """With the per-seed lines, a choice names its runner-up (the second-best val mean of four rates, for
+    a lower- and a higher-is-better metric) and the paired lead over it, read from the two rates' val
+    rows of the same seeds (never from the test rows); the report bolds a steady lead, not a noisy one."""
+    import random
 
-    rng = __import__("random").Random()
-    rates = ("1e-3", "3e-4")
-    summary, lines, vals = [], [], {}
+    from bench.study_grid import LADDER_LRS, LR_CHOICE, SIZES, ladder_training
+    from bench.study_report import _lr_choice_lines, _margin_cell, _with_margins
+
+    rng = random.Random(11)
+    steady, noisy = (2.0, 2.1, 1.9), (1.0, -0.8, 0.2)  # the runner-up's per-seed shortfall
+    summary, lines, roles = [], [], {}
     for family in ("transfusion", "discrete"):
-        for size in SIZES:
-            for lr in rates:
-                training = ladder_training(family, size, LADDER_LRS[lr])
-                for group in LR_CHOICE[lr]:
-                    per_seed = {seed: rng.uniform(10, 20) for seed in (0, 1, 2)}
-                    if group == LR_CHOICE[lr][0]:
-                        vals[(family, size, lr)] = per_seed
-                    lines += [
-                        {"group": group, "training": training, "seed": k, "fid": v}
-                        for k, v in per_seed.items()
-                    ]
-                    summary.append(
-                        {"group": group, "training": training, "family": family, "label": training,
-                         "train_flops_mean": 10.0 ** (9 + list(SIZES).index(size)), "n_seeds": 3,
-                         **{f"{m}_mean": None for m in CURVE_METRICS}, **{f"{m}_n": 0 for m in CURVE_METRICS},
-                         "fid_mean": statistics.fmean(per_seed.values()), "fid_n": 3}
-                    )  # fmt: skip
+        for i, size in enumerate(SIZES):
+            flops = 10.0 ** (9 + i)
+            for metric, sign in (("fid", 1), ("t2i_alignment", -1)):  # lower, higher is better
+                order = rng.sample(list(LADDER_LRS), len(LADDER_LRS))  # best, runner-up, two far behind
+                lead = steady if (i + sign) % 2 else noisy
+                roles[(family, size, metric)] = (order[0], order[1], lead)
+                seed_effect = [rng.uniform(0, 5) for _ in range(3)]  # shared by a seed's models
+                behind = {order[0]: (0, 0, 0), order[1]: lead, order[2]: (10,) * 3, order[3]: (20,) * 3}
+                for lr in LADDER_LRS:
+                    training = ladder_training(family, size, LADDER_LRS[lr])
+                    val_group, test_group = LR_CHOICE[lr]
+                    val = [50 + sign * (e + d) for e, d in zip(seed_effect, behind[lr])]
+                    test = [50 - sign * (e + d) for e, d in zip(seed_effect, behind[lr])]  # the opposite
+                    for group, values in ((val_group, val), (test_group, test)):
+                        lines += [
+                            {"group": group, "training": training, "seed": k, metric: v}
+                            for k, v in enumerate(values)
+                        ]
+                        row = next(
+                            (r for r in summary if (r["group"], r["training"]) == (group, training)), None
+                        )
+                        if row is None:
+                            row = {"group": group, "training": training, "family": family, "label": training,
+                                   "train_flops_mean": flops, "n_seeds": 3,
+                                   **{f"{m}_mean": None for m in CURVE_METRICS},
+                                   **{f"{m}_n": 0 for m in CURVE_METRICS}}  # fmt: skip
+                            summary.append(row)
+                        row.update({f"{metric}_mean": statistics.fmean(values), f"{metric}_n": 3})
     got = study.lr_choice(summary, seeds=3, lines=lines)
-    assert len(got["choices"]) == 2 * len(SIZES)
-    for c in got["choices"]:
-        mine = {lr: vals[(c["family"], c["size"], lr)] for lr in rates}
-        best = min(rates, key=lambda lr: statistics.fmean(mine[lr].values()))
-        runner_up = next(lr for lr in rates if lr != best)
-        assert (c["lr"], c["runner_up"]) == (best, runner_up)
-        leads = [mine[runner_up][k] - mine[best][k] for k in (0, 1, 2)]
-        assert c["margin"] == pytest.approx(statistics.fmean(leads)) and c["margin"] > 0
-        assert c["margin_se"] == pytest.approx(statistics.stdev(leads) / math.sqrt(3))
-    assert "runner_up" not in study.lr_choice(summary, seeds=3)["choices"][0]  # no lines, no margin
-    # the report's margin table: bold where the paired test finds the lead at p < 0.05
+    assert len(got["choices"]) == 2 * 2 * len(SIZES)
     text = "\n".join(_lr_choice_lines(got))
     assert "How clearly" in text
     for c in got["choices"]:
-        cell = f"{c['margin']:+.3g} ± {c['margin_se']:.2g}"
-        assert (f"**{cell}** (vs {c['runner_up']})" in text) == (c["margin_p"] < 0.05)
-        assert f"{cell}" in text
+        best, runner_up, lead = roles[(c["family"], c["size"], c["metric"])]
+        assert (c["lr"], c["runner_up"]) == (best, runner_up), c
+        assert c["margin"] == pytest.approx(statistics.fmean(lead)) and c["margin_n"] == 3
+        assert c["margin_se"] == pytest.approx(statistics.stdev(lead) / math.sqrt(3))
+        assert (c["margin_p"] < 0.05) == (lead == steady)
+        cell = _margin_cell(c)
+        assert cell.startswith("**") == (lead == steady) and f"(vs {runner_up})" in cell
+        assert cell in text
+    assert "runner_up" not in study.lr_choice(summary, seeds=3)["choices"][0]  # no lines, no margin
+    # ties and a lead without spread say so
+    assert _margin_cell({"margin": 0.0, "margin_se": 0.5, "margin_p": 1.0, "runner_up": "3e-4"}) == (
+        "tie ± 0.5, p 1 (vs 3e-4)"
+    )
+    assert _margin_cell({"margin": 0.5, "margin_se": 0.0, "margin_p": None, "runner_up": "1e-2"}) == (
+        "+0.5 ± 0, untested (vs 1e-2)"
+    )
     # a study.json written before the margins gets them from its own runs; a choice the reading does not
     # reproduce keeps none
-    from bench.study_report import _with_margins
-
     stored = study.lr_choice(summary, seeds=3)
-    stored["choices"][0] = dict(stored["choices"][0], lr="1e-2")
+    stored["choices"][0] = dict(stored["choices"][0], lr="not a rate")
     info = {"config": {"seeds": [0, 1, 2]}, "summary": summary, "runs": lines, "lr_choice": stored}
     read = _with_margins(info)["choices"]
     assert "runner_up" not in read[0] and read[1:] == got["choices"][1:]
     assert _with_margins({**info, "runs": []}) == stored and _with_margins({}) is None
+
+
+def test_chance_levels_are_read_over_the_items_each_metric_scores():
+    """Alignment's chance level over the n_t2i prompts, captioning's over the n_caption images: with 96
+    prompts and 64 captions, the caption reference is the 64-item one, the alignment one is not."""
+    from bench.quick import reference_scores
+
+    both = reference_scores(QuickConfig(eval_split="val", n_t2i=96, n_caption=64))
+    at_64 = reference_scores(QuickConfig(eval_split="val"))
+    at_96 = reference_scores(QuickConfig(eval_split="val", n_t2i=96, n_caption=96))
+    assert (both["n"], both["n_caption"], at_64["n"]) == (96, 64, 64)
+    assert both["shuffled_caption_accuracy"] == at_64["shuffled_caption_accuracy"]
+    assert both["shuffled_t2i_alignment"] == at_96["shuffled_t2i_alignment"]
+    assert both["shuffled_caption_accuracy"] != at_96["shuffled_caption_accuracy"]
 
 
 def test_lr_choice_runs_when_at_least_two_rates_ran():
