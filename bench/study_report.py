@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -32,25 +33,43 @@ def _cell(mean: object, std: object, n: object, n_seeds: object) -> str:
     return text
 
 
+def _choice_table(
+    choices: list[dict],
+    columns: list[tuple[str, str]],
+    cell: Callable[[dict], str],
+    parity: dict | None = None,
+) -> list[str]:
+    """One markdown row per metric of the learning-rate ``choices``: ``cell(choice)`` in each (family,
+    size) column ("-" where that metric has no choice), and with ``parity`` (metric -> reading) a last
+    column for the chosen ladder's parity."""
+    by_metric: dict[str, dict[tuple[str, str], dict]] = {}
+    for c in choices:
+        by_metric.setdefault(c["metric"], {})[(c["family"], c["size"])] = c
+    names = [f"{f} {z}" for f, z in columns] + (["parity"] if parity is not None else [])
+    rows = ["| metric | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for metric, cells in by_metric.items():
+        row = [cell(cells[col]) if col in cells else "-" for col in columns]
+        if parity is not None:
+            row.append(str((parity.get(metric) or {}).get("display", "-")))
+        rows.append(f"| {metric} | " + " | ".join(row) + " |")
+    return rows
+
+
 def _lr_choice_lines(choice: dict | None) -> list[str]:
     """The learning rate each family and size took on val, per metric, and the parity of those ladders."""
     if not choice or not choice.get("choices"):
         return []
-    picks = pd.DataFrame(choice["choices"])
-    columns = list(dict.fromkeys(zip(picks.family, picks["size"])))
-    lines = [
+    choices = choice["choices"]
+    columns = list(dict.fromkeys((c["family"], c["size"]) for c in choices))
+    return [
         "Chosen on val: per metric, the learning rate whose val mean is best for each family and size. The",
         "test rows at those rates (from the fixed-rate ladders) form one ladder per metric, read for its",
         "parity FLOP ratio like the others.",
         "",
-        "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " | parity |",
-        "|" + "---|" * (len(columns) + 2),
+        *_choice_table(choices, columns, lambda c: str(c["lr"]), parity=choice.get("parity") or {}),
+        "",
+        *_margin_lines(choices, columns),
     ]
-    for metric, rows in picks.groupby("metric", sort=False):
-        lr = {(r.family, r.size): r.lr for r in rows.itertuples()}
-        parity = ((choice.get("parity") or {}).get(metric) or {}).get("display", "-")
-        lines.append(f"| {metric} | " + " | ".join(str(lr.get(c, "-")) for c in columns) + f" | {parity} |")
-    return [*lines, "", *_margin_lines(choice["choices"], columns)]
 
 
 def _margin_cell(c: dict) -> str:
@@ -71,7 +90,7 @@ def _margin_lines(choices: list[dict], columns: list[tuple[str, str]]) -> list[s
     """How clearly each rate was chosen (a study.json written before the margins has none: no table)."""
     if not any("margin" in c for c in choices):
         return []
-    lines = [
+    return [
         "How clearly: the chosen rate's val lead over the runner-up, seed by seed (mean ± standard error",
         "over training seeds of the difference between one seed's two models, which share its initial",
         "weights, data order and noise pool; positive favours the chosen rate), and the two-sided p of a",
@@ -79,19 +98,9 @@ def _margin_lines(choices: list[dict], columns: list[tuple[str, str]]) -> list[s
         "val prompts, so the test holds for those prompts only; and with one test per cell, about one cell",
         "in twenty with no true lead reads bold by chance.",
         "",
-        "| metric | " + " | ".join(f"{f} {z}" for f, z in columns) + " |",
-        "|" + "---|" * (len(columns) + 1),
+        *_choice_table(choices, columns, _margin_cell),
+        "",
     ]
-    by_metric: dict[str, dict[tuple[str, str], dict]] = {}
-    for c in choices:
-        by_metric.setdefault(c["metric"], {})[(c["family"], c["size"])] = c
-    for metric, cells in by_metric.items():
-        lines.append(
-            f"| {metric} | "
-            + " | ".join(_margin_cell(cells[col]) if col in cells else "-" for col in columns)
-            + " |"
-        )
-    return [*lines, ""]
 
 
 def _with_margins(info: dict) -> dict | None:
