@@ -14,6 +14,9 @@ Suites:
   report      results/REPORT.md from every results folder's files
   generation  text-to-image wall time with and without prefix KV reuse (python -m bench generation --help)
   breakdown   per-kernel time of one forward+backward (torch.profiler) for a few backends at one shape
+  kernel-check  every autotuning candidate of the Triton kernel, pinned in turn, against a float32
+              reference at one shape, one line per (candidate, backward scheme); crashes are resumed past
+              (python -m bench kernel-check --help)
   kernels     compile the Triton kernel's candidate configs for a GPU target on this machine (no GPU
               needed): registers, spills, shared memory, occupancy, load paths -> results/kernels/
   launch-order  model of the Triton kernels' heaviest-first launch order against the natural one (list
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.eval_noise import main as eval_noise_main
 
         return eval_noise_main(argv[1:])
+    if argv[:1] == ["kernel-check"]:  # its own option parser
+        from bench.kernel_check import main as kernel_check_main
+
+        return kernel_check_main(argv[1:])
     if argv[:1] == ["quick"]:  # its own option parser
         from bench.quick import main as quick_main
 

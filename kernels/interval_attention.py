@@ -116,6 +116,7 @@ __all__ = [
     "kernel_block_sizes",
     "kernel_configs",
     "key_major_table",
+    "launched_configs",
     "plan_tiles",
     "poison_outputs",
     "program_order",
@@ -788,6 +789,7 @@ _BACKWARD_CHOICE: dict[tuple, str] = {}
 _TUNED_BLOCKS: dict[tuple, tuple[int, int]] = {}
 _TUNING_LOG: list[dict] = []
 _LAST_TIMINGS: dict[str, object] = {}
+_LAUNCHED: dict[str, tuple] = {}
 
 
 @contextmanager
@@ -829,12 +831,24 @@ def _tune_tag() -> int:
     return mode + 3 * (0 if _PIN_INDEX is None else _PIN_INDEX + 1)
 
 
+def launched_configs(reset: bool = False) -> dict[str, tuple]:
+    """The config each kernel ("fwd", "dkdv", "dkdv-atomic", "dq") ran with at its latest launch, as
+    (BLOCK_M, BLOCK_N, warps, stages, tma[, dQ transposed]); ``reset`` forgets them afterwards, so a
+    checker can tell which kernels one call launched (bench kernel-check)."""
+    out = dict(_LAUNCHED)
+    if reset:
+        _LAUNCHED.clear()
+    return out
+
+
 def _log_tuning(name: str, kernel, head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int) -> None:
+    best = getattr(kernel, "best_config", None)
+    if best is not None:
+        _LAUNCHED[name] = _config_key(best)
     timings = getattr(kernel, "configs_timings", None)
     if not timings or timings is _LAST_TIMINGS.get(name):
         return
     _LAST_TIMINGS[name] = timings
-    best = getattr(kernel, "best_config", None)
     for cfg, t in timings.items():
         ms = t[0] if isinstance(t, (list, tuple)) else t
         if math.isnan(ms):  # a lone candidate's placeholder (_time_candidates): nothing was timed

@@ -1,0 +1,299 @@
+"""Check every autotuning candidate of the Triton interval kernel, pinned in turn, at one shape.
+
+The GPU tests stop at the first wrong candidate and say neither which one nor whether the others pass;
+this checker runs each (candidate index, backward scheme) pair at a chosen shape, with every output
+buffer poisoned (NaN) before the kernels write it, and compares the output and the three gradients with
+a float32 dense reference computed head by head. Each pair gets one line and one CSV row, written before
+the next pair starts, with the config every kernel actually launched. A pair that kills the process (an
+illegal memory access ends the CUDA context) is recorded as ``crashed`` by the next run with the same
+``--out``, which then goes on with the remaining pairs; run it under ``CUDA_LAUNCH_BLOCKING=1`` so that the
+error surfaces at the faulting launch. Exit status 0 only when every pair passed.
+
+    python -m bench kernel-check --layout benchmark --seq-len 8192 --batch 4 --heads 16 --tma off \\
+        --out results/gpu/kernel_check.csv
+    python -m bench kernel-check --layout mixed --timing      # plus wall vs device time of triton and flex
+
+``--timing`` also times the forward and forward+backward of ``triton`` and ``flex`` at the shape in two
+ways: the sweep's (host wall time of one call, synchronized after each) and back-to-back launches timed
+with CUDA events (device time, host launch overhead hidden when the host keeps ahead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import io
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.workloads import benchmark_layout
+from transfusion.layout import AttentionLayout
+from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+
+FIELDS = (
+    "layout", "batch", "heads", "seq_len", "head_dim", "dtype", "tma", "index", "mode", "status",
+    "fwd_config", "dkdv_config", "dq_config", "out_nan", "out_err", "dq_nan", "dq_err", "dk_nan", "dk_err",
+    "dv_nan", "dv_err", "tolerance", "error",
+)  # fmt: skip
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# Two rows of 1100 tokens on which every-candidate GPU test first failed (H200, 2026-11-28): padding at
+# a row's start, an image at a document's first token, adjacent images, a document of 12 tokens.
+MIXED_ROWS = (
+    ([(4, 415), (415, 1100)], [(4, 12), (12, 263), (266, 339), (415, 674), (678, 718), (718, 764)]),
+    ([(0, 373), (373, 385), (385, 1100)], [(4, 147), (151, 345), (347, 373), (376, 385)]),
+)
+MIXED_LEN = 1100
+
+
+def _ia():
+    return importlib.import_module("kernels.interval_attention")
+
+
+def make_layout(name: str, batch: int, seq_len: int, device: torch.device) -> AttentionLayout:
+    if name == "mixed":
+        rows = [AttentionLayout.from_spans(MIXED_LEN, docs, images) for docs, images in MIXED_ROWS]
+        return AttentionLayout.stack(rows).to(device)
+    if name == "benchmark":
+        return benchmark_layout(batch, seq_len, 256, 0.5, device=device)
+    raise ValueError(f"layout = {name!r}; use 'mixed' or 'benchmark'")
+
+
+def reference(q, k, v, g, layout: AttentionLayout) -> dict[str, torch.Tensor]:
+    """float32 dense softmax attention and its gradients, one (row, head) at a time; a query with no
+    allowed key gives zeros."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    res = {n: torch.empty(t.shape, dtype=torch.float32, device=t.device) for n, t in
+           (("out", q), ("dq", q), ("dk", k), ("dv", v))}  # fmt: skip
+    mask = layout.dense_mask()
+    for b in range(q.shape[0]):
+        m = mask[b]
+        some = m.any(-1, keepdim=True)
+        for h in range(q.shape[1]):
+            qs, ks, vs = (t[b, h].float().requires_grad_() for t in (q, k, v))
+            s = torch.where(m, (qs @ ks.T) * scale, float("-inf"))
+            p = torch.softmax(torch.where(some, s, 0.0), dim=-1) * some
+            out = p @ vs
+            out.backward(g[b, h].float())
+            res["out"][b, h], res["dq"][b, h] = out.detach(), qs.grad
+            res["dk"][b, h], res["dv"][b, h] = ks.grad, vs.grad
+    return res
+
+
+def _candidate_range(tma: bool | None, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
+    """(number of pinned indices to visit, how many of them the atomic dK/dV kernel has)."""
+    ia = _ia()
+    kernels = ("fwd", "dkdv", "dkdv-atomic", "dq")
+    n = max(ia.candidate_count(k, dtype, head_dim, tma) for k in kernels)
+    return n, ia.candidate_count("dkdv-atomic", dtype, head_dim, tma)
+
+
+def _fmt_config(cfg: tuple | None) -> str:
+    if cfg is None:
+        return ""
+    bm, bn, warps, stages, tma, *dq_t = cfg
+    return f"{bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" dqT" if dq_t and dq_t[0] else "")
+
+
+def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: int, mode: str, ref: dict,
+               tol: float) -> dict:  # fmt: skip
+    """One pinned (candidate index, backward scheme) pair: poisoned buffers, fwd+bwd, compared."""
+    ia = _ia()
+    q, k, v, g = (tensors[n] for n in "qkvg")
+    for t in (q, k, v):
+        t.grad = None
+    ia.launched_configs(reset=True)
+    with ia.kernel_configs(tma=tma, index=index), ia.backward_mode(mode), ia.poison_outputs():
+        out = ia.interval_attention(q, k, v, layout.lo, layout.hi)
+        out.backward(g)
+    launched = ia.launched_configs()
+    row: dict = {
+        "fwd_config": _fmt_config(launched.get("fwd")),
+        "dkdv_config": _fmt_config(launched.get("dkdv-atomic" if mode == "atomic" else "dkdv")),
+        "dq_config": _fmt_config(launched.get("dq")) if mode == "split" else "atomic",
+    }
+    ok = True
+    for name, got in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        x = got.detach().float()
+        nan = int(torch.isnan(x).sum())
+        want = ref[name]
+        err = float((torch.nan_to_num(x, nan=0.0) - want).norm() / want.norm().clamp_min(1e-30))
+        row[f"{name}_nan"], row[f"{name}_err"] = nan, err
+        ok &= nan == 0 and err <= tol
+    row["status"] = "pass" if ok else "fail"
+    return row
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _device_ms(fn, reps: int) -> float:
+    """Median CUDA-event time of one call, calls launched back to back (no host sync in between)."""
+    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.dtype, reps: int = 20) -> str:
+    """Wall (synchronized per call, as the sweep times) and device (CUDA events) milliseconds of triton
+    and flex at this shape, forward and forward+backward, as a Markdown table."""
+    from bench.attention import median_ms
+    from transfusion.attention import attend
+
+    device = layout.device
+    lines = ["| backend | mode | wall ms (sync per call) | device ms (events, back to back) |"]
+    lines.append("|---|---|---|---|")
+
+    def make_step(backend: str, grad: bool):
+        t = {n: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad) for n in "qkvg"}
+
+        def step() -> None:
+            with torch.set_grad_enabled(grad):
+                out = attend(t["q"], t["k"], t["v"], layout, backend=backend)
+                if grad:
+                    out.backward(t["g"])
+
+        return step
+
+    for backend in ("triton", "flex"):
+        for mode in ("fwd", "fwd_bwd"):
+            step = make_step(backend, mode == "fwd_bwd")
+            wall = median_ms(step, device, warmup=3, reps=reps)
+            dev = _device_ms(step, reps)
+            lines.append(f"| {backend} | {mode} | {wall:.3f} | {dev:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench kernel-check", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--layout", choices=("mixed", "benchmark"), default="mixed",
+                   help="mixed: the two fixed 1100-token rows (batch and length fixed); benchmark: "
+                        "the sweep's (256-patch images, half the tokens), --batch x --seq-len")  # fmt: skip
+    p.add_argument("--batch", type=int, default=4, help="rows (benchmark layout only)")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per row (benchmark layout only)")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--tma", choices=("auto", "on", "off"), default="auto",
+                   help="auto: pointer and TMA candidates where TMA can run; on/off: only those")  # fmt: skip
+    p.add_argument("--indices", default="all",
+                   help="comma-separated candidate indices to pin (default: every one)")  # fmt: skip
+    p.add_argument("--modes", default="split,atomic", help="backward schemes to check (split, atomic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV of the pairs; an existing one is resumed (its pairs are skipped)")  # fmt: skip
+    p.add_argument("--timing", action="store_true", help="also time triton and flex (CUDA only)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.seq_len < 1 or args.heads < 1:
+        p.error(f"--batch, --seq-len, --heads must be >= 1; got {args.batch}, {args.seq_len}, {args.heads}")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("split", "atomic")]
+    if bad or not modes:
+        p.error(f"--modes = {args.modes!r}; use split and/or atomic, comma-separated")
+    args.modes = modes
+    if args.indices != "all":
+        try:
+            args.indices = sorted({int(i) for i in args.indices.split(",")})
+        except ValueError:
+            p.error(f"--indices = {args.indices!r}; give comma-separated integers or 'all'")
+        if args.indices[0] < 0:
+            p.error(f"--indices = {args.indices}; indices must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import kernels
+
+    if not kernels.HAS_TRITON:
+        print("kernel-check needs triton", file=sys.stderr)
+        return 2
+    ia = _ia()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    hopper = ia._tma_possible(torch.empty(1, device=device, dtype=torch.bfloat16)) and dtype != torch.float32
+    tma = {"auto": None if hopper else False, "on": True, "off": False}[args.tma]
+    layout = make_layout(args.layout, args.batch, args.seq_len, device)
+    bsz, seq_len = layout.batch_size, layout.kv_len
+    shape = (bsz, args.heads, seq_len, args.head_dim)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    tensors = {n: torch.randn(*shape, generator=gen).to(device, dtype) for n in "qkvg"}
+    for n in "qkv":
+        tensors[n].requires_grad_(True)
+    ref = reference(*(tensors[n].detach() for n in "qkvg"), layout)
+    tol = TOLERANCE[dtype]
+    n_idx, n_atomic = _candidate_range(tma, dtype, args.head_dim)
+    indices = range(n_idx) if args.indices == "all" else args.indices
+    pairs = [(i, m) for i in indices for m in args.modes if m == "split" or i < max(1, n_atomic)]
+    base = dict(layout=args.layout, batch=bsz, heads=args.heads, seq_len=seq_len, head_dim=args.head_dim,
+                dtype=args.dtype, tma=args.tma, tolerance=tol)  # fmt: skip
+
+    if args.out:
+        meta = {k: v for k, v in base.items() if k != "tolerance"}
+        atomic_write_json(args.out.with_name(args.out.stem + "_provenance.json"),
+                          provenance(device, seed=args.seed, **meta))  # fmt: skip
+    rows = _read_rows(args.out) if args.out else []
+    done = {(int(r["index"]), r["mode"]) for r in rows}
+    running = args.out.with_suffix(".running") if args.out else None
+    if running and running.exists():  # the previous run died inside this pair
+        index, mode = running.read_text().split()
+        if (int(index), mode) not in done:
+            rows.append(dict(base, index=index, mode=mode, status="crashed", error="the process died here"))
+            done.add((int(index), mode))
+            _write_rows(args.out, rows)
+        running.unlink()
+    print(f"kernel-check: {args.layout} layout, shape {shape}, {args.dtype}, tma={args.tma} on {device}; "
+          f"{len(pairs)} pairs", flush=True)  # fmt: skip
+    for index, mode in pairs:
+        if (index, mode) in done:
+            continue
+        if running:
+            atomic_write_text(running, f"{index} {mode}\n")
+        try:
+            row = check_pair(tensors, layout, tma, index, mode, ref, tol)
+        except Exception as e:  # a config that does not compile or launch: record it and go on
+            row = dict(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            if device.type == "cuda" and "CUDA error" in str(e):
+                raise  # the CUDA context is gone; the next run records this pair as crashed
+        rows.append(dict(base, index=index, mode=mode, **row))
+        errs = " ".join(f"{n} {row.get(n + '_err', math.nan):.1e}/{row.get(n + '_nan', '-')}nan"
+                        for n in ("out", "dq", "dk", "dv"))  # fmt: skip
+        print(f"index {index} {mode:6s} {row['status']:5s} fwd [{row.get('fwd_config', '')}] "
+              f"dkdv [{row.get('dkdv_config', '')}] dq [{row.get('dq_config', '')}] {errs} "
+              f"{row.get('error', '')}", flush=True)  # fmt: skip
+        if args.out:
+            _write_rows(args.out, rows)
+        if running:
+            running.unlink()
+    failed = [r for r in rows if r["status"] != "pass"]
+    print(f"kernel-check: {len(rows) - len(failed)} of {len(rows)} pairs pass", flush=True)
+    if args.timing and device.type == "cuda":
+        print(timing_probe(layout, shape, dtype), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

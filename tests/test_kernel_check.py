@@ -1,0 +1,96 @@
+"""bench kernel-check: every pinned (candidate, scheme) pair gets a row, failures and crashes are recorded,
+an interrupted run resumes. Runs the kernels in Triton's CPU interpreter at a tiny shape."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from bench import kernel_check  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+if kernels.HAS_TRITON:
+    from kernels.interval_attention import INTERPRET, interpreter_problem
+
+    if INTERPRET and interpreter_problem():
+        pytestmark = pytest.mark.skip(reason=str(interpreter_problem()))
+
+TINY = ["--layout", "benchmark", "--batch", "2", "--seq-len", "40", "--heads", "1", "--head-dim", "32",
+        "--dtype", "bfloat16", "--indices", "0,1"]  # fmt: skip
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_pair_passes_and_is_recorded(tmp_path):
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [(r["index"], r["mode"]) for r in rows] == [("0", "split"), ("0", "atomic"), ("1", "split"),
+                                                       ("1", "atomic")]  # fmt: skip
+    assert all(r["status"] == "pass" for r in rows)
+    for n in ("out", "dq", "dk", "dv"):
+        assert all(float(r[f"{n}_err"]) < 2e-2 and r[f"{n}_nan"] == "0" for r in rows), n
+    # the atomic scheme launches no dQ kernel; index 1 pins the transposed dQ product (interpreter list)
+    assert [r["dq_config"] for r in rows if r["mode"] == "atomic"] == ["atomic", "atomic"]
+    assert rows[3]["dkdv_config"].endswith("dqT") and not rows[1]["dkdv_config"].endswith("dqT")
+
+
+def test_a_wrong_result_fails(tmp_path, monkeypatch):
+    real = kernel_check.reference
+
+    def off_by_a_bit(*args):
+        ref = real(*args)
+        ref["dk"] = ref["dk"] * 1.1  # a 10% error, far above bf16's tolerance (2%)
+        return ref
+
+    monkeypatch.setattr(kernel_check, "reference", off_by_a_bit)
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 1
+    (row,) = _rows(out)
+    assert row["status"] == "fail" and 0.05 < float(row["dk_err"]) < 0.2 and float(row["dv_err"]) < 2e-2
+
+
+def test_reference_matches_float64_definition():
+    layout = kernel_check.make_layout("mixed", 0, 0, torch.device("cpu"))
+    q, k, v, g = (torch.randn(2, 1, 1100, 32, dtype=torch.float64) for _ in range(4))
+    ref = kernel_check.reference(q, k, v, g, layout)
+    mask = layout.dense_mask()[:, None]
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    s = torch.where(mask, q64 @ k64.transpose(-1, -2) / 32**0.5, float("-inf"))
+    some = mask.any(-1, keepdim=True)
+    out = torch.softmax(torch.where(some, s, 0.0), -1) * some @ v64
+    out.backward(g)
+    assert not some.all()  # the rows' padding: queries with no key
+    for name, want in (("out", out), ("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad)):
+        assert torch.allclose(ref[name].double(), want.detach(), atol=1e-4, rtol=1e-4), name
+
+
+def test_a_crashed_pair_is_recorded_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 0
+    out.with_suffix(".running").write_text("1 split\n")  # as a process killed inside pair (1, split) leaves
+    assert kernel_check.main([*TINY, "--modes", "split", "--out", str(out)]) == 1
+    rows = _rows(out)
+    assert [(r["index"], r["mode"], r["status"]) for r in rows] == [("0", "split", "pass"),
+                                                                    ("1", "split", "crashed")]  # fmt: skip
+    assert not out.with_suffix(".running").exists()
+
+
+BAD = [["--modes", "both"], ["--indices", "a"], ["--indices", "-1"], ["--heads", "0"]]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_bad_arguments_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        kernel_check.parse_args(bad)
+    assert bad[0] in capsys.readouterr().err
