@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (sized for 8 to 9 minutes on one H100/H200, no network needed):
 #   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
-#   2. checks the Triton kernel's TMA path and every autotuning candidate config on CUDA; if that
-#      fails, the sweep runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
-#   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
-#      (pytest -m gpu); both test logs go to results/gpu/gpu_tests.txt;
-#   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary);
-#   5. profiles one forward+backward of triton (heaviest-first and natural launch order, at the sweep's
+#   2. checks every autotuning candidate of the Triton kernel, pinned in turn, and both backward schemes,
+#      on two mixed rows (python -m bench kernel-check: one CSV row per pair, a crash recorded and passed);
+#      if any pair fails, the rest runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
+#   3. checks the configs the autotuner picks at the sweep's headline shape (L = 8192), both schemes,
+#      against a float32 reference: what the sweep times is what was checked (results/gpu/kernel_check.csv);
+#   4. checks every attention backend on CUDA, forward and backward, against a float64 reference
+#      (pytest -m gpu, in parallel processes: compiles are CPU-bound); the log goes to gpu_tests.txt;
+#   5. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary);
+#   6. profiles one forward+backward of triton (heaviest-first and natural launch order, at the sweep's
 #      shape and on one row of 8 heads; split and atomic backward scheme), flex and xformers at L = 8192
 #      per kernel (kernel_breakdown.csv).
 # Plots are redrawn from the CSV afterwards (python -m bench plots results/gpu), so $OUT stays small.
@@ -18,11 +21,12 @@ RESULTS=${RESULTS:-results/gpu}
 # Phase limits (timeouts for the tests and the breakdown, a time budget for the sweep), sized so that with
 # the install and the summary the run fits the device tool's 10-minute per-command limit.
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-130}
-TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-140}
-CONFIG_TEST_TIMEOUT_S=${CONFIG_TEST_TIMEOUT_S:-150}  # every candidate of both backward schemes compiles
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
+CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-70}  # every candidate compiles once; a crashed pair costs a restart
+HEADLINE_CHECK_TIMEOUT_S=${HEADLINE_CHECK_TIMEOUT_S:-60}  # autotuning both schemes at L = 8192
+TEST_WORKERS=${TEST_WORKERS:-8}
 # Every backend through attend first (the issue's per-backend check), then the kernel's own long list.
 GPU_TESTS=${GPU_TESTS:-tests/test_attention.py tests/test_xformers_decomposition.py tests/test_triton_kernel.py tests/test_work_order.py}
-CONFIG_TESTS="tma_variant or every_candidate"
 SEQ_LENS=${SEQ_LENS:-}  # e.g. 2048,8192,32768 to shorten the sweep
 export PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
@@ -40,23 +44,52 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 start=$(date +%s)
-# The candidate configs first: the sweep's autotuner would pick a fast config even if it were wrong.
-echo "== candidate configs and the TMA path" | tee "$RESULTS/gpu_tests.txt"
-timeout "$CONFIG_TEST_TIMEOUT_S" python3 -m pytest -m gpu -v -p no:cacheprovider -rfEs \
-  tests/test_triton_kernel.py -k "$CONFIG_TESTS" 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
+CHECK_CSV=$RESULTS/kernel_check.csv
+rm -f "$CHECK_CSV" "$RESULTS/kernel_check.running"
+kernel_check() {  # limit args...: retried past a crashed pair (the CUDA context dies with it) until done
+  local limit=$1; shift
+  local until=$(( $(date +%s) + limit )) rc=1
+  for _ in 1 2 3 4 5; do
+    local left=$(( until - $(date +%s) ))
+    [ "$left" -gt 5 ] || break
+    timeout "$left" python3 -m bench kernel-check "$@" --out "$CHECK_CSV" 2>&1 | grep -v "UserWarning\|run_backward"
+    rc=${PIPESTATUS[0]}
+    [ -e "$RESULTS/kernel_check.running" ] || break  # finished (pass or fail), not crashed
+  done
+  if [ -e "$RESULTS/kernel_check.running" ]; then  # out of time inside a pair: not a crash
+    echo "out of time inside pair $(cat "$RESULTS/kernel_check.running")"
+    rm -f "$RESULTS/kernel_check.running"
+  fi
+  return "$rc"
+}
+# Pinned candidates first (under CUDA_LAUNCH_BLOCKING=1 an illegal access surfaces at its own launch): the
+# sweep's autotuner would pick a fast config even if it were wrong.
+echo "== every candidate config, pinned, both backward schemes" | tee "$RESULTS/gpu_tests.txt"
+CUDA_LAUNCH_BLOCKING=1 kernel_check "$CHECK_TIMEOUT_S" --layout mixed --heads 2 --tma auto \
+  | tee -a "$RESULTS/gpu_tests.txt"
 config_rc=${PIPESTATUS[0]}
-if [ "$config_rc" -ne 0 ]; then  # failed, or out of time (124) with some candidates unchecked
-  echo "candidate-config tests did not pass (exit $config_rc; 124: out of time): sweeping with" \
+if [ "$config_rc" -ne 0 ]; then  # a failure, or out of time with some candidates unchecked
+  echo "candidate configs did not all pass (exit $config_rc; 124: out of time): the rest runs with" \
     "INTERVAL_ATTENTION_TMA=0" | tee -a "$RESULTS/gpu_tests.txt"
   export INTERVAL_ATTENTION_TMA=0
 fi
-echo "config tests: exit $config_rc after $(( $(date +%s) - start )) s"
+echo "config checks: exit $config_rc after $(( $(date +%s) - start )) s"
+# The configs the sweep will time, autotuned as the sweep does (no launch blocking: it would skew the
+# timings the autotuner chooses by), at the headline shape.
+echo "== the autotuned configs at the headline shape" | tee -a "$RESULTS/gpu_tests.txt"
+kernel_check "$HEADLINE_CHECK_TIMEOUT_S" --layout benchmark --batch 4 --seq-len 8192 --heads 16 \
+  --indices autotuned | tee -a "$RESULTS/gpu_tests.txt"
+headline_rc=${PIPESTATUS[0]}
+echo "headline check: exit $headline_rc after $(( $(date +%s) - start )) s"
 
-# Everything else with the kernels' default configs pinned (no autotuning compiles in this phase).
+# Everything else with the kernels' default configs pinned (no autotuning compiles in this phase), in
+# parallel processes where pytest-xdist is installed.
 echo "== every backend against the float64 reference" | tee -a "$RESULTS/gpu_tests.txt"
+workers=""
+python3 -c "import xdist" 2>/dev/null && workers="-n $TEST_WORKERS"
 # shellcheck disable=SC2086
 INTERVAL_ATTENTION_AUTOTUNE=0 timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu -v -p no:cacheprovider \
-  --timeout 120 -rfEs -k "not ($CONFIG_TESTS)" $GPU_TESTS 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
+  --timeout 120 -rfEs $workers -k "not every_candidate" $GPU_TESTS 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
 test_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $test_rc after $(( $(date +%s) - start )) s"
 
@@ -76,6 +109,6 @@ if [ -n "${OUT:-}" ]; then  # the device tool brings back at most 8 files from $
   # The summary is rebuilt from the CSVs afterwards (python -m bench summary), so it stays behind.
   cp "$RESULTS"/attention.csv "$RESULTS"/attention_provenance.json "$RESULTS"/gpu_tests.txt \
      "$RESULTS"/kernel_tuning.csv "$RESULTS"/kernel_breakdown.csv "$RESULTS"/kernel_breakdown_provenance.json \
-     "$OUT"/ 2>/dev/null
+     "$CHECK_CSV" "$OUT"/ 2>/dev/null  # 7 files, and the caller's tee'd log
 fi
-exit $(( config_rc != 0 || test_rc != 0 || sweep_rc != 0 ))
+exit $(( config_rc != 0 || headline_rc != 0 || test_rc != 0 || sweep_rc != 0 ))

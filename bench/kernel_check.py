@@ -21,9 +21,11 @@ with CUDA events (device time, host launch overhead hidden when the host keeps a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import io
+import json
 import math
 import statistics
 import sys
@@ -40,6 +42,7 @@ FIELDS = (
     "fwd_config", "dkdv_config", "dq_config", "out_nan", "out_err", "dq_nan", "dq_err", "dk_nan", "dk_err",
     "dv_nan", "dv_err", "tolerance", "error",
 )  # fmt: skip
+KEY_FIELDS = ("layout", "batch", "heads", "seq_len", "head_dim", "dtype", "tma", "index", "mode")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # Two rows of 1100 tokens on which every-candidate GPU test first failed (H200, 2026-11-28): padding at
 # a row's start, an image at a document's first token, adjacent images, a document of 12 tokens.
@@ -48,6 +51,7 @@ MIXED_ROWS = (
     ([(0, 373), (373, 385), (385, 1100)], [(4, 147), (151, 345), (347, 373), (376, 385)]),
 )
 MIXED_LEN = 1100
+AUTOTUNED = "autotuned"  # --indices autotuned: no pinning, the configs the autotuner picks (as the sweep)
 
 
 def _ia():
@@ -99,15 +103,17 @@ def _fmt_config(cfg: tuple | None) -> str:
     return f"{bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" dqT" if dq_t and dq_t[0] else "")
 
 
-def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: int, mode: str, ref: dict,
-               tol: float) -> dict:  # fmt: skip
-    """One pinned (candidate index, backward scheme) pair: poisoned buffers, fwd+bwd, compared."""
+def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: int | None, mode: str,
+               ref: dict, tol: float, restrict: bool = True) -> dict:  # fmt: skip
+    """One (candidate index, backward scheme) pair: poisoned buffers, fwd+bwd, compared. ``index`` None
+    lets the autotuner choose, as the sweep does; ``restrict`` False keeps the process's TMA setting."""
     ia = _ia()
     q, k, v, g = (tensors[n] for n in "qkvg")
     for t in (q, k, v):
         t.grad = None
     ia.launched_configs(reset=True)
-    with ia.kernel_configs(tma=tma, index=index), ia.backward_mode(mode), ia.poison_outputs():
+    configs = ia.kernel_configs(tma=tma, index=index) if restrict else contextlib.nullcontext()
+    with configs, ia.backward_mode(mode), ia.poison_outputs():
         out = ia.interval_attention(q, k, v, layout.lo, layout.hi)
         out.backward(g)
     launched = ia.launched_configs()
@@ -126,6 +132,11 @@ def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: 
         ok &= nan == 0 and err <= tol
     row["status"] = "pass" if ok else "fail"
     return row
+
+
+def _key(row: dict) -> tuple[str, ...]:
+    """What makes a pair: the shape it ran at, the candidate index and the backward scheme."""
+    return tuple(str(row[k]) for k in KEY_FIELDS)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -200,7 +211,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tma", choices=("auto", "on", "off"), default="auto",
                    help="auto: pointer and TMA candidates where TMA can run; on/off: only those")  # fmt: skip
     p.add_argument("--indices", default="all",
-                   help="comma-separated candidate indices to pin (default: every one)")  # fmt: skip
+                   help="comma-separated candidate indices to pin (default: all); 'autotuned' pins "
+                        "nothing: the configs the autotuner picks, as the sweep runs them")  # fmt: skip
     p.add_argument("--modes", default="split,atomic", help="backward schemes to check (split, atomic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -214,7 +226,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad or not modes:
         p.error(f"--modes = {args.modes!r}; use split and/or atomic, comma-separated")
     args.modes = modes
-    if args.indices != "all":
+    if args.indices not in ("all", AUTOTUNED):
         try:
             args.indices = sorted({int(i) for i in args.indices.split(",")})
         except ValueError:
@@ -246,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference(*(tensors[n].detach() for n in "qkvg"), layout)
     tol = TOLERANCE[dtype]
     n_idx, n_atomic = _candidate_range(tma, dtype, args.head_dim)
-    indices = range(n_idx) if args.indices == "all" else args.indices
-    pairs = [(i, m) for i in indices for m in args.modes if m == "split" or i < max(1, n_atomic)]
+    if args.indices == AUTOTUNED:
+        pairs = [(AUTOTUNED, m) for m in args.modes]
+    else:
+        indices = range(n_idx) if args.indices == "all" else args.indices
+        pairs = [(i, m) for i in indices for m in args.modes if m == "split" or i < max(1, n_atomic)]
     base = dict(layout=args.layout, batch=bsz, heads=args.heads, seq_len=seq_len, head_dim=args.head_dim,
                 dtype=args.dtype, tma=args.tma, tolerance=tol)  # fmt: skip
 
@@ -256,28 +271,39 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out.with_name(args.out.stem + "_provenance.json"),
                           provenance(device, seed=args.seed, **meta))  # fmt: skip
     rows = _read_rows(args.out) if args.out else []
-    done = {(int(r["index"]), r["mode"]) for r in rows}
+    # One CSV can hold several shapes' checks: a pair is done when a row has its shape, index and mode.
+    done = {_key(r) for r in rows}
     running = args.out.with_suffix(".running") if args.out else None
-    if running and running.exists():  # the previous run died inside this pair
-        index, mode = running.read_text().split()
-        if (int(index), mode) not in done:
-            rows.append(dict(base, index=index, mode=mode, status="crashed", error="the process died here"))
-            done.add((int(index), mode))
+    if running and running.exists():  # the previous run died inside this pair (its row in the file)
+        died = json.loads(running.read_text())
+        if _key(died) not in done:
+            rows.append(dict(died, status="crashed", error="the process died here"))
+            done.add(_key(died))
             _write_rows(args.out, rows)
         running.unlink()
     print(f"kernel-check: {args.layout} layout, shape {shape}, {args.dtype}, tma={args.tma} on {device}; "
           f"{len(pairs)} pairs", flush=True)  # fmt: skip
     for index, mode in pairs:
-        if (index, mode) in done:
+        if _key(dict(base, index=index, mode=mode)) in done:
             continue
         if running:
-            atomic_write_text(running, f"{index} {mode}\n")
+            atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode)))
         try:
-            row = check_pair(tensors, layout, tma, index, mode, ref, tol)
+            pin = None if index == AUTOTUNED else index
+            row = check_pair(
+                tensors, layout, tma, pin, mode, ref, tol, restrict=pin is not None or args.tma != "auto"
+            )
         except Exception as e:  # a config that does not compile or launch: record it and go on
-            row = dict(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            if device.type == "cuda" and "CUDA error" in str(e):
-                raise  # the CUDA context is gone; the next run records this pair as crashed
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if device.type == "cuda" and ("CUDA error" in msg or "[CUDA]" in msg):
+                # The CUDA context is gone (an illegal address, say): record the pair and end the process;
+                # the next run with this --out goes on with the remaining pairs.
+                rows.append(dict(base, index=index, mode=mode, status="crashed", error=msg))
+                if args.out:
+                    _write_rows(args.out, rows)
+                    running.unlink()
+                raise
+            row = dict(status="error", error=msg)
         rows.append(dict(base, index=index, mode=mode, **row))
         errs = " ".join(f"{n} {row.get(n + '_err', math.nan):.1e}/{row.get(n + '_nan', '-')}nan"
                         for n in ("out", "dq", "dk", "dv"))  # fmt: skip

@@ -40,6 +40,16 @@ def plot_attention(results_dir: Path) -> list[Path]:
     plots = results_dir / "plots"
     plots.mkdir(exist_ok=True)
     base = _base(df)
+    # Drop the Triton timings that ran a config bench kernel-check found wrong (see bench.summary).
+    from bench.summary import invalid_triton_modes
+
+    if len(base):
+        first = base.iloc[0]
+        for seq_len in base.seq_len.unique():
+            bad = invalid_triton_modes(results_dir, int(first.head_dim), str(first["dtype"]), int(seq_len))
+            for mode in bad:
+                hit = (base.backend == "triton") & (base["mode"] == mode) & (base.seq_len == seq_len)
+                base = base[~hit]
     made = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)

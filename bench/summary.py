@@ -35,6 +35,8 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
         "| backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB (fwd+bwd) | status |",
         "|---|---|---|---|---|---|---|",
     ]
+    # Triton timings that ran a config bench kernel-check found wrong are reported, not used for goals.
+    invalid = invalid_triton_modes(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
     for backend in dict.fromkeys(b for b, _ in at.index):
         cells = []
         status = []
@@ -45,6 +47,8 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
                 status.append(f"{mode}: {r.status if r is not None else 'absent'}")
             else:
                 cells += [f"{r.ms:.3g}", f"{r.tflops:.3g}"]
+                if backend == "triton" and mode in invalid:
+                    status.append(f"{mode}: INVALID, ran {invalid[mode]}, wrong in kernel-check")
         mem = at.loc[(backend, "fwd_bwd")].peak_mem_mb if (backend, "fwd_bwd") in at.index else float("nan")
         lines.append(f"| {backend} | {' | '.join(cells)} | {mem:.0f} | {'; '.join(status) or 'ok'} |")
     peak = meta.get("matmul_peak_tflops", {}).get(first["dtype"])
@@ -52,7 +56,8 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
 
     def ms(b: str, m: str) -> float | None:
         r = at.loc[(b, m)] if (b, m) in at.index else None
-        return float(r.ms) if r is not None and r.status == "ok" else None
+        valid = not (b == "triton" and m in invalid)
+        return float(r.ms) if r is not None and r.status == "ok" and valid else None
 
     checks = []
     f_t, f_f, fb_t, fb_f = (
@@ -76,7 +81,11 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
     if checks:
         lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
         lines += [f"| {n} | {v:.2f} | {t:.2f} | {'yes' if v >= t else 'no'} |" for n, v, t in checks]
+    if invalid:
+        lines += ["", "Goals left out: " + "; ".join(f"triton {m} ran {c}" for m, c in invalid.items())
+                  + ", which bench kernel-check found wrong (below)."]  # fmt: skip
     lines += _tuning_lines(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
+    lines += _kernel_check_lines(results_dir)
     lines += _breakdown_lines(results_dir)
     text = "\n".join(lines) + "\n"
     atomic_write_text(results_dir / "attention_summary.md", text)
@@ -169,4 +178,97 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
             lines.append(
                 f"| {backend} | `{name}` | {r.us_per_step:.4g} | {r.share:.1%} | {r.calls_per_step:.3g} |"
             )
+    return lines
+
+
+# kernel-check CSV columns: which kernel's config a wrong tensor points to (dQ of the atomic scheme comes
+# from its dK/dV kernel; a wrong output makes every gradient suspect, so it points to the forward only).
+def _suspects(r: pd.Series, tol: float) -> list[tuple[str, str]]:
+    def bad(name: str) -> bool:
+        return int(r[f"{name}_nan"]) > 0 or not float(r[f"{name}_err"]) <= tol
+
+    dkdv = "dkdv-atomic" if r["mode"] == "atomic" else "dkdv"
+    if bad("out"):
+        return [("fwd", r.fwd_config)]
+    out = []
+    if bad("dk") or bad("dv"):
+        out.append((dkdv, r.dkdv_config))
+    if bad("dq"):
+        out.append((dkdv, r.dkdv_config) if r["mode"] == "atomic" else ("dq", r.dq_config))
+    return list(dict.fromkeys(out))
+
+
+def _kernel_check_rows(results_dir: Path) -> pd.DataFrame:
+    paths = sorted(results_dir.glob("kernel_check*.csv"))
+    if not paths:
+        return pd.DataFrame()
+    frames = [pd.read_csv(p, dtype={"index": str}).assign(file=p.name) for p in paths]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _wrong_configs(results_dir: Path) -> set[tuple[str, str]]:
+    """(kernel, config) pairs that a kernel-check row in the folder found wrong (failed pairs only: an
+    error or crash names no config)."""
+    df = _kernel_check_rows(results_dir)
+    wrong: set[tuple[str, str]] = set()
+    for _, r in df[df.status == "fail"].iterrows() if not df.empty else []:
+        wrong.update(_suspects(r, float(r.tolerance)))
+    return wrong
+
+
+def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> dict[str, str]:
+    """{"fwd" | "fwd_bwd": "<kernel> <config>"} for the sweep's triton timings at the headline shape whose
+    autotuned choice (kernel_tuning.csv) is a config that kernel-check found wrong."""
+    wrong = _wrong_configs(results_dir)
+    path = results_dir / "kernel_tuning.csv"
+    if not wrong or not path.exists():
+        return {}
+    df = pd.read_csv(path)
+    bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
+    at = df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
+    chosen = {k: _config(g[g.chosen.astype(bool)].iloc[-1]) for k, g in at.groupby("kernel")
+              if k != "backward" and g.chosen.astype(bool).any()}  # fmt: skip
+    schemes = at[(at.kernel == "backward") & at.chosen.astype(bool)]
+    scheme = schemes.scheme.iloc[-1] if not schemes.empty else "split"
+    kernels = {
+        "fwd": ["fwd"],
+        "fwd_bwd": ["fwd"] + (["dkdv-atomic"] if scheme == "atomic" else ["dkdv", "dq"]),
+    }
+    out = {}
+    for mode, names in kernels.items():
+        hits = [f"{k} {chosen[k]}" for k in names if k in chosen and (k, chosen[k]) in wrong]
+        if hits:
+            out[mode] = ", ".join(hits)
+    return out
+
+
+def _kernel_check_lines(results_dir: Path) -> list[str]:
+    """bench kernel-check in this folder: pairs passed per file, and every pair that did not pass."""
+    df = _kernel_check_rows(results_dir)
+    if df.empty:
+        return []
+    lines = ["", "Every candidate config checked against a float32 reference (`bench kernel-check`):", ""]
+    lines += ["| file | shape | TMA | pairs | passed |", "|---|---|---|---|---|"]
+    for (file, layout, batch, heads, seq, tma), g in df.groupby(
+        ["file", "layout", "batch", "heads", "seq_len", "tma"], sort=False
+    ):
+        shape = f"{layout} {batch} x {heads} x {seq}"
+        lines.append(f"| {file} | {shape} | {tma} | {len(g)} | {(g.status == 'pass').sum()} |")
+    bad = df[df.status != "pass"]
+    if not bad.empty:
+        lines += [
+            "",
+            "| file | index | scheme | status | dK/dV config | wrong | error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for _, r in bad.iterrows():
+            wrong = (
+                ", ".join(f"{k} {c}" for k, c in _suspects(r, float(r.tolerance)))
+                if r.status == "fail"
+                else ""
+            )
+            err = str(r.error)[:80] if pd.notna(r.error) else ""
+            dkdv = r.dkdv_config if pd.notna(r.dkdv_config) else "-"
+            cells = [r.file, r["index"], r["mode"], r.status, dkdv, wrong, err]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines

@@ -166,6 +166,11 @@ ORDER_MIN_QUERIES = 256
 # keeps its dQ product on wgmma). Its half-precision lists hold the configs that compile for sm90 with
 # little or no spill (results/kernels/kernel_resources.md): dK, dV and the dQ product all live in
 # registers at once. (In fp32 every dK/dV config spills, split or atomic; fp32 is for accuracy.)
+# No GPU list holds a transposed-dQ config: on the H200 under Triton 3.6 both that were listed (16x128 and
+# 32x128, 8 warps, 3 stages, at D = 128) gave wrong dQ (NaN/inf, or 11x the reference's norm in error)
+# and 32x128 an illegal memory access at L = 8192, while the same configs are right in the interpreter
+# and every other config passed (results/gpu/kernel_check/). The code path stays, checked in the
+# interpreter, for a Triton that compiles it right; bench kernel-check tells.
 _F, _T = False, True
 # fmt: off
 _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple]]] = {
@@ -191,10 +196,8 @@ _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple]]] = {
     },
     "dkdv-atomic": {
         ("half", 32): [(32, 128, 4, 3, _F, _F), (64, 128, 8, 3, _F, _F), (32, 128, 4, 3, _T, _F)],
-        ("half", 64): [(32, 128, 8, 3, _F, _T), (64, 128, 8, 3, _F, _F), (32, 128, 4, 3, _F, _F),
-                       (32, 128, 8, 3, _T, _T)],
-        ("half", 128): [(32, 128, 8, 3, _F, _F), (16, 128, 8, 3, _F, _T), (32, 128, 8, 3, _F, _T),
-                        (32, 128, 8, 3, _T, _F)],
+        ("half", 64): [(64, 128, 8, 3, _F, _F), (32, 128, 4, 3, _F, _F)],
+        ("half", 128): [(32, 128, 8, 3, _F, _F), (32, 128, 8, 3, _T, _F)],
         ("fp32", 32): [(32, 64, 4, 2, _F, _F)],
         ("fp32", 64): [(32, 64, 4, 2, _F, _F)],
         ("fp32", 128): [(32, 64, 4, 2, _F, _F), (16, 64, 4, 2, _F, _F)],

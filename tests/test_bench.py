@@ -266,3 +266,63 @@ def test_summary_of_a_folder_without_a_sweep_says_so(tmp_path):
         [sys.executable, "-m", "bench", "summary", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and "no attention.csv" in done.stderr and "Traceback" not in done.stderr
+
+
+def _kc_row(index, mode, status="pass", dkdv="32x128 w8 s3", dq="128x64 w8 s3", dq_err=0.002, dq_nan=0):
+    return dict(layout="mixed", batch=2, heads=2, seq_len=1100, head_dim=16, dtype="float32", tma="off",
+                index=index, mode=mode, status=status, fwd_config="128x64 w8 s3", dkdv_config=dkdv,
+                dq_config=dq if mode == "split" else "atomic", out_nan=0, out_err=0.002, dq_nan=dq_nan,
+                dq_err=dq_err, dk_nan=0, dk_err=0.002, dv_nan=0, dv_err=0.002, tolerance=0.02,
+                error="")  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["atomic", "split"])
+def test_summary_leaves_out_timings_of_configs_kernel_check_found_wrong(tmp_path, scheme):
+    """A triton fwd+bwd timing whose autotuned dK/dV-atomic config failed bench kernel-check is marked
+    invalid and left out of the goals; with the split scheme chosen the same file flags nothing."""
+    from bench.plots import plot_attention
+    from bench.summary import invalid_triton_modes
+
+    out = tmp_path / "res"
+    out.mkdir()
+    common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64)
+    pd.DataFrame(
+        [dict(common, backend=b, mode=m, status="ok", ms=ms, tflops=1.0, peak_mem_mb=1.0, heads=2)
+         for b, m, ms in (("triton", "fwd", 1.0), ("flex", "fwd", 1.2), ("triton", "fwd_bwd", 3.0),
+                          ("flex", "fwd_bwd", 3.6))]
+    ).to_csv(out / "attention.csv", index=False)  # fmt: skip
+    (out / "attention_provenance.json").write_text(
+        json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d"))
+    )
+    tune = dict(head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, block_n=128, warps=8, stages=3,
+                tma=False, ms=1.0, chosen=True)  # fmt: skip
+    pd.DataFrame(
+        [dict(tune, kernel="fwd", block_m=128, block_n=64), dict(tune, kernel="dkdv", block_m=64),
+         dict(tune, kernel="dq", block_m=128, block_n=64), dict(tune, kernel="dkdv-atomic", block_m=32,
+                                                                dq_transposed=True)]
+        + [dict(kernel="backward", head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, scheme=s,
+                ms=2.0, chosen=s == scheme) for s in ("split", "atomic")]
+    ).to_csv(out / "kernel_tuning.csv", index=False)  # fmt: skip
+    pd.DataFrame(
+        [_kc_row(0, "split"), _kc_row(0, "atomic"),
+         _kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0),  # the wrong one
+         _kc_row(2, "split", "fail", dq="64x64 w4 s3", dq_err=float("inf"), dq_nan=5),  # a dq config, unused
+         _kc_row(2, "atomic", "crashed", dkdv=None)]  # an illegal address: names no config
+    ).to_csv(out / "kernel_check_mixed.csv", index=False)  # fmt: skip
+
+    bad = invalid_triton_modes(out, 16, "float32", 64)
+    text = summarize(out, seq_len=64)
+    if scheme == "atomic":
+        assert bad == {"fwd_bwd": "dkdv-atomic 32x128 w8 s3 dqT"}
+        assert "fwd_bwd: INVALID, ran dkdv-atomic 32x128 w8 s3 dqT" in text
+        assert "triton fwd+bwd speed / flex" not in text and "| triton fwd speed / flex | 1.20 |" in text
+    else:
+        assert bad == {} and "INVALID" not in text
+        assert "| triton fwd+bwd speed / flex | 1.20 | 1.00 | yes |" in text
+    assert "| kernel_check_mixed.csv | mixed 2 x 2 x 1100 | off | 5 | 2 |" in text
+    assert (
+        "| kernel_check_mixed.csv | 1 | atomic | fail | 32x128 w8 s3 dqT | dkdv-atomic 32x128 w8 s3 dqT |"
+        in text
+    )
+    assert "| kernel_check_mixed.csv | 2 | split | fail | 32x128 w8 s3 | dq 64x64 w4 s3 |" in text
+    assert plot_attention(out)  # the plots drop the invalid point and still draw

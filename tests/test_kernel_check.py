@@ -4,6 +4,7 @@ an interrupted run resumes. Runs the kernels in Triton's CPU interpreter at a ti
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -78,7 +79,9 @@ def test_reference_matches_float64_definition():
 def test_a_crashed_pair_is_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "kc.csv"
     assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 0
-    out.with_suffix(".running").write_text("1 split\n")  # as a process killed inside pair (1, split) leaves
+    died = dict(layout="benchmark", batch=2, heads=1, seq_len=40, head_dim=32, dtype="bfloat16", tma="auto",
+                index=1, mode="split", tolerance=0.02)  # fmt: skip
+    out.with_suffix(".running").write_text(json.dumps(died))  # what a process killed inside (1, split) leaves
     assert kernel_check.main([*TINY, "--modes", "split", "--out", str(out)]) == 1
     rows = _rows(out)
     assert [(r["index"], r["mode"], r["status"]) for r in rows] == [("0", "split", "pass"),
@@ -94,3 +97,14 @@ def test_bad_arguments_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         kernel_check.parse_args(bad)
     assert bad[0] in capsys.readouterr().err
+
+
+def test_one_file_holds_several_shapes(tmp_path):
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 0
+    other = [*TINY, "--indices", "autotuned", "--modes", "split", "--seq-len", "24", "--out", str(out)]
+    assert kernel_check.main(other) == 0
+    assert kernel_check.main(other) == 0  # done already: nothing runs, nothing is added
+    rows = _rows(out)
+    got = [(r["seq_len"], r["index"], r["status"]) for r in rows]
+    assert got == [("40", "0", "pass"), ("24", "autotuned", "pass")]
