@@ -1,7 +1,10 @@
 """Attention benchmark: every backend on the Transfusion mask, swept over length, images, head dim, dtype.
 
 Each row of the CSV is one (backend, shape, mode) measurement: median milliseconds over repeated runs
-after warm-up (with device synchronization), TFLOP/s counted on allowed (query, key) pairs only
+after warm-up, timed two ways on CUDA: ``ms`` is the host's wall time of one call with a device
+synchronization after each (host launch overhead included), ``device_ms`` the CUDA-event time of one call
+among calls launched back to back (the device's time; the host's overhead hides while it keeps ahead).
+TFLOP/s (``tflops``, ``device_tflops``) are counted on allowed (query, key) pairs only
 (forward 4*D per pair per head, backward 2.5x forward), peak memory, the time to build the backend's
 mask structure from the layout, and the tiles computed. Two ceilings are measured in the same run: the
 device's matmul peak and plain causal SDPA (``is_causal=True``) at the same shape. A configuration that
@@ -127,6 +130,18 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps:
     return statistics.median(times)
 
 
+def device_median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median CUDA-event milliseconds of one call of ``fn``, the calls launched back to back with no host
+    synchronization between them (one at the end). CUDA only."""
+    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -222,6 +237,7 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         if device.type == "cuda":  # the peak of the timed steps, not of autotuning's benchmark buffers
             torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, profile.warmup, profile.reps)
+        dev_ms = device_median_ms(step, profile.reps) if device.type == "cuda" else float("nan")
     except torch.OutOfMemoryError as e:
         return dict(row, status="oom", error=str(e).splitlines()[0][:200])
     except Exception as e:  # an unsupported shape inside a library: record it and go on
@@ -234,6 +250,7 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
     else:  # high-water mark of the process: grows only when this config needed more than any before
         row["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    row.update(device_ms=dev_ms, device_tflops=flops / (dev_ms * 1e-3) / 1e12)
     row.update(_tiles(backend, layout, D, dtype) if not causal else {})
     return row
 

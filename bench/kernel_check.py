@@ -27,7 +27,6 @@ import importlib
 import io
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -154,21 +153,10 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _device_ms(fn, reps: int) -> float:
-    """Median CUDA-event time of one call, calls launched back to back (no host sync in between)."""
-    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.dtype, reps: int = 20) -> str:
     """Wall (synchronized per call, as the sweep times) and device (CUDA events) milliseconds of triton
     and flex at this shape, forward and forward+backward, as a Markdown table."""
-    from bench.attention import median_ms
+    from bench.attention import device_median_ms, median_ms
     from transfusion.attention import attend
 
     device = layout.device
@@ -190,7 +178,7 @@ def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.d
         for mode in ("fwd", "fwd_bwd"):
             step = make_step(backend, mode == "fwd_bwd")
             wall = median_ms(step, device, warmup=3, reps=reps)
-            dev = _device_ms(step, reps)
+            dev = device_median_ms(step, reps)
             lines.append(f"| {backend} | {mode} | {wall:.3f} | {dev:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -99,7 +99,10 @@ def plot_attention(results_dir: Path) -> list[Path]:
             xscale="log", yscale="log", xlabel="sequence length", title=f"{label}: speedup over {ref_name}"
         )
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+        if not len(ref):  # neither naive nor sdpa ran (a sweep of a few backends): say so on the axes
+            ax.text(0.5, 0.5, "no naive or sdpa timing to compare with", ha="center", transform=ax.transAxes)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
     fig.suptitle(_title(df, meta), fontsize=9)
     fig.tight_layout()
     made.append(plots / "attention_speedup.png")

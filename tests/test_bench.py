@@ -51,6 +51,7 @@ def test_tiny_sweep_writes_rows_files_and_report(tmp_path):
     bwd = df[(df.backend == "naive") & (df["mode"] == "fwd_bwd")].iloc[0]
     assert bwd.gflop == pytest.approx(naive.gflop * 3.5)
     assert naive.tflops == pytest.approx(naive.gflop / 1e3 / (naive.ms * 1e-3))
+    assert df.device_ms.isna().all() and df.device_tflops.isna().all()  # CUDA events: no CPU device time
     meta = json.loads((out / "attention_provenance.json").read_text())
     assert {"commit", "device", "torch", "command", "seed", "date"} <= set(meta)
     text = summarize(out, seq_len=64)
@@ -326,3 +327,26 @@ def test_summary_leaves_out_timings_of_configs_kernel_check_found_wrong(tmp_path
     )
     assert "| kernel_check_mixed.csv | 2 | split | fail | 32x128 w8 s3 | dq 64x64 w4 s3 |" in text
     assert plot_attention(out)  # the plots drop the invalid point and still draw
+
+
+def test_summary_sets_device_time_beside_wall_time(tmp_path):
+    """With device_ms in the CSV the goals are read both ways, each from its own columns."""
+    out = tmp_path / "res"
+    out.mkdir()
+    common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64, heads=2,
+                  status="ok", peak_mem_mb=1.0, gflop=100.0)  # fmt: skip
+    timings = {("triton", "fwd"): (1.3, 1.0), ("flex", "fwd"): (1.2, 1.1), ("triton", "fwd_bwd"): (4.0, 3.8),
+               ("flex", "fwd_bwd"): (3.9, float("nan"))}  # fmt: skip
+    pd.DataFrame(
+        [dict(common, backend=b, mode=m, ms=w, tflops=100.0 / w, device_ms=d, device_tflops=100.0 / d)
+         for (b, m), (w, d) in timings.items()]
+    ).to_csv(out / "attention.csv", index=False)  # fmt: skip
+    (out / "attention_provenance.json").write_text(
+        json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d",
+                        matmul_peak_tflops={"float32": 200.0}))
+    )  # fmt: skip
+    text = summarize(out, seq_len=64)
+    assert "| triton | 1 | 3.8 |" in text and "| flex | 1.1 | - |" in text
+    assert "| triton fwd speed / flex | 0.92 | 1.10 | 1.10 | no / yes |" in text
+    assert "| triton fwd+bwd speed / flex | 0.97 | - | 1.00 | no / - |" in text
+    assert "| triton fwd TFLOP/s / matmul peak | 0.38 | 0.50 | 0.60 | no / no |" in text
