@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     att.add_argument("--backends", default=None, help="comma-separated subset of the profile's backends")
     att.add_argument("--seq-lens", default=None, help="comma-separated subset of lengths, e.g. 1024,4096")
+    att.add_argument(
+        "--kernel-check",
+        action="store_true",
+        help="afterwards check the Triton configs the sweep's autotuner chose at the pivot shape against a "
+        "float32 reference (kernel_check.csv; exit status 1 if one fails)",
+    )
     pl = sub.add_parser("plots", help="redraw plots from a results folder")
     pl.add_argument("results", type=Path)
     sm = sub.add_parser("summary", help="headline table of an attention results folder")
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.suite == "attention":
-        from bench.attention import PROFILES, run_sweep
+        from bench.attention import PROFILES, check_pivot_kernel, run_sweep
         from bench.plots import plot_attention
 
         if args.profile not in PROFILES:
@@ -137,10 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             profile = dataclasses.replace(profile, seq_lens=[int(x) for x in args.seq_lens.split(",")])
         out = args.out or Path("results") / args.profile
         rows = run_sweep(profile, out, seed=args.seed)
+        checked = check_pivot_kernel(profile, rows, out, args.seed) if args.kernel_check else []
         for p in plot_attention(out):
             print(f"wrote {p}")
         bad = [r for r in rows if r["status"] != "ok"]
         print(f"{len(rows) - len(bad)} measured, {len(bad)} oom/unsupported/skipped; see {out}/attention.csv")
+        if args.kernel_check:
+            failed = [r for r in checked if r["status"] != "pass"]
+            note = "" if checked else " (triton was not measured at the pivot shape)"
+            print(f"kernel check of the autotuned Triton configs: {len(checked) - len(failed)} of "
+                  f"{len(checked)} pairs pass{note}")  # fmt: skip
+            if failed:
+                return 1
     elif args.suite == "plots":
         from bench.plots import plot_attention
 

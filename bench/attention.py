@@ -289,6 +289,25 @@ def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]
     return rows
 
 
+def check_pivot_kernel(profile: SweepProfile, rows: list[dict], out_dir: Path, seed: int = 0) -> list[dict]:
+    """After a sweep, in its process: bench kernel-check of the Triton configs its autotuner chose at the
+    pivot shape, both backward schemes, against a float32 reference (appended to
+    ``out_dir/kernel_check.csv``), so that what the sweep timed is what is checked. Returns the rows;
+    none when the sweep did not measure triton there."""
+    from bench.kernel_check import AUTOTUNED, run_pairs
+
+    base = profile.configs()[0]
+    keys = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
+    if not any(r["backend"] == "triton" and r["status"] == "ok" and all(r[k] == base[k] for k in keys)
+               for r in rows):  # fmt: skip
+        return []
+    batch = max(1, profile.tokens_per_batch // base["seq_len"])
+    layout = benchmark_layout(batch, base["seq_len"], base["image_tokens"], base["image_fraction"],
+                              device=torch.device(profile.device))  # fmt: skip
+    return run_pairs("benchmark", layout, profile.heads, base["head_dim"], base["dtype"], "auto", AUTOTUNED,
+                     ("split", "atomic"), out_dir / "kernel_check.csv", seed)  # fmt: skip
+
+
 def _write_tuning_log(out_dir: Path) -> None:
     """kernel_tuning.csv: every candidate config the Triton kernel's autotuner timed in this sweep (CUDA
     only: the interpreter never tunes), so the next session can see which tiles and TMA paid off."""

@@ -224,52 +224,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    import kernels
-
-    if not kernels.HAS_TRITON:
-        print("kernel-check needs triton", file=sys.stderr)
-        return 2
+def run_pairs(
+    layout_name: str,
+    layout: AttentionLayout,
+    heads: int,
+    head_dim: int,
+    dtype_name: str,
+    tma_arg: str = "auto",
+    indices: str | list[int] = "all",
+    modes: tuple[str, ...] = ("split", "atomic"),
+    out: Path | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Check the (candidate, scheme) pairs at this shape and return their rows, appending them to ``out``
+    (resumed: pairs already there are not run again; a pair a dead process left behind is recorded as
+    crashed). ``indices`` "autotuned" checks the configs this process's autotuner picks."""
     ia = _ia()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    device = layout.device
+    dtype = getattr(torch, dtype_name)
     hopper = ia._tma_possible(torch.empty(1, device=device, dtype=torch.bfloat16)) and dtype != torch.float32
-    tma = {"auto": None if hopper else False, "on": True, "off": False}[args.tma]
-    layout = make_layout(args.layout, args.batch, args.seq_len, device)
+    tma = {"auto": None if hopper else False, "on": True, "off": False}[tma_arg]
+    # Autotuned with --tma auto: no restriction at all, so the process's own setting (the environment's
+    # INTERVAL_ATTENTION_TMA) applies, and the rows name it.
+    keep_setting = indices == AUTOTUNED and tma_arg == "auto"
+    if keep_setting:
+        tma_arg = {None: "auto", False: "off", True: "on"}[ia._TMA_MODE]
     bsz, seq_len = layout.batch_size, layout.kv_len
-    shape = (bsz, args.heads, seq_len, args.head_dim)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    shape = (bsz, heads, seq_len, head_dim)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     tensors = {n: torch.randn(*shape, generator=gen).to(device, dtype) for n in "qkvg"}
     for n in "qkv":
         tensors[n].requires_grad_(True)
     ref = reference(*(tensors[n].detach() for n in "qkvg"), layout)
     tol = TOLERANCE[dtype]
-    n_idx, n_atomic = _candidate_range(tma, dtype, args.head_dim)
-    if args.indices == AUTOTUNED:
-        pairs = [(AUTOTUNED, m) for m in args.modes]
+    n_idx, n_atomic = _candidate_range(tma, dtype, head_dim)
+    if indices == AUTOTUNED:
+        pairs = [(AUTOTUNED, m) for m in modes]
     else:
-        indices = range(n_idx) if args.indices == "all" else args.indices
-        pairs = [(i, m) for i in indices for m in args.modes if m == "split" or i < max(1, n_atomic)]
-    base = dict(layout=args.layout, batch=bsz, heads=args.heads, seq_len=seq_len, head_dim=args.head_dim,
-                dtype=args.dtype, tma=args.tma, tolerance=tol)  # fmt: skip
+        chosen = range(n_idx) if indices == "all" else indices
+        pairs = [(i, m) for i in chosen for m in modes if m == "split" or i < max(1, n_atomic)]
+    base = dict(layout=layout_name, batch=bsz, heads=heads, seq_len=seq_len, head_dim=head_dim,
+                dtype=dtype_name, tma=tma_arg, tolerance=tol)  # fmt: skip
 
-    if args.out:
+    if out:
         meta = {k: v for k, v in base.items() if k != "tolerance"}
-        atomic_write_json(args.out.with_name(args.out.stem + "_provenance.json"),
-                          provenance(device, seed=args.seed, **meta))  # fmt: skip
-    rows = _read_rows(args.out) if args.out else []
+        atomic_write_json(out.with_name(out.stem + "_provenance.json"), provenance(device, seed=seed, **meta))
+    rows = _read_rows(out) if out else []
     # One CSV can hold several shapes' checks: a pair is done when a row has its shape, index and mode.
     done = {_key(r) for r in rows}
-    running = args.out.with_suffix(".running") if args.out else None
+    running = out.with_suffix(".running") if out else None
     if running and running.exists():  # the previous run died inside this pair (its row in the file)
         died = json.loads(running.read_text())
         if _key(died) not in done:
             rows.append(dict(died, status="crashed", error="the process died here"))
             done.add(_key(died))
-            _write_rows(args.out, rows)
+            _write_rows(out, rows)
         running.unlink()
-    print(f"kernel-check: {args.layout} layout, shape {shape}, {args.dtype}, tma={args.tma} on {device}; "
+    print(f"kernel-check: {layout_name} layout, shape {shape}, {dtype_name}, tma={tma_arg} on {device}; "
           f"{len(pairs)} pairs", flush=True)  # fmt: skip
     for index, mode in pairs:
         if _key(dict(base, index=index, mode=mode)) in done:
@@ -278,17 +289,15 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode)))
         try:
             pin = None if index == AUTOTUNED else index
-            row = check_pair(
-                tensors, layout, tma, pin, mode, ref, tol, restrict=pin is not None or args.tma != "auto"
-            )
+            row = check_pair(tensors, layout, tma, pin, mode, ref, tol, restrict=not keep_setting)
         except Exception as e:  # a config that does not compile or launch: record it and go on
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             if device.type == "cuda" and ("CUDA error" in msg or "[CUDA]" in msg):
                 # The CUDA context is gone (an illegal address, say): record the pair and end the process;
                 # the next run with this --out goes on with the remaining pairs.
                 rows.append(dict(base, index=index, mode=mode, status="crashed", error=msg))
-                if args.out:
-                    _write_rows(args.out, rows)
+                if out:
+                    _write_rows(out, rows)
                     running.unlink()
                 raise
             row = dict(status="error", error=msg)
@@ -298,14 +307,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"index {index} {mode:6s} {row['status']:5s} fwd [{row.get('fwd_config', '')}] "
               f"dkdv [{row.get('dkdv_config', '')}] dq [{row.get('dq_config', '')}] {errs} "
               f"{row.get('error', '')}", flush=True)  # fmt: skip
-        if args.out:
-            _write_rows(args.out, rows)
+        if out:
+            _write_rows(out, rows)
         if running:
             running.unlink()
+    mine = {_key(dict(base, index=i, mode=m)) for i, m in pairs}
+    return [r for r in rows if _key(r) in mine]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import kernels
+
+    if not kernels.HAS_TRITON:
+        print("kernel-check needs triton", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = make_layout(args.layout, args.batch, args.seq_len, device)
+    rows = run_pairs(args.layout, layout, args.heads, args.head_dim, args.dtype, args.tma, args.indices,
+                     tuple(args.modes), args.out, args.seed)  # fmt: skip
     failed = [r for r in rows if r["status"] != "pass"]
     print(f"kernel-check: {len(rows) - len(failed)} of {len(rows)} pairs pass", flush=True)
     if args.timing and device.type == "cuda":
-        print(timing_probe(layout, shape, dtype), flush=True)
+        shape = (layout.batch_size, args.heads, layout.kv_len, args.head_dim)
+        print(timing_probe(layout, shape, getattr(torch, args.dtype)), flush=True)
     return 1 if failed else 0
 
 

@@ -108,3 +108,30 @@ def test_one_file_holds_several_shapes(tmp_path):
     rows = _rows(out)
     got = [(r["seq_len"], r["index"], r["status"]) for r in rows]
     assert got == [("40", "0", "pass"), ("24", "autotuned", "pass")]
+
+
+def test_the_sweep_checks_the_configs_it_tuned(tmp_path, monkeypatch):
+    """bench attention --kernel-check: after the sweep, in its process, the autotuned configs at the pivot
+    shape are checked, both schemes, into the folder's kernel_check.csv."""
+    from bench.attention import SweepProfile, check_pivot_kernel, run_sweep
+
+    profile = SweepProfile(name="tiny", device="cpu", backends=["triton"], seq_lens=[48], head_dims=[32],
+                           dtypes=["bfloat16"], image_tokens=[16], image_fractions=[0.5], heads=1,
+                           tokens_per_batch=96, warmup=0, reps=1, pivot_len=48, modes=("fwd",))  # fmt: skip
+    rows = run_sweep(profile, tmp_path)
+    assert [r["status"] for r in rows if r["backend"] == "triton"] == ["ok"]
+    checked = check_pivot_kernel(profile, rows, tmp_path)
+    got = [(r["index"], r["mode"], r["status"]) for r in checked]
+    assert got == [("autotuned", "split", "pass"), ("autotuned", "atomic", "pass")]
+    assert [(r["batch"], r["heads"], r["seq_len"]) for r in _rows(tmp_path / "kernel_check.csv")] == [
+        ("2", "1", "48"), ("2", "1", "48")]  # fmt: skip
+    # no triton timing at the pivot shape: nothing to check
+    assert check_pivot_kernel(profile, [dict(r, status="oom") for r in rows], tmp_path / "other") == []
+
+
+def test_the_exit_status_counts_only_this_runs_pairs(tmp_path):
+    out = tmp_path / "kc.csv"
+    other = {k: "x" for k in kernel_check.FIELDS} | dict(status="fail", seq_len=999)  # another shape's row
+    kernel_check._write_rows(out, [other])
+    assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 0
+    assert [r["status"] for r in _rows(out)] == ["fail", "pass"]

@@ -904,7 +904,13 @@ def test_gpu_every_candidate_config(head_dim):
     n = max(ia.candidate_count(k, dtype, head_dim) for k in ("fwd", "dkdv", "dkdv-atomic", "dq"))
     case = random_case(2, 1100, 1100, max_doc=900, max_image=300)
     n_atomic = ia.candidate_count("dkdv-atomic", dtype, head_dim)
+    failures = []  # every failing pair, named with the configs it launched (not only the first)
     for index in range(n):
         for mode in ("split", "atomic")[: 2 if index < n_atomic else 1]:  # each scheme's dK/dV kernel
+            ia.launched_configs(reset=True)
             with ia.kernel_configs(tma=None if HAS_HOPPER else False, index=index), ia.backward_mode(mode):
-                check_case(case, 2, head_dim, dtype, "cuda")
+                try:
+                    check_case(case, 2, head_dim, dtype, "cuda")
+                except AssertionError as e:
+                    failures.append(f"index {index} {mode} {ia.launched_configs()}: {str(e).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
