@@ -3,7 +3,8 @@
 Each row of the CSV is one (backend, shape, mode) measurement: median milliseconds over repeated runs
 after warm-up, timed two ways on CUDA: ``ms`` is the host's wall time of one call with a device
 synchronization after each (host launch overhead included), ``device_ms`` the CUDA-event time of one call
-among calls launched back to back (the device's time; the host's overhead hides while it keeps ahead).
+among calls launched back to back (the device's time; the host's overhead hides while it keeps ahead),
+``host_ms`` the host's time per call to issue those (its launch overhead).
 TFLOP/s (``tflops``, ``device_tflops``) are counted on allowed (query, key) pairs only
 (forward 4*D per pair per head, backward 2.5x forward), peak memory, the time to build the backend's
 mask structure from the layout, and the tiles computed. Two ceilings are measured in the same run: the
@@ -112,6 +113,10 @@ PROFILES = {
 }
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,16 +135,20 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps:
     return statistics.median(times)
 
 
-def device_median_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median CUDA-event milliseconds of one call of ``fn``, the calls launched back to back with no host
-    synchronization between them (one at the end). CUDA only."""
+def device_and_host_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Calls of ``fn`` launched back to back with no host synchronization between them (one at the
+    end): the median CUDA-event milliseconds of one call on the device, and the host's milliseconds per
+    call to issue them. When the host's time is the larger, the device idles between calls. CUDA only."""
     events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(reps)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for start, end in events:
         start.record()
         fn()
         end.record()
+    host = (time.perf_counter() - t0) * 1e3 / reps
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return statistics.median(start.elapsed_time(end) for start, end in events), host
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -237,11 +246,12 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         if device.type == "cuda":  # the peak of the timed steps, not of autotuning's benchmark buffers
             torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, profile.warmup, profile.reps)
-        dev_ms = device_median_ms(step, profile.reps) if device.type == "cuda" else float("nan")
+        nan = float("nan")
+        dev_ms, host_ms = device_and_host_ms(step, profile.reps) if device.type == "cuda" else (nan, nan)
     except torch.OutOfMemoryError as e:
-        return dict(row, status="oom", error=str(e).splitlines()[0][:200])
+        return dict(row, status="oom", error=_first_line(e))
     except Exception as e:  # an unsupported shape inside a library: record it and go on
-        return dict(row, status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return dict(row, status="error", error=f"{type(e).__name__}: {_first_line(e)}")
     finally:
         t.clear()
         gc.collect()
@@ -250,7 +260,7 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
     else:  # high-water mark of the process: grows only when this config needed more than any before
         row["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-    row.update(device_ms=dev_ms, device_tflops=flops / (dev_ms * 1e-3) / 1e12)
+    row.update(device_ms=dev_ms, device_tflops=flops / (dev_ms * 1e-3) / 1e12, host_ms=host_ms)
     row.update(_tiles(backend, layout, D, dtype) if not causal else {})
     return row
 

@@ -3,7 +3,8 @@
 #   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
 #   2. checks every autotuning candidate of the Triton kernel, pinned in turn, and both backward schemes,
 #      on two mixed rows (python -m bench kernel-check: one CSV row per pair, a crash recorded and passed);
-#      if any pair fails, the rest runs with the TMA candidates off (INTERVAL_ATTENTION_TMA=0);
+#      the configs found wrong are left out of the rest (INTERVAL_ATTENTION_EXCLUDE), and if the checks
+#      run out of time, the TMA candidates too (INTERVAL_ATTENTION_TMA=0);
 #   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
 #      (pytest -m gpu, in parallel processes: compiles are CPU-bound); the log goes to gpu_tests.txt;
 #   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary), and
@@ -44,7 +45,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 start=$(date +%s)
 CHECK_CSV=$RESULTS/kernel_check.csv
-rm -f "$CHECK_CSV" "$RESULTS/kernel_check.running"
+# Checks of earlier runs must not be read beside this one's (the summary and plots read every
+# kernel_check*.csv in the folder).
+rm -f "$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running "$RESULTS"/kernel_check*_provenance.json
 kernel_check() {  # limit args...: retried past a crashed pair (the CUDA context dies with it) until done
   local limit=$1; shift
   local until=$(( $(date +%s) + limit )) rc=1
@@ -53,10 +56,10 @@ kernel_check() {  # limit args...: retried past a crashed pair (the CUDA context
     [ "$left" -gt 5 ] || break
     timeout "$left" python3 -m bench kernel-check "$@" --out "$CHECK_CSV" 2>&1 | grep -v "UserWarning\|run_backward"
     rc=${PIPESTATUS[0]}
-    [ -e "$RESULTS/kernel_check.running" ] || break  # finished (pass or fail), not crashed
+    [ -e "$RESULTS/kernel_check.running" ] || break  # finished (pass or fail); a crash leaves the marker
   done
-  if [ -e "$RESULTS/kernel_check.running" ]; then  # out of time inside a pair: not a crash
-    echo "out of time inside pair $(cat "$RESULTS/kernel_check.running")"
+  if [ -e "$RESULTS/kernel_check.running" ]; then  # out of time, or out of tries, inside a pair
+    echo "stopped inside pair $(cat "$RESULTS/kernel_check.running") (out of time, or the last try died)"
     rm -f "$RESULTS/kernel_check.running"
   fi
   return "$rc"
@@ -67,9 +70,16 @@ echo "== every candidate config, pinned, both backward schemes" | tee "$RESULTS/
 CUDA_LAUNCH_BLOCKING=1 kernel_check "$CHECK_TIMEOUT_S" --layout mixed --heads 2 --tma auto \
   | tee -a "$RESULTS/gpu_tests.txt"
 config_rc=${PIPESTATUS[0]}
-if [ "$config_rc" -ne 0 ]; then  # a failure, or out of time with some candidates unchecked
-  echo "candidate configs did not all pass (exit $config_rc; 124: out of time): the rest runs with" \
-    "INTERVAL_ATTENTION_TMA=0" | tee -a "$RESULTS/gpu_tests.txt"
+# The configs found wrong (a failed pair's culprit; a crashed pair's configs that passed nowhere) are left
+# out of everything that follows. Out of time, with candidates unchecked: the TMA ones go too.
+exclude=$(python3 -m bench kernel-check --exclusions-from "$RESULTS" 2>/dev/null)
+if [ -n "$exclude" ]; then
+  echo "leaving out the configs found wrong: INTERVAL_ATTENTION_EXCLUDE='$exclude'" | tee -a "$RESULTS/gpu_tests.txt"
+  export INTERVAL_ATTENTION_EXCLUDE=$exclude
+fi
+if [ "$config_rc" -eq 124 ]; then
+  echo "candidate checks ran out of time: the rest runs with INTERVAL_ATTENTION_TMA=0" \
+    | tee -a "$RESULTS/gpu_tests.txt"
   export INTERVAL_ATTENTION_TMA=0
 fi
 echo "config checks: exit $config_rc after $(( $(date +%s) - start )) s"

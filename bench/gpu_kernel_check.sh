@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short GPU run (about 4 to 5 minutes) that localizes the Triton kernel's CUDA failures instead of the
+# A short GPU run (about 2 minutes: 126 s on the H200 on 2026-11-28) that localizes the Triton kernel's CUDA failures instead of the
 # whole of bench/gpu.sh: every candidate config pinned in turn (python -m bench kernel-check) on the two
 # rows where the every-candidate test failed and at the sweep's headline shape, pointer and TMA configs;
 # then the per-kernel breakdown that died with an illegal memory access, under CUDA_LAUNCH_BLOCKING=1 so
@@ -21,7 +21,7 @@ check() {  # name timeout args...: a crashed pair is recorded by the next try, w
     [ "$left" -gt 5 ] || break
     CUDA_LAUNCH_BLOCKING=1 timeout "$left" python3 -m bench kernel-check "$@" --out "$RESULTS/$name.csv"
     rc=$?
-    [ -e "$RESULTS/$name.running" ] || break  # finished (pass or fail), not crashed
+    [ -e "$RESULTS/$name.running" ] || break  # finished (pass or fail); a crash leaves the marker
   done
   echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
 }
@@ -40,7 +40,8 @@ INTERVAL_ATTENTION_TMA=0 timeout 45 python3 -m bench kernel-check --layout bench
   --heads 16 --tma off --indices 0 --modes split --timing 2>&1 | tail -n 8
 echo "== timing: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 if [ -n "${OUT:-}" ]; then
-  # the device tool brings back 8 files: the CSVs, one provenance (the runs differ only in the arguments
-  # that the log shows) and the log; a .running file means a pair crashed on the last try
+  # the device tool brings back 8 files: the 3 check CSVs, the breakdown CSV, one provenance (the runs
+  # differ only in the arguments the log shows), a .running file where a check stopped inside a pair on
+  # its last try (rarely more than one), and the caller's tee'd console log
   cp "$RESULTS"/*.csv "$RESULTS"/mixed_provenance.json "$RESULTS"/*.running "$OUT"/ 2>/dev/null
 fi

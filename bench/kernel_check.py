@@ -30,6 +30,7 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from bench.workloads import benchmark_layout
@@ -96,10 +97,16 @@ def _candidate_range(tma: bool | None, dtype: torch.dtype, head_dim: int) -> tup
 
 
 def _fmt_config(cfg: tuple | None) -> str:
-    if cfg is None:
-        return ""
-    bm, bn, warps, stages, tma, *dq_t = cfg
-    return f"{bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" dqT" if dq_t and dq_t[0] else "")
+    return "" if cfg is None else _ia().config_name(cfg)
+
+
+def _config_columns(configs: dict[str, str], mode: str) -> dict[str, str]:
+    """The CSV's config columns from {kernel: config name}."""
+    return {
+        "fwd_config": configs.get("fwd", ""),
+        "dkdv_config": configs.get("dkdv-atomic" if mode == "atomic" else "dkdv", ""),
+        "dq_config": configs.get("dq", "") if mode == "split" else "atomic",
+    }
 
 
 def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: int | None, mode: str,
@@ -108,19 +115,24 @@ def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: 
     lets the autotuner choose, as the sweep does; ``restrict`` False keeps the process's TMA setting."""
     ia = _ia()
     q, k, v, g = (tensors[n] for n in "qkvg")
-    for t in (q, k, v):
-        t.grad = None
+
+    def call(poison: bool) -> torch.Tensor:
+        for t in (q, k, v):
+            t.grad = None
+        configs = ia.kernel_configs(tma=tma, index=index) if restrict else contextlib.nullcontext()
+        with configs, ia.backward_mode(mode), ia.poison_outputs() if poison else contextlib.nullcontext():
+            out = ia.interval_attention(q, k, v, layout.lo, layout.hi)
+            out.backward(g)
+        return out
+
+    if index is None:
+        # Autotuning benchmarks every candidate into the call's own output buffers, which would fill in
+        # what the chosen config leaves unwritten: tune in an unchecked call first, then check a fresh one.
+        call(poison=False)
     ia.launched_configs(reset=True)
-    configs = ia.kernel_configs(tma=tma, index=index) if restrict else contextlib.nullcontext()
-    with configs, ia.backward_mode(mode), ia.poison_outputs():
-        out = ia.interval_attention(q, k, v, layout.lo, layout.hi)
-        out.backward(g)
-    launched = ia.launched_configs()
-    row: dict = {
-        "fwd_config": _fmt_config(launched.get("fwd")),
-        "dkdv_config": _fmt_config(launched.get("dkdv-atomic" if mode == "atomic" else "dkdv")),
-        "dq_config": _fmt_config(launched.get("dq")) if mode == "split" else "atomic",
-    }
+    out = call(poison=True)
+    launched = {name: _fmt_config(cfg) for name, cfg in ia.launched_configs().items()}
+    row: dict = _config_columns(launched, mode)
     ok = True
     for name, got in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         x = got.detach().float()
@@ -131,6 +143,74 @@ def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: 
         ok &= nan == 0 and err <= tol
     row["status"] = "pass" if ok else "fail"
     return row
+
+
+def read_checks(folder: Path) -> pd.DataFrame:
+    """Every kernel-check CSV in a results folder (``kernel_check*.csv``), with a ``file`` column."""
+    paths = sorted(Path(folder).glob("kernel_check*.csv"))
+    if not paths:
+        return pd.DataFrame()
+    frames = [pd.read_csv(p, dtype={"index": str, "error": str}).assign(file=p.name) for p in paths]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _dkdv_kernel(mode: str) -> str:
+    return "dkdv-atomic" if mode == "atomic" else "dkdv"
+
+
+def suspects(row: pd.Series) -> list[tuple[str, str]]:
+    """The (kernel, config) a failed pair points to: a wrong output points to the forward (every
+    gradient is then suspect too); wrong dK or dV to the dK/dV kernel; wrong dQ to the dQ kernel, or in
+    the atomic scheme to the dK/dV kernel, which adds dQ."""
+    tol = float(row["tolerance"])
+
+    def bad(name: str) -> bool:
+        return int(row[f"{name}_nan"]) > 0 or not float(row[f"{name}_err"]) <= tol
+
+    dkdv = (_dkdv_kernel(row["mode"]), row["dkdv_config"])
+    if bad("out"):
+        return [("fwd", row["fwd_config"])]
+    out = []
+    if bad("dk") or bad("dv"):
+        out.append(dkdv)
+    if bad("dq"):
+        out.append(dkdv if row["mode"] == "atomic" else ("dq", row["dq_config"]))
+    return list(dict.fromkeys(out))
+
+
+def _row_configs(row: pd.Series) -> list[tuple[str, str]]:
+    """(kernel, config) of every kernel a pair ran (or, for a crashed pinned pair, was to run)."""
+    cols = [("fwd", "fwd_config"), (_dkdv_kernel(row["mode"]), "dkdv_config")]
+    cols += [("dq", "dq_config")] if row["mode"] == "split" else []
+    return [(k, str(row[c])) for k, c in cols if pd.notna(row[c]) and str(row[c]) not in ("", "atomic")]
+
+
+def wrong_configs(checks: pd.DataFrame) -> set[tuple[str, str, int, str]]:
+    """(kernel, dtype, head dim, config) that the checks found wrong: what a failed pair points to, and
+    every config of a crashed or erroring pair that no passing pair at the same dtype and head dim ran."""
+    if checks.empty:
+        return set()
+    where = [(str(r["dtype"]), int(r["head_dim"])) for _, r in checks.iterrows()]
+    passed = {(k, *w, c) for (_, r), w in zip(checks.iterrows(), where) if r["status"] == "pass"
+              for k, c in _row_configs(r)}  # fmt: skip
+    wrong = set()
+    for (_, r), (dtype, head_dim) in zip(checks.iterrows(), where):
+        if r["status"] == "fail":
+            wrong |= {(k, dtype, head_dim, c) for k, c in suspects(r)}
+        elif r["status"] in ("crashed", "error"):
+            wrong |= {(k, dtype, head_dim, c) for k, c in _row_configs(r)} - passed
+    return wrong
+
+
+def exclusions(checks: pd.DataFrame) -> str:
+    """The INTERVAL_ATTENTION_EXCLUDE value that drops every config the checks found wrong."""
+    return ";".join(",".join(map(str, w)) for w in sorted(wrong_configs(checks)))
+
+
+def is_fatal(message: str) -> bool:
+    """An error after which this process can launch nothing more on the GPU (a CUDA error kills the
+    context: the next call fails whatever it is)."""
+    return "CUDA error" in message or "[CUDA]" in message
 
 
 def _key(row: dict) -> tuple[str, ...]:
@@ -156,12 +236,14 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.dtype, reps: int = 20) -> str:
     """Wall (synchronized per call, as the sweep times) and device (CUDA events) milliseconds of triton
     and flex at this shape, forward and forward+backward, as a Markdown table."""
-    from bench.attention import device_median_ms, median_ms
+    from bench.attention import device_and_host_ms, median_ms
     from transfusion.attention import attend
 
     device = layout.device
-    lines = ["| backend | mode | wall ms (sync per call) | device ms (events, back to back) |"]
-    lines.append("|---|---|---|---|")
+    lines = [
+        "| backend | mode | wall ms (sync per call) | device ms (events, back to back) | host ms per call |"
+    ]
+    lines.append("|---|---|---|---|---|")
 
     def make_step(backend: str, grad: bool):
         t = {n: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad) for n in "qkvg"}
@@ -171,6 +253,8 @@ def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.d
                 out = attend(t["q"], t["k"], t["v"], layout, backend=backend)
                 if grad:
                     out.backward(t["g"])
+                    for n in "qkv":  # as the sweep's step: no gradient accumulation across calls
+                        t[n].grad = None
 
         return step
 
@@ -178,8 +262,8 @@ def timing_probe(layout: AttentionLayout, shape: tuple[int, ...], dtype: torch.d
         for mode in ("fwd", "fwd_bwd"):
             step = make_step(backend, mode == "fwd_bwd")
             wall = median_ms(step, device, warmup=3, reps=reps)
-            dev = device_median_ms(step, reps)
-            lines.append(f"| {backend} | {mode} | {wall:.3f} | {dev:.3f} |")
+            dev, host = device_and_host_ms(step, reps)
+            lines.append(f"| {backend} | {mode} | {wall:.3f} | {dev:.3f} | {host:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +290,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="CSV of the pairs; an existing one is resumed (its pairs are skipped)")  # fmt: skip
     p.add_argument("--timing", action="store_true", help="also time triton and flex (CUDA only)")
+    p.add_argument("--exclusions-from", type=Path, default=None, metavar="FOLDER",
+                   help="print the INTERVAL_ATTENTION_EXCLUDE value that drops every config the folder's "
+                        "kernel_check*.csv found wrong, and exit")  # fmt: skip
     args = p.parse_args(argv)
     if args.batch < 1 or args.seq_len < 1 or args.heads < 1:
         p.error(f"--batch, --seq-len, --heads must be >= 1; got {args.batch}, {args.seq_len}, {args.heads}")
@@ -251,18 +338,21 @@ def run_pairs(
         tma_arg = {None: "auto", False: "off", True: "on"}[ia._TMA_MODE]
     bsz, seq_len = layout.batch_size, layout.kv_len
     shape = (bsz, heads, seq_len, head_dim)
+    n_idx, n_atomic = _candidate_range(tma, dtype, head_dim)
+    if indices == AUTOTUNED:
+        pairs = [(AUTOTUNED, m) for m in modes]
+    else:
+        chosen = range(n_idx) if indices == "all" else indices
+        if max(chosen, default=0) >= n_idx:
+            raise ValueError(f"--indices {list(chosen)}: {dtype_name} at head dim {head_dim}, tma={tma_arg}, "
+                             f"has {n_idx} candidates (indices 0 to {n_idx - 1})")  # fmt: skip
+        pairs = [(i, m) for i in chosen for m in modes if m == "split" or i < n_atomic]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tensors = {n: torch.randn(*shape, generator=gen).to(device, dtype) for n in "qkvg"}
     for n in "qkv":
         tensors[n].requires_grad_(True)
     ref = reference(*(tensors[n].detach() for n in "qkvg"), layout)
     tol = TOLERANCE[dtype]
-    n_idx, n_atomic = _candidate_range(tma, dtype, head_dim)
-    if indices == AUTOTUNED:
-        pairs = [(AUTOTUNED, m) for m in modes]
-    else:
-        chosen = range(n_idx) if indices == "all" else indices
-        pairs = [(i, m) for i in chosen for m in modes if m == "split" or i < max(1, n_atomic)]
     base = dict(layout=layout_name, batch=bsz, heads=heads, seq_len=seq_len, head_dim=head_dim,
                 dtype=dtype_name, tma=tma_arg, tolerance=tol)  # fmt: skip
 
@@ -285,22 +375,29 @@ def run_pairs(
     for index, mode in pairs:
         if _key(dict(base, index=index, mode=mode)) in done:
             continue
+        pin = None if index == AUTOTUNED else index
+        # The configs a pinned pair will launch, known before it runs: a pair that kills the process
+        # still names them (an autotuned pair's are known only once the autotuner has chosen).
+        planned = {}
+        if pin is not None:
+            with ia.kernel_configs(tma=tma, index=pin):
+                planned = _config_columns(
+                    ia.planned_configs(getattr(torch, dtype_name), head_dim, device, mode), mode
+                )
         if running:
-            atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode)))
+            atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode, **planned)))
         try:
-            pin = None if index == AUTOTUNED else index
             row = check_pair(tensors, layout, tma, pin, mode, ref, tol, restrict=not keep_setting)
         except Exception as e:  # a config that does not compile or launch: record it and go on
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if device.type == "cuda" and ("CUDA error" in msg or "[CUDA]" in msg):
-                # The CUDA context is gone (an illegal address, say): record the pair and end the process;
-                # the next run with this --out goes on with the remaining pairs.
-                rows.append(dict(base, index=index, mode=mode, status="crashed", error=msg))
+            msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            if is_fatal(msg):
+                # The CUDA context is gone (an illegal address, say): record the pair and end the process.
+                # The marker stays: the next run with this --out sees the pair done and goes on past it.
+                rows.append(dict(base, index=index, mode=mode, status="crashed", error=msg, **planned))
                 if out:
                     _write_rows(out, rows)
-                    running.unlink()
                 raise
-            row = dict(status="error", error=msg)
+            row = dict(planned, status="error", error=msg)
         rows.append(dict(base, index=index, mode=mode, **row))
         errs = " ".join(f"{n} {row.get(n + '_err', math.nan):.1e}/{row.get(n + '_nan', '-')}nan"
                         for n in ("out", "dq", "dk", "dv"))  # fmt: skip
@@ -317,6 +414,9 @@ def run_pairs(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.exclusions_from is not None:
+        print(exclusions(read_checks(args.exclusions_from)))
+        return 0
     import kernels
 
     if not kernels.HAS_TRITON:
@@ -324,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = make_layout(args.layout, args.batch, args.seq_len, device)
-    rows = run_pairs(args.layout, layout, args.heads, args.head_dim, args.dtype, args.tma, args.indices,
-                     tuple(args.modes), args.out, args.seed)  # fmt: skip
+    try:
+        rows = run_pairs(args.layout, layout, args.heads, args.head_dim, args.dtype, args.tma, args.indices,
+                         tuple(args.modes), args.out, args.seed)  # fmt: skip
+    except ValueError as e:
+        print(f"kernel-check: {e}", file=sys.stderr)
+        return 2
     failed = [r for r in rows if r["status"] != "pass"]
     print(f"kernel-check: {len(rows) - len(failed)} of {len(rows)} pairs pass", flush=True)
     if args.timing and device.type == "cuda":

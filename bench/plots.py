@@ -26,6 +26,20 @@ def _base(df: pd.DataFrame) -> pd.DataFrame:
     return ok[sel & (ok.image_fraction == first.image_fraction)]
 
 
+def drop_invalid(base: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
+    """The rows without the Triton timings that cannot stand (bench.summary.invalid_triton_modes: a
+    config bench kernel-check found wrong, or a failed check of the autotuned configs)."""
+    from bench.summary import invalid_triton_modes
+
+    if not len(base):
+        return base
+    first = base.iloc[0]
+    for seq_len in base.seq_len.unique():
+        for mode in invalid_triton_modes(results_dir, int(first.head_dim), str(first["dtype"]), int(seq_len)):
+            base = base[~((base.backend == "triton") & (base["mode"] == mode) & (base.seq_len == seq_len))]
+    return base
+
+
 def _title(df: pd.DataFrame, meta: dict) -> str:
     f = df.iloc[0]
     return (
@@ -39,17 +53,7 @@ def plot_attention(results_dir: Path) -> list[Path]:
     meta = json.loads((results_dir / "attention_provenance.json").read_text())
     plots = results_dir / "plots"
     plots.mkdir(exist_ok=True)
-    base = _base(df)
-    # Drop the Triton timings that ran a config bench kernel-check found wrong (see bench.summary).
-    from bench.summary import invalid_triton_modes
-
-    if len(base):
-        first = base.iloc[0]
-        for seq_len in base.seq_len.unique():
-            bad = invalid_triton_modes(results_dir, int(first.head_dim), str(first["dtype"]), int(seq_len))
-            for mode in bad:
-                hit = (base.backend == "triton") & (base["mode"] == mode) & (base.seq_len == seq_len)
-                base = base[~hit]
+    base = drop_invalid(_base(df), results_dir)
     made = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)

@@ -48,7 +48,7 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
             else:
                 cells += [f"{r.ms:.3g}", f"{r.tflops:.3g}"]
                 if backend == "triton" and mode in invalid:
-                    status.append(f"{mode}: INVALID, ran {invalid[mode]}, wrong in kernel-check")
+                    status.append(f"{mode}: INVALID, {invalid[mode]}")
         mem = at.loc[(backend, "fwd_bwd")].peak_mem_mb if (backend, "fwd_bwd") in at.index else float("nan")
         lines.append(f"| {backend} | {' | '.join(cells)} | {mem:.0f} | {'; '.join(status) or 'ok'} |")
     peak = meta.get("matmul_peak_tflops", {}).get(first["dtype"])
@@ -58,14 +58,20 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
     has_device = "device_ms" in at.columns and at.device_ms.notna().any()
     if has_device:
         lines += [
-            "Device time (CUDA events, calls launched back to back; the table above is the wall time of one",
-            "call with a synchronization after it):",
+            "Device time (CUDA events, calls launched back to back) and the host's time per call to issue",
+            "them; the table above is the wall time of one call with a synchronization after it:",
             "",
-            "| backend | fwd device ms | fwd+bwd device ms |",
-            "|---|---|---|",
+            "| backend | fwd device ms | fwd host ms | fwd+bwd device ms | fwd+bwd host ms |",
+            "|---|---|---|---|---|",
         ]
         for backend in dict.fromkeys(b for b, _ in at.index):
-            cells = [_time_cell(at, backend, m, "device_ms") for m in ("fwd", "fwd_bwd")]
+            cells = []
+            for m in ("fwd", "fwd_bwd"):
+                flag = " (INVALID)" if backend == "triton" and m in invalid else ""
+                cells += [
+                    _time_cell(at, backend, m, "device_ms") + flag,
+                    _time_cell(at, backend, m, "host_ms"),
+                ]
             lines.append(f"| {backend} | {' | '.join(cells)} |")
         lines.append("")
 
@@ -105,8 +111,8 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
             f"| {n} | {v:.2f} | {t:.2f} | {'yes' if v >= t else 'no'} |" for n, v, t in wall if v is not None
         ]
     if invalid:
-        lines += ["", "Goals left out: " + "; ".join(f"triton {m} ran {c}" for m, c in invalid.items())
-                  + ", which bench kernel-check found wrong (below)."]  # fmt: skip
+        left_out = "; ".join(f"triton {m} ({why})" for m, why in invalid.items())
+        lines += ["", f"Goals left out: {left_out}. The checks are listed below."]
     lines += _tuning_lines(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
     lines += _kernel_check_lines(results_dir)
     lines += _breakdown_lines(results_dir)
@@ -211,73 +217,56 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
     return lines
 
 
-# kernel-check CSV columns: which kernel's config a wrong tensor points to (dQ of the atomic scheme comes
-# from its dK/dV kernel; a wrong output makes every gradient suspect, so it points to the forward only).
-def _suspects(r: pd.Series, tol: float) -> list[tuple[str, str]]:
-    def bad(name: str) -> bool:
-        return int(r[f"{name}_nan"]) > 0 or not float(r[f"{name}_err"]) <= tol
-
-    dkdv = "dkdv-atomic" if r["mode"] == "atomic" else "dkdv"
-    if bad("out"):
-        return [("fwd", r.fwd_config)]
-    out = []
-    if bad("dk") or bad("dv"):
-        out.append((dkdv, r.dkdv_config))
-    if bad("dq"):
-        out.append((dkdv, r.dkdv_config) if r["mode"] == "atomic" else ("dq", r.dq_config))
-    return list(dict.fromkeys(out))
-
-
-def _kernel_check_rows(results_dir: Path) -> pd.DataFrame:
-    paths = sorted(results_dir.glob("kernel_check*.csv"))
-    if not paths:
-        return pd.DataFrame()
-    frames = [pd.read_csv(p, dtype={"index": str}).assign(file=p.name) for p in paths]
-    return pd.concat(frames, ignore_index=True)
-
-
-def _wrong_configs(results_dir: Path) -> set[tuple[str, str]]:
-    """(kernel, config) pairs that a kernel-check row in the folder found wrong (failed pairs only: an
-    error or crash names no config)."""
-    df = _kernel_check_rows(results_dir)
-    wrong: set[tuple[str, str]] = set()
-    for _, r in df[df.status == "fail"].iterrows() if not df.empty else []:
-        wrong.update(_suspects(r, float(r.tolerance)))
-    return wrong
-
-
 def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> dict[str, str]:
-    """{"fwd" | "fwd_bwd": "<kernel> <config>"} for the sweep's triton timings at the headline shape whose
-    autotuned choice (kernel_tuning.csv) is a config that kernel-check found wrong."""
-    wrong = _wrong_configs(results_dir)
+    """{"fwd" | "fwd_bwd": why} for the sweep's triton timings at this shape that cannot stand: the
+    autotuner's choice there (kernel_tuning.csv) is a config that a kernel-check in the folder found wrong
+    at this head dim and dtype, or the check of the autotuned configs at this very shape did not pass."""
+    from bench.kernel_check import read_checks, wrong_configs
+
+    checks = read_checks(results_dir)
     path = results_dir / "kernel_tuning.csv"
-    if not wrong or not path.exists():
+    if checks.empty or not path.exists():
         return {}
+    wrong = {(k, c) for k, dt, d, c in wrong_configs(checks) if dt == dtype and d == head_dim}
     df = pd.read_csv(path)
     bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
     at = df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
     chosen = {k: _config(g[g.chosen.astype(bool)].iloc[-1]) for k, g in at.groupby("kernel")
               if k != "backward" and g.chosen.astype(bool).any()}  # fmt: skip
     schemes = at[(at.kernel == "backward") & at.chosen.astype(bool)]
-    scheme = schemes.scheme.iloc[-1] if not schemes.empty else "split"
-    kernels = {
-        "fwd": ["fwd"],
-        "fwd_bwd": ["fwd"] + (["dkdv-atomic"] if scheme == "atomic" else ["dkdv", "dq"]),
-    }
+    # Without the auto scheme's timing (a pinned scheme), every backward kernel tuned here counts.
+    scheme = schemes.scheme.iloc[-1] if not schemes.empty else None
+    backward = {"atomic": ["dkdv-atomic"], "split": ["dkdv", "dq"], None: ["dkdv", "dq", "dkdv-atomic"]}[
+        scheme
+    ]
+    kernels = {"fwd": ["fwd"], "fwd_bwd": ["fwd", *backward]}
+    # The check of the autotuned configs at this shape (bench attention --kernel-check), per scheme.
+    tuned = checks[(checks["index"] == "autotuned") & (checks.head_dim.astype(int) == head_dim)
+                   & (checks["dtype"] == dtype) & (checks.seq_len.astype(int) == seq_len)]  # fmt: skip
+    # A failed pair names its wrong config (above); a crash or error names none, so the timings that ran
+    # the configs it ran cannot stand: the forward unless another autotuned pair here passed (it ran the
+    # same forward), fwd+bwd when the crash was in the scheme the sweep used.
+    tuned_bad = sorted(set(tuned[tuned.status.isin(["crashed", "error"])]["mode"]))
+    fwd_cleared = (tuned.status == "pass").any()
     out = {}
     for mode, names in kernels.items():
         hits = [f"{k} {chosen[k]}" for k in names if k in chosen and (k, chosen[k]) in wrong]
+        unchecked = not fwd_cleared if mode == "fwd" else (scheme is None or scheme in tuned_bad)
         if hits:
-            out[mode] = ", ".join(hits)
+            out[mode] = f"ran {', '.join(hits)}, wrong in kernel-check"
+        elif tuned_bad and unchecked:
+            out[mode] = f"the check of its autotuned configs did not pass ({', '.join(tuned_bad)})"
     return out
 
 
 def _kernel_check_lines(results_dir: Path) -> list[str]:
     """bench kernel-check in this folder: pairs passed per file, and every pair that did not pass."""
-    df = _kernel_check_rows(results_dir)
+    from bench.kernel_check import read_checks, suspects
+
+    df = read_checks(results_dir)
     if df.empty:
         return []
-    lines = ["", "Every candidate config checked against a float32 reference (`bench kernel-check`):", ""]
+    lines = ["", "Kernel configs checked against a float32 reference (`bench kernel-check`):", ""]
     lines += ["| file | shape | TMA | pairs | passed |", "|---|---|---|---|---|"]
     for (file, layout, batch, heads, seq, tma), g in df.groupby(
         ["file", "layout", "batch", "heads", "seq_len", "tma"], sort=False
@@ -292,11 +281,7 @@ def _kernel_check_lines(results_dir: Path) -> list[str]:
             "|---|---|---|---|---|---|---|",
         ]
         for _, r in bad.iterrows():
-            wrong = (
-                ", ".join(f"{k} {c}" for k, c in _suspects(r, float(r.tolerance)))
-                if r.status == "fail"
-                else ""
-            )
+            wrong = ", ".join(f"{k} {c}" for k, c in suspects(r)) if r.status == "fail" else ""
             err = str(r.error)[:80] if pd.notna(r.error) else ""
             dkdv = r.dkdv_config if pd.notna(r.dkdv_config) else "-"
             cells = [r.file, r["index"], r["mode"], r.status, dkdv, wrong, err]

@@ -110,6 +110,8 @@ __all__ = [
     "backward_choices",
     "backward_mode",
     "candidate_count",
+    "config_name",
+    "planned_configs",
     "count_tiles",
     "interpreter_problem",
     "interval_attention",
@@ -169,8 +171,8 @@ ORDER_MIN_QUERIES = 256
 # No GPU list holds a transposed-dQ config: on the H200 under Triton 3.6 both that were listed (16x128 and
 # 32x128, 8 warps, 3 stages, at D = 128) gave wrong dQ (NaN/inf, or 11x the reference's norm in error)
 # and 32x128 an illegal memory access at L = 8192, while the same configs are right in the interpreter
-# and every other config passed (results/gpu/kernel_check/). The code path stays, checked in the
-# interpreter, for a Triton that compiles it right; bench kernel-check tells.
+# and every other config passed (results/gpu/kernel_check_*.csv and NOTES.md). The code path stays,
+# checked in the interpreter, for a Triton that compiles it right; bench kernel-check tells.
 _F, _T = False, True
 # fmt: off
 _GPU_CANDIDATES: dict[str, dict[tuple[str, int], list[tuple]]] = {
@@ -231,6 +233,31 @@ _TMA_MODE: bool | None = False if os.environ.get("INTERVAL_ATTENTION_TMA", "1") 
 _PIN_INDEX: int | None = None
 
 
+def config_name(cfg: tuple) -> str:
+    """A candidate tuple as logs and checks write it: ``32x128 w8 s3 tma``, ``16x128 w8 s3 dqT``."""
+    bm, bn, warps, stages, tma, *dq_t = cfg
+    return f"{bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" dqT" if dq_t and dq_t[0] else "")
+
+
+def _parse_exclusions(text: str) -> frozenset[tuple[str, str, int, str]]:
+    """INTERVAL_ATTENTION_EXCLUDE: candidates to leave out, ``kernel,dtype,head_dim,config`` entries
+    separated by ``;`` (e.g. ``dkdv-atomic,bfloat16,128,32x128 w8 s3 dqT``): how a GPU run drops the
+    configs that ``bench kernel-check`` found wrong before it sweeps."""
+    out = set()
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        parts = [p.strip() for p in entry.split(",")]
+        if len(parts) != 4 or parts[0] not in _GPU_CANDIDATES or not parts[2].isdigit():
+            raise ValueError(
+                f"INTERVAL_ATTENTION_EXCLUDE entry {entry!r}: want 'kernel,dtype,head_dim,config' with "
+                f"kernel one of {sorted(_GPU_CANDIDATES)}"
+            )
+        out.add((parts[0], parts[1], int(parts[2]), parts[3]))
+    return frozenset(out)
+
+
+_EXCLUDED = _parse_exclusions(os.environ.get("INTERVAL_ATTENTION_EXCLUDE", ""))
+
+
 def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
@@ -283,6 +310,15 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, descriptors: boo
         cands = [c for c in cands if not c[4]]
     elif _TMA_MODE:
         cands = [c for c in cands if c[4]]
+    if _EXCLUDED:
+        name = str(dtype).removeprefix("torch.")
+        kept = [c for c in cands if (kernel, name, head_dim, config_name(c)) not in _EXCLUDED]
+        if not kept:
+            raise ValueError(
+                f"INTERVAL_ATTENTION_EXCLUDE leaves kernel {kernel!r} no candidate at {name}, "
+                f"head dim {head_dim}"
+            )
+        cands = kept
     if _PIN_INDEX is not None:
         return [cands[min(_PIN_INDEX, len(cands) - 1)]]
     return cands if _AUTOTUNE else cands[:1]
@@ -820,6 +856,19 @@ def candidate_count(kernel: str, dtype: torch.dtype, head_dim: int, tma: bool | 
     and head dim (``tma``: only TMA / only pointer candidates / all)."""
     cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
     return sum(1 for c in cands if tma is None or c[4] == tma)
+
+
+def planned_configs(dtype: torch.dtype, head_dim: int, device: torch.device, mode: str) -> dict[str, str]:
+    """The config each kernel of one call will run with under the current pinning (``kernel_configs(...,
+    index=i)``) and backward ``mode`` ("split" or "atomic"), by name, known before the launch: a checker
+    can then name the configs of a call that kills the process. Empty when nothing is pinned (the
+    autotuner decides)."""
+    if _PIN_INDEX is None:
+        return {}
+    probe = torch.empty(1, dtype=dtype, device=device)
+    descriptors = _TMA_MODE is not False and bool(_TMA_MODE if INTERPRET else _tma_possible(probe))
+    kernels = ["fwd"] + (["dkdv-atomic"] if mode == "atomic" else ["dkdv", "dq"])
+    return {k: config_name(_candidates(k, dtype, head_dim, descriptors)[0]) for k in kernels}
 
 
 def tuning_log() -> list[dict]:

@@ -51,7 +51,9 @@ def test_tiny_sweep_writes_rows_files_and_report(tmp_path):
     bwd = df[(df.backend == "naive") & (df["mode"] == "fwd_bwd")].iloc[0]
     assert bwd.gflop == pytest.approx(naive.gflop * 3.5)
     assert naive.tflops == pytest.approx(naive.gflop / 1e3 / (naive.ms * 1e-3))
-    assert df.device_ms.isna().all() and df.device_tflops.isna().all()  # CUDA events: no CPU device time
+    assert (
+        df.device_ms.isna().all() and df.device_tflops.isna().all() and df.host_ms.isna().all()
+    )  # CUDA only
     meta = json.loads((out / "attention_provenance.json").read_text())
     assert {"commit", "device", "torch", "command", "seed", "date"} <= set(meta)
     text = summarize(out, seq_len=64)
@@ -269,64 +271,129 @@ def test_summary_of_a_folder_without_a_sweep_says_so(tmp_path):
     assert done.returncode == 2 and "no attention.csv" in done.stderr and "Traceback" not in done.stderr
 
 
-def _kc_row(index, mode, status="pass", dkdv="32x128 w8 s3", dq="128x64 w8 s3", dq_err=0.002, dq_nan=0):
-    return dict(layout="mixed", batch=2, heads=2, seq_len=1100, head_dim=16, dtype="float32", tma="off",
-                index=index, mode=mode, status=status, fwd_config="128x64 w8 s3", dkdv_config=dkdv,
-                dq_config=dq if mode == "split" else "atomic", out_nan=0, out_err=0.002, dq_nan=dq_nan,
-                dq_err=dq_err, dk_nan=0, dk_err=0.002, dv_nan=0, dv_err=0.002, tolerance=0.02,
-                error="")  # fmt: skip
+def _kc_row(index, mode, status="pass", dkdv="32x128 w8 s3", dq="128x64 w8 s3", fwd="128x64 w8 s3", **errs):
+    """A kernel-check CSV row at D = 16, float32; ``errs`` overrides e.g. dq_err, dq_nan."""
+    row = dict(layout="mixed", batch=2, heads=2, seq_len=1100, head_dim=16, dtype="float32", tma="off",
+               index=index, mode=mode, status=status, fwd_config=fwd, dkdv_config=dkdv,
+               dq_config=dq if mode == "split" else "atomic", tolerance=0.02, error="")  # fmt: skip
+    for name in ("out", "dq", "dk", "dv"):
+        row[f"{name}_nan"], row[f"{name}_err"] = 0, 0.002
+    if status in ("crashed", "error"):  # as the checker writes them: no numbers, maybe planned configs
+        row.update({f"{n}_{x}": "" for n in ("out", "dq", "dk", "dv") for x in ("nan", "err")})
+        row["error"] = "RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered"
+    return {**row, **errs}
 
 
-@pytest.mark.parametrize("scheme", ["atomic", "split"])
-def test_summary_leaves_out_timings_of_configs_kernel_check_found_wrong(tmp_path, scheme):
-    """A triton fwd+bwd timing whose autotuned dK/dV-atomic config failed bench kernel-check is marked
-    invalid and left out of the goals; with the split scheme chosen the same file flags nothing."""
-    from bench.plots import plot_attention
-    from bench.summary import invalid_triton_modes
-
-    out = tmp_path / "res"
+def _sweep_folder(out, scheme, checks, device=False):
+    """A results folder with triton and flex at L = 64 (D = 16, float32), the autotuner's choices, and the
+    given kernel-check rows."""
     out.mkdir()
-    common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64)
-    pd.DataFrame(
-        [dict(common, backend=b, mode=m, status="ok", ms=ms, tflops=1.0, peak_mem_mb=1.0, heads=2)
-         for b, m, ms in (("triton", "fwd", 1.0), ("flex", "fwd", 1.2), ("triton", "fwd_bwd", 3.0),
-                          ("flex", "fwd_bwd", 3.6))]
-    ).to_csv(out / "attention.csv", index=False)  # fmt: skip
+    common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64, heads=2,
+                  status="ok", peak_mem_mb=1.0)  # fmt: skip
+    rows = [dict(common, backend=b, mode=m, ms=ms, tflops=1.0)
+            for b, m, ms in (("triton", "fwd", 1.0), ("flex", "fwd", 1.2), ("triton", "fwd_bwd", 3.0),
+                             ("flex", "fwd_bwd", 3.6))]  # fmt: skip
+    if device:
+        rows = [dict(r, device_ms=r["ms"] * 0.9, device_tflops=1.1, host_ms=0.1) for r in rows]
+    pd.DataFrame(rows).to_csv(out / "attention.csv", index=False)
     (out / "attention_provenance.json").write_text(
         json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d"))
     )
     tune = dict(head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, block_n=128, warps=8, stages=3,
                 tma=False, ms=1.0, chosen=True)  # fmt: skip
     pd.DataFrame(
-        [dict(tune, kernel="fwd", block_m=128, block_n=64), dict(tune, kernel="dkdv", block_m=64),
+        [dict(tune, kernel="fwd", block_m=128, block_n=64), dict(tune, kernel="dkdv", block_m=32),
          dict(tune, kernel="dq", block_m=128, block_n=64), dict(tune, kernel="dkdv-atomic", block_m=32,
                                                                 dq_transposed=True)]
         + [dict(kernel="backward", head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, scheme=s,
                 ms=2.0, chosen=s == scheme) for s in ("split", "atomic")]
     ).to_csv(out / "kernel_tuning.csv", index=False)  # fmt: skip
-    pd.DataFrame(
-        [_kc_row(0, "split"), _kc_row(0, "atomic"),
-         _kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0),  # the wrong one
-         _kc_row(2, "split", "fail", dq="64x64 w4 s3", dq_err=float("inf"), dq_nan=5),  # a dq config, unused
-         _kc_row(2, "atomic", "crashed", dkdv=None)]  # an illegal address: names no config
-    ).to_csv(out / "kernel_check_mixed.csv", index=False)  # fmt: skip
+    pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
+    return out
 
-    bad = invalid_triton_modes(out, 16, "float32", 64)
+
+# The sweep's autotuned choices in _sweep_folder: fwd 128x64 w8 s3, dkdv 32x128 w8 s3, dq 128x64 w8 s3,
+# dkdv-atomic 32x128 w8 s3 dqT.
+SUMMARY_CASES = {
+    "atomic dq wrong, atomic chosen": (
+        "atomic", [_kc_row(0, "split"), _kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0)],
+        {"fwd_bwd": "ran dkdv-atomic 32x128 w8 s3 dqT, wrong in kernel-check"},
+    ),
+    "atomic dq wrong, split chosen": (
+        "split", [_kc_row(0, "split"), _kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0)],
+        {},
+    ),
+    "a wrong output points to the forward": (
+        "split", [_kc_row(0, "split", "fail", out_nan=3, dq_err=5.0)],
+        {"fwd": "ran fwd 128x64 w8 s3, wrong in kernel-check",
+         "fwd_bwd": "ran fwd 128x64 w8 s3, wrong in kernel-check"},
+    ),
+    "wrong at another head dim counts not": (
+        "atomic", [_kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0, head_dim=64)], {},
+    ),
+    "a crashed pinned pair's configs, less those that passed elsewhere": (
+        "atomic", [_kc_row(0, "split"), _kc_row(2, "atomic", "crashed", dkdv="32x128 w8 s3 dqT")],
+        {"fwd_bwd": "ran dkdv-atomic 32x128 w8 s3 dqT, wrong in kernel-check"},
+    ),
+    "a crash that names no config": (
+        "atomic", [_kc_row(0, "split"), _kc_row(2, "atomic", "crashed", dkdv="", fwd="", dq="")], {},
+    ),
+    "the autotuned check at this shape crashed": (
+        "split", [_kc_row("autotuned", "split", "crashed", dkdv="", fwd="", dq="", seq_len=64)],
+        {"fwd": "the check of its autotuned configs did not pass (split)",
+         "fwd_bwd": "the check of its autotuned configs did not pass (split)"},
+    ),
+    "the autotuned check of the other scheme crashed": (
+        "split", [_kc_row("autotuned", "split", seq_len=64),
+                  _kc_row("autotuned", "atomic", "crashed", dkdv="", fwd="", dq="", seq_len=64)], {},
+    ),
+    "the autotuned check of the other scheme failed": (
+        "split", [_kc_row("autotuned", "split", seq_len=64),
+                  _kc_row("autotuned", "atomic", "fail", dkdv="32x128 w8 s3", dq_err=3.0, seq_len=64)], {},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SUMMARY_CASES)
+def test_summary_leaves_out_timings_that_cannot_stand(tmp_path, case):
+    """A triton timing whose autotuned config a kernel-check found wrong (at the same dtype and head dim),
+    or whose autotuned check at this shape did not pass, is marked INVALID, left out of the goals and
+    dropped from the plots; other failures leave it alone."""
+    from bench.plots import _base, drop_invalid
+    from bench.summary import invalid_triton_modes
+
+    scheme, checks, want = SUMMARY_CASES[case]
+    out = _sweep_folder(tmp_path / "res", scheme, checks)
+    assert invalid_triton_modes(out, 16, "float32", 64) == want
     text = summarize(out, seq_len=64)
-    if scheme == "atomic":
-        assert bad == {"fwd_bwd": "dkdv-atomic 32x128 w8 s3 dqT"}
-        assert "fwd_bwd: INVALID, ran dkdv-atomic 32x128 w8 s3 dqT" in text
-        assert "triton fwd+bwd speed / flex" not in text and "| triton fwd speed / flex | 1.20 |" in text
-    else:
-        assert bad == {} and "INVALID" not in text
-        assert "| triton fwd+bwd speed / flex | 1.20 | 1.00 | yes |" in text
+    for mode, why in want.items():
+        assert f"{mode}: INVALID, {why}" in text
+    assert ("| triton fwd speed / flex | 1.20 |" in text) == ("fwd" not in want)
+    assert ("| triton fwd+bwd speed / flex | 1.20 |" in text) == ("fwd_bwd" not in want)
+    plotted = drop_invalid(_base(pd.read_csv(out / "attention.csv")), out)
+    assert sorted(plotted[plotted.backend == "triton"]["mode"]) == sorted({"fwd", "fwd_bwd"} - set(want))
+
+
+def test_summary_tables_of_the_checks(tmp_path):
+    checks = [_kc_row(0, "split"), _kc_row(0, "atomic"),
+              _kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0),
+              _kc_row(2, "split", "fail", dq="64x64 w4 s3", dq_err=float("inf"), dq_nan=5),
+              _kc_row(2, "atomic", "crashed", dkdv="")]  # fmt: skip
+    out = _sweep_folder(tmp_path / "res", "atomic", checks, device=True)
+    text = summarize(out, seq_len=64)
     assert "| kernel_check_mixed.csv | mixed 2 x 2 x 1100 | off | 5 | 2 |" in text
     assert (
         "| kernel_check_mixed.csv | 1 | atomic | fail | 32x128 w8 s3 dqT | dkdv-atomic 32x128 w8 s3 dqT |"
         in text
     )
     assert "| kernel_check_mixed.csv | 2 | split | fail | 32x128 w8 s3 | dq 64x64 w4 s3 |" in text
-    assert plot_attention(out)  # the plots drop the invalid point and still draw
+    assert (
+        "| kernel_check_mixed.csv | 2 | atomic | crashed | - |  | RuntimeError: Triton Error [CUDA]" in text
+    )
+    assert "| triton | 0.9 | 0.1 | 2.7 (INVALID) | 0.1 |" in text  # the device-time table marks it too
+    from bench.kernel_check import exclusions, read_checks
+
+    assert exclusions(read_checks(out)) == "dkdv-atomic,float32,16,32x128 w8 s3 dqT;dq,float32,16,64x64 w4 s3"
 
 
 def test_summary_sets_device_time_beside_wall_time(tmp_path):
@@ -338,15 +405,15 @@ def test_summary_sets_device_time_beside_wall_time(tmp_path):
     timings = {("triton", "fwd"): (1.3, 1.0), ("flex", "fwd"): (1.2, 1.1), ("triton", "fwd_bwd"): (4.0, 3.8),
                ("flex", "fwd_bwd"): (3.9, float("nan"))}  # fmt: skip
     pd.DataFrame(
-        [dict(common, backend=b, mode=m, ms=w, tflops=100.0 / w, device_ms=d, device_tflops=100.0 / d)
-         for (b, m), (w, d) in timings.items()]
+        [dict(common, backend=b, mode=m, ms=w, tflops=100.0 / w, device_ms=d, device_tflops=100.0 / d,
+              host_ms=0.2) for (b, m), (w, d) in timings.items()]
     ).to_csv(out / "attention.csv", index=False)  # fmt: skip
     (out / "attention_provenance.json").write_text(
         json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d",
                         matmul_peak_tflops={"float32": 200.0}))
     )  # fmt: skip
     text = summarize(out, seq_len=64)
-    assert "| triton | 1 | 3.8 |" in text and "| flex | 1.1 | - |" in text
+    assert "| triton | 1 | 0.2 | 3.8 | 0.2 |" in text and "| flex | 1.1 | 0.2 | - | 0.2 |" in text
     assert "| triton fwd speed / flex | 0.92 | 1.10 | 1.10 | no / yes |" in text
     assert "| triton fwd+bwd speed / flex | 0.97 | - | 1.00 | no / - |" in text
     assert "| triton fwd TFLOP/s / matmul peak | 0.38 | 0.50 | 0.60 | no / no |" in text

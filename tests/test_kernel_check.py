@@ -135,3 +135,120 @@ def test_the_exit_status_counts_only_this_runs_pairs(tmp_path):
     kernel_check._write_rows(out, [other])
     assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 0
     assert [r["status"] for r in _rows(out)] == ["fail", "pass"]
+
+
+def test_outputs_are_poisoned_and_nan_fails(tmp_path, monkeypatch):
+    """The checked call runs with NaN-poisoned buffers, and NaN left in an output fails the pair even
+    where its error would pass (nan_to_num makes the error count it as zero)."""
+    ia = kernel_check._ia()
+    real = ia.interval_attention
+    poisoned = []
+
+    def leave_a_hole(q, k, v, lo, hi):
+        poisoned.append(ia._POISON)
+        out = real(q, k, v, lo, hi)
+        return out.index_fill(2, torch.tensor([5]), float("nan"))  # one query row unwritten, as it were
+
+    monkeypatch.setattr(ia, "interval_attention", leave_a_hole)
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "autotuned", "--modes", "split", "--out", str(out)]) == 1
+    (row,) = _rows(out)
+    assert row["status"] == "fail" and int(row["out_nan"]) == 2 * 1 * 32  # 2 rows x 1 head x D
+    assert poisoned == [False, True]  # autotuned: a tuning call first, then the poisoned, checked one
+
+
+def test_a_fatal_error_ends_the_process_and_the_next_run_goes_on(tmp_path, monkeypatch):
+    real = kernel_check.check_pair
+
+    def crash_at_1(tensors, layout, tma, index, mode, *args, **kwargs):
+        if index == 1:
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+        return real(tensors, layout, tma, index, mode, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_check, "check_pair", crash_at_1)
+    out = tmp_path / "kc.csv"
+    args = [*TINY, "--indices", "0,1,2", "--modes", "split", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        kernel_check.main(args)
+    rows = _rows(out)
+    assert [(r["index"], r["status"]) for r in rows] == [("0", "pass"), ("1", "crashed")]
+    assert rows[1]["fwd_config"] == "16x16 w4 s1" and "illegal memory access" in rows[1]["error"]  # planned
+    assert out.with_suffix(".running").exists()  # so the retry loop knows to go on
+    monkeypatch.setattr(kernel_check, "check_pair", real)
+    assert kernel_check.main(args) == 1  # the crash is a pair that did not pass
+    assert [(r["index"], r["status"]) for r in _rows(out)] == [("0", "pass"), ("1", "crashed"), ("2", "pass")]
+    assert not out.with_suffix(".running").exists()
+
+
+def test_an_error_without_a_message_is_recorded(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError()
+
+    monkeypatch.setattr(kernel_check, "check_pair", fail)
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "0", "--modes", "split", "--out", str(out)]) == 1
+    (row,) = _rows(out)
+    assert (
+        row["status"] == "error" and row["error"] == "AssertionError: " and row["fwd_config"] == "16x16 w4 s1"
+    )
+    assert not out.with_suffix(".running").exists()
+
+
+def test_indices_past_the_candidates_are_refused(tmp_path, capsys):
+    assert kernel_check.main([*TINY, "--indices", "99", "--out", str(tmp_path / "kc.csv")]) == 2
+    assert "--indices [99]" in capsys.readouterr().err and not (tmp_path / "kc.csv").exists()
+
+
+def test_exclusions_leave_the_wrong_configs_out_of_the_gpu_lists(monkeypatch):
+    """INTERVAL_ATTENTION_EXCLUDE (as gpu.sh sets it from the checks) removes exactly the named candidates
+    at that dtype and head dim, and refuses to leave a kernel none."""
+    ia = kernel_check._ia()
+    monkeypatch.setattr(ia, "INTERPRET", False)  # the GPU candidate lists
+    before = ia._candidates("dkdv", torch.bfloat16, 128, True)
+    drop = ia.config_name(before[1])
+    monkeypatch.setattr(ia, "_EXCLUDED", ia._parse_exclusions(f"dkdv,bfloat16,128,{drop}"))
+    after = ia._candidates("dkdv", torch.bfloat16, 128, True)
+    assert after == before[:1] + before[2:]
+    assert ia._candidates("dkdv", torch.float16, 128, True) == before  # another dtype: untouched
+    every = ";".join(
+        f"dq,bfloat16,64,{ia.config_name(c)}" for c in ia._candidates("dq", torch.bfloat16, 64, True)
+    )
+    monkeypatch.setattr(ia, "_EXCLUDED", ia._parse_exclusions(every))
+    with pytest.raises(ValueError, match="leaves kernel 'dq' no candidate"):
+        ia._candidates("dq", torch.bfloat16, 64, True)
+
+    def pointer(kernel, i):  # no TMA on a CPU tensor; a pinned index past the list takes its last
+        cands = [c for c in ia._GPU_CANDIDATES[kernel][("half", 128)] if not c[4]]
+        return ia.config_name(cands[min(i, len(cands) - 1)])
+
+    with ia.kernel_configs(index=1):  # what a pinned pair will launch, named before it runs
+        want = {"fwd": pointer("fwd", 1), "dkdv-atomic": pointer("dkdv-atomic", 1)}
+        assert ia.planned_configs(torch.bfloat16, 128, torch.device("cpu"), "atomic") == want
+        want = {"fwd": pointer("fwd", 1), "dkdv": pointer("dkdv", 1), "dq": pointer("dq", 1)}
+        assert ia.planned_configs(torch.bfloat16, 128, torch.device("cpu"), "split") == want
+    assert ia.planned_configs(torch.bfloat16, 128, torch.device("cpu"), "atomic") == {}  # not pinned
+
+
+def test_bad_exclusions_are_refused():
+    ia = kernel_check._ia()
+    for bad in ("dkdv,bfloat16,128", "nokernel,bfloat16,128,16x16 w4 s1", "dq,bfloat16,x,16x16 w4 s1"):
+        with pytest.raises(ValueError, match="INTERVAL_ATTENTION_EXCLUDE entry"):
+            ia._parse_exclusions(bad)
+
+
+def test_exclusions_from_a_folder(tmp_path, capsys, monkeypatch):
+    """--exclusions-from prints what gpu.sh exports: the culprit of a failed pair, at its dtype and D."""
+    real = kernel_check.reference
+
+    def dq_off(*args):
+        ref = real(*args)
+        ref["dq"] = ref["dq"] * 1.5
+        return ref
+
+    monkeypatch.setattr(kernel_check, "reference", dq_off)
+    assert kernel_check.main([*TINY, "--indices", "0", "--out", str(tmp_path / "kernel_check.csv")]) == 1
+    capsys.readouterr()
+    assert kernel_check.main(["--exclusions-from", str(tmp_path)]) == 0
+    # split: the dQ kernel; atomic: the dK/dV kernel, which adds dQ
+    want = "dkdv-atomic,bfloat16,32,16x16 w4 s1;dq,bfloat16,32,16x16 w4 s1"
+    assert capsys.readouterr().out.strip() == want
