@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.suite == "attention":
-        from bench.attention import PROFILES, check_pivot_kernel, run_sweep
+        from bench.attention import PROFILES, run_sweep
         from bench.plots import plot_attention
 
         if args.profile not in PROFILES:
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq_lens:
             profile = dataclasses.replace(profile, seq_lens=[int(x) for x in args.seq_lens.split(",")])
         out = args.out or Path("results") / args.profile
-        rows = run_sweep(profile, out, seed=args.seed)
-        checked = check_pivot_kernel(profile, rows, out, args.seed) if args.kernel_check else []
+        checked: list[dict] = []
+        rows = run_sweep(profile, out, seed=args.seed, check_kernel=args.kernel_check, checked=checked)
         for p in plot_attention(out):
             print(f"wrote {p}")
         bad = [r for r in rows if r["status"] != "ok"]

@@ -265,7 +265,17 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
     return row
 
 
-def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]:
+def run_sweep(
+    profile: SweepProfile,
+    out_dir: Path,
+    seed: int = 0,
+    check_kernel: bool = False,
+    checked: list[dict] | None = None,
+) -> list[dict]:
+    """Measure the profile's configurations into ``out_dir`` (pivot shape first). ``check_kernel``: once
+    the pivot shape's rows are measured, check the Triton configs the autotuner chose there against a
+    float32 reference (check_pivot_kernel), before anything later can take the GPU down; its rows are
+    appended to ``checked``."""
     import pandas as pd
 
     torch.manual_seed(seed)
@@ -276,7 +286,8 @@ def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]
         if device.type == "cpu" and dt == "bfloat16":
             continue
         peaks[dt] = matmul_peak_tflops(device, getattr(torch, dt))
-    meta = provenance(device, seed=seed, profile=dataclasses.asdict(profile), matmul_peak_tflops=peaks)
+    meta = provenance(device, seed=seed, profile=dataclasses.asdict(profile), matmul_peak_tflops=peaks,
+                      kernel_check=check_kernel)  # fmt: skip
     atomic_write_json(out_dir / "attention_provenance.json", meta)
 
     # One causal-SDPA ceiling per shape and mode, measured right after that shape's backends.
@@ -287,7 +298,13 @@ def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]
             configs.append(dict(c, backend="causal-sdpa"))
     rows: list[dict] = []
     start = time.perf_counter()
+    pivot = profile.configs()[0]
+    keys = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
+    pending_check = check_kernel
     for cfg in tqdm(configs, desc=f"attention sweep ({profile.name})", unit="cfg"):
+        if pending_check and any(cfg[k] != pivot[k] for k in keys):  # the pivot shape is done
+            (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
+            pending_check = False
         if time.perf_counter() - start > profile.time_budget_s:
             rows.append(dict(cfg, status="skipped", error=f"time budget {profile.time_budget_s:.0f} s spent"))
             continue
@@ -296,6 +313,8 @@ def run_sweep(profile: SweepProfile, out_dir: Path, seed: int = 0) -> list[dict]
         atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
         _write_tuning_log(out_dir)
     atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
+    if pending_check:  # a sweep of the pivot shape alone
+        (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
     return rows
 
 

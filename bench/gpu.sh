@@ -3,8 +3,9 @@
 #   1. installs xformers, diffusers, torch-fidelity from a local wheel folder (default .whl/);
 #   2. checks every autotuning candidate of the Triton kernel, pinned in turn, and both backward schemes,
 #      on two mixed rows (python -m bench kernel-check: one CSV row per pair, a crash recorded and passed);
-#      the configs found wrong are left out of the rest (INTERVAL_ATTENTION_EXCLUDE), and if the checks
-#      run out of time, the TMA candidates too (INTERVAL_ATTENTION_TMA=0);
+#      the configs found wrong are left out of the rest (INTERVAL_ATTENTION_EXCLUDE), and if some went
+#      unchecked (out of time, or a try that made no progress), the TMA candidates too
+#      (INTERVAL_ATTENTION_TMA=0);
 #   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
 #      (pytest -m gpu, in parallel processes: compiles are CPU-bound); the log goes to gpu_tests.txt;
 #   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary), and
@@ -48,37 +49,26 @@ CHECK_CSV=$RESULTS/kernel_check.csv
 # Checks of earlier runs must not be read beside this one's (the summary and plots read every
 # kernel_check*.csv in the folder).
 rm -f "$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running "$RESULTS"/kernel_check*_provenance.json
-kernel_check() {  # limit args...: retried past a crashed pair (the CUDA context dies with it) until done
-  local limit=$1; shift
-  local until=$(( $(date +%s) + limit )) rc=1
-  for _ in 1 2 3 4 5; do
-    local left=$(( until - $(date +%s) ))
-    [ "$left" -gt 5 ] || break
-    timeout "$left" python3 -m bench kernel-check "$@" --out "$CHECK_CSV" 2>&1 | grep -v "UserWarning\|run_backward"
-    rc=${PIPESTATUS[0]}
-    [ -e "$RESULTS/kernel_check.running" ] || break  # finished (pass or fail); a crash leaves the marker
-  done
-  if [ -e "$RESULTS/kernel_check.running" ]; then  # out of time, or out of tries, inside a pair
-    echo "stopped inside pair $(cat "$RESULTS/kernel_check.running") (out of time, or the last try died)"
-    rm -f "$RESULTS/kernel_check.running"
-  fi
-  return "$rc"
-}
+# shellcheck source=bench/gpu_check_loop.sh
+source "$(dirname "$0")/gpu_check_loop.sh"
 # Pinned candidates first (under CUDA_LAUNCH_BLOCKING=1 an illegal access surfaces at its own launch): the
 # sweep's autotuner would pick a fast config even if it were wrong.
 echo "== every candidate config, pinned, both backward schemes" | tee "$RESULTS/gpu_tests.txt"
-CUDA_LAUNCH_BLOCKING=1 kernel_check "$CHECK_TIMEOUT_S" --layout mixed --heads 2 --tma auto \
+CUDA_LAUNCH_BLOCKING=1 kernel_check_loop "$CHECK_CSV" "$CHECK_TIMEOUT_S" --layout mixed --heads 2 --tma auto \
   | tee -a "$RESULTS/gpu_tests.txt"
 config_rc=${PIPESTATUS[0]}
 # The configs found wrong (a failed pair's culprit; a crashed pair's configs that passed nowhere) are left
 # out of everything that follows. Out of time, with candidates unchecked: the TMA ones go too.
-exclude=$(python3 -m bench kernel-check --exclusions-from "$RESULTS" 2>/dev/null)
+if ! exclude=$(python3 -m bench kernel-check --exclusions-from "$RESULTS"); then
+  echo "could not read the checks' exclusions: treating the candidates as unchecked" | tee -a "$RESULTS/gpu_tests.txt"
+  exclude="" config_rc=124
+fi
 if [ -n "$exclude" ]; then
   echo "leaving out the configs found wrong: INTERVAL_ATTENTION_EXCLUDE='$exclude'" | tee -a "$RESULTS/gpu_tests.txt"
   export INTERVAL_ATTENTION_EXCLUDE=$exclude
 fi
 if [ "$config_rc" -eq 124 ]; then
-  echo "candidate checks ran out of time: the rest runs with INTERVAL_ATTENTION_TMA=0" \
+  echo "some candidates went unchecked: the rest runs with INTERVAL_ATTENTION_TMA=0" \
     | tee -a "$RESULTS/gpu_tests.txt"
   export INTERVAL_ATTENTION_TMA=0
 fi

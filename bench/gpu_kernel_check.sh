@@ -13,17 +13,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 start=$(date +%s)
 
-check() {  # name timeout args...: a crashed pair is recorded by the next try, which goes on past it
-  local name=$1 limit=$2; shift 2
-  local until=$(( $(date +%s) + limit )) rc=1
-  for _ in 1 2 3 4; do
-    local left=$(( until - $(date +%s) ))
-    [ "$left" -gt 5 ] || break
-    CUDA_LAUNCH_BLOCKING=1 timeout "$left" python3 -m bench kernel-check "$@" --out "$RESULTS/$name.csv"
-    rc=$?
-    [ -e "$RESULTS/$name.running" ] || break  # finished (pass or fail); a crash leaves the marker
-  done
-  echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
+# shellcheck source=bench/gpu_check_loop.sh
+source "$(dirname "$0")/gpu_check_loop.sh"
+check() {  # name timeout args...
+  local name=$1 limit=$2
+  shift 2
+  CUDA_LAUNCH_BLOCKING=1 kernel_check_loop "$RESULTS/$name.csv" "$limit" "$@"
+  echo "== $name: exit $? after $(( $(date +%s) - start )) s"
 }
 
 check mixed 80 --layout mixed --heads 2 --tma auto

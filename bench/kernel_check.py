@@ -146,12 +146,16 @@ def check_pair(tensors: dict, layout: AttentionLayout, tma: bool | None, index: 
 
 
 def read_checks(folder: Path) -> pd.DataFrame:
-    """Every kernel-check CSV in a results folder (``kernel_check*.csv``), with a ``file`` column."""
+    """Every kernel-check CSV in a results folder (``kernel_check*.csv``), with a ``file`` column. A
+    ``.running`` marker left beside one (a process that died inside a pair, with nothing after it to
+    record that) reads as that pair, crashed."""
     paths = sorted(Path(folder).glob("kernel_check*.csv"))
-    if not paths:
-        return pd.DataFrame()
     frames = [pd.read_csv(p, dtype={"index": str, "error": str}).assign(file=p.name) for p in paths]
-    return pd.concat(frames, ignore_index=True)
+    for marker in sorted(Path(folder).glob("kernel_check*.running")):
+        died = json.loads(marker.read_text())
+        row = dict(died, index=str(died.get("index")), status="crashed", error="the process died here")
+        frames.append(pd.DataFrame([row]).assign(file=marker.with_suffix(".csv").name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _dkdv_kernel(mode: str) -> str:
@@ -185,26 +189,55 @@ def _row_configs(row: pd.Series) -> list[tuple[str, str]]:
     return [(k, str(row[c])) for k, c in cols if pd.notna(row[c]) and str(row[c]) not in ("", "atomic")]
 
 
+SHAPE_FIELDS = ("layout", "batch", "heads", "seq_len", "head_dim", "dtype")
+
+
 def wrong_configs(checks: pd.DataFrame) -> set[tuple[str, str, int, str]]:
     """(kernel, dtype, head dim, config) that the checks found wrong: what a failed pair points to, and
-    every config of a crashed or erroring pair that no passing pair at the same dtype and head dim ran."""
+    every config of a crashed or erroring pair that no passing pair at the same shape ran (a config can
+    pass on short rows and crash on long ones)."""
     if checks.empty:
         return set()
-    where = [(str(r["dtype"]), int(r["head_dim"])) for _, r in checks.iterrows()]
-    passed = {(k, *w, c) for (_, r), w in zip(checks.iterrows(), where) if r["status"] == "pass"
-              for k, c in _row_configs(r)}  # fmt: skip
+
+    def shape(r: pd.Series) -> tuple[str, ...]:
+        return tuple(str(r[k]) for k in SHAPE_FIELDS)
+
+    passed = {
+        (shape(r), k, c) for _, r in checks[checks.status == "pass"].iterrows() for k, c in _row_configs(r)
+    }
     wrong = set()
-    for (_, r), (dtype, head_dim) in zip(checks.iterrows(), where):
+    for _, r in checks.iterrows():
+        where = (str(r["dtype"]), int(r["head_dim"]))
         if r["status"] == "fail":
-            wrong |= {(k, dtype, head_dim, c) for k, c in suspects(r)}
+            wrong |= {(k, *where, c) for k, c in suspects(r)}
         elif r["status"] in ("crashed", "error"):
-            wrong |= {(k, dtype, head_dim, c) for k, c in _row_configs(r)} - passed
+            wrong |= {(k, *where, c) for k, c in _row_configs(r) if (shape(r), k, c) not in passed}
     return wrong
 
 
 def exclusions(checks: pd.DataFrame) -> str:
-    """The INTERVAL_ATTENTION_EXCLUDE value that drops every config the checks found wrong."""
-    return ";".join(",".join(map(str, w)) for w in sorted(wrong_configs(checks)))
+    """The INTERVAL_ATTENTION_EXCLUDE value that drops every config the checks found wrong. Half
+    precision shares its candidate lists and code paths, so a config wrong in bf16 or fp16 is dropped in
+    both."""
+    half = ("bfloat16", "float16")
+    out = set()
+    for kernel, dtype, head_dim, config in wrong_configs(checks):
+        out |= {(kernel, d, head_dim, config) for d in (half if dtype in half else (dtype,))}
+    return ";".join(",".join(map(str, w)) for w in sorted(out))
+
+
+def record_marker(out: Path, rows: list[dict] | None = None) -> list[dict]:
+    """Record the pair a dead process left its ``.running`` marker in as crashed (unless the CSV already
+    has it: a fatal error the process caught itself), remove the marker, and return the CSV's rows."""
+    rows = _read_rows(out) if rows is None else rows
+    running = out.with_suffix(".running")
+    if running.exists():
+        died = json.loads(running.read_text())
+        if _key(died) not in {_key(r) for r in rows}:
+            rows.append(dict(died, status="crashed", error="the process died here"))
+            _write_rows(out, rows)
+        running.unlink()
+    return rows
 
 
 def is_fatal(message: str) -> bool:
@@ -290,6 +323,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="CSV of the pairs; an existing one is resumed (its pairs are skipped)")  # fmt: skip
     p.add_argument("--timing", action="store_true", help="also time triton and flex (CUDA only)")
+    p.add_argument("--record-marker", type=Path, default=None, metavar="CSV",
+                   help="record the pair a dead run's .running marker names as crashed in CSV, and exit "
+                        "(what the GPU script does when its last try died)")  # fmt: skip
     p.add_argument("--exclusions-from", type=Path, default=None, metavar="FOLDER",
                    help="print the INTERVAL_ATTENTION_EXCLUDE value that drops every config the folder's "
                         "kernel_check*.csv found wrong, and exit")  # fmt: skip
@@ -359,34 +395,27 @@ def run_pairs(
     if out:
         meta = {k: v for k, v in base.items() if k != "tolerance"}
         atomic_write_json(out.with_name(out.stem + "_provenance.json"), provenance(device, seed=seed, **meta))
-    rows = _read_rows(out) if out else []
-    # One CSV can hold several shapes' checks: a pair is done when a row has its shape, index and mode.
+    # A marker the previous run left: it died inside that pair. One CSV can hold several shapes' checks:
+    # a pair is done when a row has its shape, index and mode.
+    rows = record_marker(out) if out else []
     done = {_key(r) for r in rows}
     running = out.with_suffix(".running") if out else None
-    if running and running.exists():  # the previous run died inside this pair (its row in the file)
-        died = json.loads(running.read_text())
-        if _key(died) not in done:
-            rows.append(dict(died, status="crashed", error="the process died here"))
-            done.add(_key(died))
-            _write_rows(out, rows)
-        running.unlink()
     print(f"kernel-check: {layout_name} layout, shape {shape}, {dtype_name}, tma={tma_arg} on {device}; "
           f"{len(pairs)} pairs", flush=True)  # fmt: skip
     for index, mode in pairs:
         if _key(dict(base, index=index, mode=mode)) in done:
             continue
         pin = None if index == AUTOTUNED else index
-        # The configs a pinned pair will launch, known before it runs: a pair that kills the process
-        # still names them (an autotuned pair's are known only once the autotuner has chosen).
-        planned = {}
-        if pin is not None:
-            with ia.kernel_configs(tma=tma, index=pin):
-                planned = _config_columns(
-                    ia.planned_configs(getattr(torch, dtype_name), head_dim, device, mode), mode
-                )
-        if running:
-            atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode, **planned)))
+        planned: dict = {}
         try:
+            # The configs a pinned pair will launch, known before it runs: a pair that kills the process
+            # still names them (an autotuned pair's are known only once the autotuner has chosen).
+            if pin is not None:
+                with ia.kernel_configs(tma=tma, index=pin):
+                    configs = ia.planned_configs(getattr(torch, dtype_name), head_dim, device, mode)
+                planned = _config_columns(configs, mode)
+            if running:
+                atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode, **planned)))
             row = check_pair(tensors, layout, tma, pin, mode, ref, tol, restrict=not keep_setting)
         except Exception as e:  # a config that does not compile or launch: record it and go on
             msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
@@ -416,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.exclusions_from is not None:
         print(exclusions(read_checks(args.exclusions_from)))
+        return 0
+    if args.record_marker is not None:
+        record_marker(args.record_marker)
         return 0
     import kernels
 

@@ -218,44 +218,68 @@ def _breakdown_lines(results_dir: Path, top: int = 6) -> list[str]:
 
 
 def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> dict[str, str]:
-    """{"fwd" | "fwd_bwd": why} for the sweep's triton timings at this shape that cannot stand: the
-    autotuner's choice there (kernel_tuning.csv) is a config that a kernel-check in the folder found wrong
-    at this head dim and dtype, or the check of the autotuned configs at this very shape did not pass."""
-    from bench.kernel_check import read_checks, wrong_configs
+    """{"fwd" | "fwd_bwd": why} for the sweep's triton timings at this shape that cannot stand:
+
+    * the autotuner's choice there (kernel_tuning.csv) is a config that a kernel-check in the folder
+      found wrong at this dtype and head dim;
+    * the check of the autotuned configs at this very shape (``bench attention --kernel-check``, rows
+      with index ``autotuned``) did not clear it: the forward stands if some pair there ran it with a
+      right output, forward+backward if the forward stands and the pair of the scheme the sweep used
+      passed (every scheme's, when the tuning log does not say which);
+    * the sweep asked for that check at this shape (its provenance) and no row of it is there."""
+    from bench.kernel_check import read_checks, suspects, wrong_configs
 
     checks = read_checks(results_dir)
-    path = results_dir / "kernel_tuning.csv"
-    if checks.empty or not path.exists():
-        return {}
-    wrong = {(k, c) for k, dt, d, c in wrong_configs(checks) if dt == dtype and d == head_dim}
-    df = pd.read_csv(path)
-    bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
-    at = df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
-    chosen = {k: _config(g[g.chosen.astype(bool)].iloc[-1]) for k, g in at.groupby("kernel")
-              if k != "backward" and g.chosen.astype(bool).any()}  # fmt: skip
-    schemes = at[(at.kernel == "backward") & at.chosen.astype(bool)]
-    # Without the auto scheme's timing (a pinned scheme), every backward kernel tuned here counts.
-    scheme = schemes.scheme.iloc[-1] if not schemes.empty else None
+    meta_path = results_dir / "attention_provenance.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    profile = meta.get("profile") or {}
+    asked = bool(meta.get("kernel_check")) and (seq_len, head_dim, dtype) == (
+        profile.get("pivot_len"),
+        (profile.get("head_dims") or [None])[0],
+        (profile.get("dtypes") or [None])[0],
+    )
+    tuning = (
+        pd.read_csv(results_dir / "kernel_tuning.csv")
+        if (results_dir / "kernel_tuning.csv").exists()
+        else None
+    )
+    chosen, scheme = {}, None
+    if tuning is not None:
+        bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
+        at = tuning[(tuning.head_dim == head_dim) & (tuning["dtype"] == dtype) & (tuning.q_bucket == bucket)]
+        chosen = {k: _config(g[g.chosen.astype(bool)].iloc[-1]) for k, g in at.groupby("kernel")
+                  if k != "backward" and g.chosen.astype(bool).any()}  # fmt: skip
+        schemes = at[(at.kernel == "backward") & at.chosen.astype(bool)]
+        scheme = schemes.scheme.iloc[-1] if not schemes.empty else None
     backward = {"atomic": ["dkdv-atomic"], "split": ["dkdv", "dq"], None: ["dkdv", "dq", "dkdv-atomic"]}[
         scheme
     ]
-    kernels = {"fwd": ["fwd"], "fwd_bwd": ["fwd", *backward]}
-    # The check of the autotuned configs at this shape (bench attention --kernel-check), per scheme.
-    tuned = checks[(checks["index"] == "autotuned") & (checks.head_dim.astype(int) == head_dim)
-                   & (checks["dtype"] == dtype) & (checks.seq_len.astype(int) == seq_len)]  # fmt: skip
-    # A failed pair names its wrong config (above); a crash or error names none, so the timings that ran
-    # the configs it ran cannot stand: the forward unless another autotuned pair here passed (it ran the
-    # same forward), fwd+bwd when the crash was in the scheme the sweep used.
-    tuned_bad = sorted(set(tuned[tuned.status.isin(["crashed", "error"])]["mode"]))
-    fwd_cleared = (tuned.status == "pass").any()
     out = {}
-    for mode, names in kernels.items():
+    wrong = {(k, c) for k, dt, d, c in wrong_configs(checks) if dt == dtype and d == head_dim}
+    for mode, names in {"fwd": ["fwd"], "fwd_bwd": ["fwd", *backward]}.items():
         hits = [f"{k} {chosen[k]}" for k in names if k in chosen and (k, chosen[k]) in wrong]
-        unchecked = not fwd_cleared if mode == "fwd" else (scheme is None or scheme in tuned_bad)
         if hits:
             out[mode] = f"ran {', '.join(hits)}, wrong in kernel-check"
-        elif tuned_bad and unchecked:
-            out[mode] = f"the check of its autotuned configs did not pass ({', '.join(tuned_bad)})"
+
+    tuned = pd.DataFrame()
+    if not checks.empty:
+        tuned = checks[(checks["index"] == "autotuned") & (checks.head_dim.astype(int) == head_dim)
+                       & (checks["dtype"] == dtype) & (checks.seq_len.astype(int) == seq_len)]  # fmt: skip
+    if tuned.empty:
+        if asked:
+            for mode in ("fwd", "fwd_bwd"):
+                out.setdefault(mode, "the check of its autotuned configs is missing")
+        return out
+    fwd_ok = any(r.status == "pass" or (r.status == "fail" and ("fwd", r.fwd_config) not in suspects(r))
+                 for _, r in tuned.iterrows())  # fmt: skip
+    needed = [scheme] if scheme else sorted(set(tuned["mode"]) | {"split"})
+    passed = set(tuned[tuned.status == "pass"]["mode"])
+    states = ", ".join(f"{r['mode']} {r.status}" for _, r in tuned.iterrows())
+    why = f"the check of its autotuned configs did not clear it ({states})"
+    if not fwd_ok:
+        out.setdefault("fwd", why)
+    if not (fwd_ok and all(m in passed for m in needed)):
+        out.setdefault("fwd_bwd", why)
     return out
 
 

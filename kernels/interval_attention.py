@@ -855,7 +855,12 @@ def candidate_count(kernel: str, dtype: torch.dtype, head_dim: int, tma: bool | 
     """How many candidate configs ``kernel`` ("fwd", "dkdv", "dkdv-atomic", "dq") has on CUDA for this dtype
     and head dim (``tma``: only TMA / only pointer candidates / all)."""
     cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
-    return sum(1 for c in cands if tma is None or c[4] == tma)
+    name = str(dtype).removeprefix("torch.")
+    return sum(
+        1
+        for c in cands
+        if (tma is None or c[4] == tma) and (kernel, name, head_dim, config_name(c)) not in _EXCLUDED
+    )
 
 
 def planned_configs(dtype: torch.dtype, head_dim: int, device: torch.device, mode: str) -> dict[str, str]:
@@ -867,6 +872,8 @@ def planned_configs(dtype: torch.dtype, head_dim: int, device: torch.device, mod
         return {}
     probe = torch.empty(1, dtype=dtype, device=device)
     descriptors = _TMA_MODE is not False and bool(_TMA_MODE if INTERPRET else _tma_possible(probe))
+    if _TMA_MODE and not descriptors:  # as _descriptors refuses the launch itself
+        raise ValueError(f"kernel_configs(tma=True): no TMA for {device}, {dtype}")
     kernels = ["fwd"] + (["dkdv-atomic"] if mode == "atomic" else ["dkdv", "dq"])
     return {k: config_name(_candidates(k, dtype, head_dim, descriptors)[0]) for k in kernels}
 
@@ -982,6 +989,12 @@ def _resolve_backward(q: torch.Tensor) -> str:
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if INTERPRET or deterministic or q.dtype == torch.float32 or _COUNTS is not None or capturing:
         return "split"
+    if _EXCLUDED:  # exclusions may leave the atomic scheme's dK/dV kernel nothing to run: then split
+        descriptors = _TMA_MODE is not False and _tma_possible(q)
+        try:
+            _candidates("dkdv-atomic", q.dtype, q.shape[-1], descriptors)
+        except ValueError:
+            return "split"
     return "auto"
 
 
@@ -1393,7 +1406,7 @@ def kernel_block_sizes(
     tuned = _TUNED_BLOCKS.get((head_dim, dtype))
     if tuned is not None:
         return tuned
-    bm, bn, *_ = _GPU_CANDIDATES["fwd"][(_dtype_class(dtype), head_dim)][0]
+    bm, bn, *_ = _candidates("fwd", dtype, head_dim, descriptors=False)[0]  # exclusions applied
     return bm, bn
 
 

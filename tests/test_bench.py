@@ -284,9 +284,10 @@ def _kc_row(index, mode, status="pass", dkdv="32x128 w8 s3", dq="128x64 w8 s3", 
     return {**row, **errs}
 
 
-def _sweep_folder(out, scheme, checks, device=False):
-    """A results folder with triton and flex at L = 64 (D = 16, float32), the autotuner's choices, and the
-    given kernel-check rows."""
+def _sweep_folder(out, scheme, checks, device=False, tuning=True, untimed=(), asked=False):
+    """A results folder with triton and flex at L = 64 (D = 16, float32), the autotuner's choices (none
+    for the ``untimed`` kernels, as for a lone candidate; no log at all without ``tuning``), the given
+    kernel-check rows, and a provenance saying whether the sweep ran --kernel-check (``asked``)."""
     out.mkdir()
     common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64, heads=2,
                   status="ok", peak_mem_mb=1.0)  # fmt: skip
@@ -296,19 +297,23 @@ def _sweep_folder(out, scheme, checks, device=False):
     if device:
         rows = [dict(r, device_ms=r["ms"] * 0.9, device_tflops=1.1, host_ms=0.1) for r in rows]
     pd.DataFrame(rows).to_csv(out / "attention.csv", index=False)
+    profile = dict(pivot_len=64, head_dims=[16], dtypes=["float32"])
     (out / "attention_provenance.json").write_text(
-        json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d"))
-    )
+        json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d",
+                        profile=profile, kernel_check=asked))
+    )  # fmt: skip
     tune = dict(head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, block_n=128, warps=8, stages=3,
                 tma=False, ms=1.0, chosen=True)  # fmt: skip
-    pd.DataFrame(
-        [dict(tune, kernel="fwd", block_m=128, block_n=64), dict(tune, kernel="dkdv", block_m=32),
-         dict(tune, kernel="dq", block_m=128, block_n=64), dict(tune, kernel="dkdv-atomic", block_m=32,
-                                                                dq_transposed=True)]
-        + [dict(kernel="backward", head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, scheme=s,
-                ms=2.0, chosen=s == scheme) for s in ("split", "atomic")]
-    ).to_csv(out / "kernel_tuning.csv", index=False)  # fmt: skip
-    pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
+    log = [dict(tune, kernel="fwd", block_m=128, block_n=64), dict(tune, kernel="dkdv", block_m=32),
+           dict(tune, kernel="dq", block_m=128, block_n=64), dict(tune, kernel="dkdv-atomic", block_m=32,
+                                                                  dq_transposed=True)]  # fmt: skip
+    log = [r for r in log if r["kernel"] not in untimed]
+    log += [dict(kernel="backward", head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, scheme=s,
+                 ms=2.0, chosen=s == scheme) for s in ("split", "atomic")]  # fmt: skip
+    if tuning:
+        pd.DataFrame(log).to_csv(out / "kernel_tuning.csv", index=False)
+    if checks:
+        pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
     return out
 
 
@@ -340,8 +345,43 @@ SUMMARY_CASES = {
     ),
     "the autotuned check at this shape crashed": (
         "split", [_kc_row("autotuned", "split", "crashed", dkdv="", fwd="", dq="", seq_len=64)],
-        {"fwd": "the check of its autotuned configs did not pass (split)",
-         "fwd_bwd": "the check of its autotuned configs did not pass (split)"},
+        {"fwd": "the check of its autotuned configs did not clear it (split crashed)",
+         "fwd_bwd": "the check of its autotuned configs did not clear it (split crashed)"},
+    ),
+    "split crashed, atomic chosen and never checked": (
+        "atomic", [_kc_row("autotuned", "split", "crashed", dkdv="", fwd="", dq="", seq_len=64)],
+        {"fwd": "the check of its autotuned configs did not clear it (split crashed)",
+         "fwd_bwd": "the check of its autotuned configs did not clear it (split crashed)"},
+    ),
+    "autotuned atomic dq wrong, its lone config never timed": (
+        "atomic", [_kc_row("autotuned", "split", seq_len=64),
+                   _kc_row("autotuned", "atomic", "fail", dkdv="32x128 w8 s3", dq_err=3.0, seq_len=64)],
+        {"fwd_bwd": "the check of its autotuned configs did not clear it (split pass, atomic fail)"},
+        dict(untimed=("dkdv-atomic",)),
+    ),
+    "a right output clears the forward": (
+        "split", [_kc_row("autotuned", "atomic", "fail", dkdv="32x128 w8 s3", dq_err=3.0, seq_len=64)],
+        {"fwd_bwd": "the check of its autotuned configs did not clear it (atomic fail)"},
+    ),
+    "no tuning log": (
+        "split", [_kc_row("autotuned", "split", "crashed", dkdv="", fwd="", dq="", seq_len=64)],
+        {"fwd": "the check of its autotuned configs did not clear it (split crashed)",
+         "fwd_bwd": "the check of its autotuned configs did not clear it (split crashed)"},
+        dict(tuning=False),
+    ),
+    "the sweep asked for the check and none is there": (
+        "split", [], {"fwd": "the check of its autotuned configs is missing",
+                      "fwd_bwd": "the check of its autotuned configs is missing"}, dict(asked=True),
+    ),
+    "the sweep asked and the check passed": (
+        "split", [_kc_row("autotuned", "split", seq_len=64), _kc_row("autotuned", "atomic", seq_len=64)], {},
+        dict(asked=True),
+    ),
+    "wrong at another dtype counts not": (
+        "atomic", [_kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0, dtype="bfloat16")], {},
+    ),
+    "an autotuned check at another length counts not": (
+        "split", [_kc_row("autotuned", "split", "crashed", dkdv="", fwd="", dq="", seq_len=128)], {},
     ),
     "the autotuned check of the other scheme crashed": (
         "split", [_kc_row("autotuned", "split", seq_len=64),
@@ -362,8 +402,8 @@ def test_summary_leaves_out_timings_that_cannot_stand(tmp_path, case):
     from bench.plots import _base, drop_invalid
     from bench.summary import invalid_triton_modes
 
-    scheme, checks, want = SUMMARY_CASES[case]
-    out = _sweep_folder(tmp_path / "res", scheme, checks)
+    scheme, checks, want, *options = SUMMARY_CASES[case]
+    out = _sweep_folder(tmp_path / "res", scheme, checks, **(options[0] if options else {}))
     assert invalid_triton_modes(out, 16, "float32", 64) == want
     text = summarize(out, seq_len=64)
     for mode, why in want.items():

@@ -111,16 +111,25 @@ def test_one_file_holds_several_shapes(tmp_path):
 
 
 def test_the_sweep_checks_the_configs_it_tuned(tmp_path, monkeypatch):
-    """bench attention --kernel-check: after the sweep, in its process, the autotuned configs at the pivot
-    shape are checked, both schemes, into the folder's kernel_check.csv."""
+    """bench attention --kernel-check: in the sweep's process, once the pivot shape is measured (before
+    the other lengths), the autotuned configs there are checked, both schemes, into kernel_check.csv."""
     from bench.attention import SweepProfile, check_pivot_kernel, run_sweep
 
-    profile = SweepProfile(name="tiny", device="cpu", backends=["triton"], seq_lens=[48], head_dims=[32],
+    profile = SweepProfile(name="tiny", device="cpu", backends=["triton"], seq_lens=[32, 48], head_dims=[32],
                            dtypes=["bfloat16"], image_tokens=[16], image_fractions=[0.5], heads=1,
                            tokens_per_batch=96, warmup=0, reps=1, pivot_len=48, modes=("fwd",))  # fmt: skip
-    rows = run_sweep(profile, tmp_path)
-    assert [r["status"] for r in rows if r["backend"] == "triton"] == ["ok"]
-    checked = check_pivot_kernel(profile, rows, tmp_path)
+    order = []
+    real = check_pivot_kernel
+
+    def spy(profile, rows, *args):
+        order.append([r["seq_len"] for r in rows])  # what the sweep had measured when it checked
+        return real(profile, rows, *args)
+
+    monkeypatch.setattr("bench.attention.check_pivot_kernel", spy)
+    checked: list[dict] = []
+    rows = run_sweep(profile, tmp_path, check_kernel=True, checked=checked)
+    assert [r["seq_len"] for r in rows if r["backend"] == "triton"] == [48, 32] and order == [[48, 48]]
+    assert json.loads((tmp_path / "attention_provenance.json").read_text())["kernel_check"] is True
     got = [(r["index"], r["mode"], r["status"]) for r in checked]
     assert got == [("autotuned", "split", "pass"), ("autotuned", "atomic", "pass")]
     assert [(r["batch"], r["heads"], r["seq_len"]) for r in _rows(tmp_path / "kernel_check.csv")] == [
@@ -249,6 +258,27 @@ def test_exclusions_from_a_folder(tmp_path, capsys, monkeypatch):
     assert kernel_check.main([*TINY, "--indices", "0", "--out", str(tmp_path / "kernel_check.csv")]) == 1
     capsys.readouterr()
     assert kernel_check.main(["--exclusions-from", str(tmp_path)]) == 0
-    # split: the dQ kernel; atomic: the dK/dV kernel, which adds dQ
-    want = "dkdv-atomic,bfloat16,32,16x16 w4 s1;dq,bfloat16,32,16x16 w4 s1"
+    # split: the dQ kernel; atomic: the dK/dV kernel, which adds dQ; bf16 and fp16 share the half lists
+    want = ";".join(f"{k},{d},32,16x16 w4 s1" for k in ("dkdv-atomic", "dq") for d in ("bfloat16", "float16"))
     assert capsys.readouterr().out.strip() == want
+
+
+def test_an_index_at_the_count_is_refused(tmp_path):
+    n_idx, _ = kernel_check._candidate_range(False, torch.bfloat16, 32)
+    assert (
+        kernel_check.main(
+            [*TINY, "--indices", str(n_idx - 1), "--modes", "split", "--out", str(tmp_path / "a.csv")]
+        )
+        == 0
+    )
+    assert kernel_check.main([*TINY, "--indices", str(n_idx), "--out", str(tmp_path / "b.csv")]) == 2
+
+
+def test_autotuned_rows_name_the_tma_setting_the_process_runs_with(tmp_path, monkeypatch):
+    ia = kernel_check._ia()
+    monkeypatch.setattr(ia, "_TMA_MODE", False)  # as INTERVAL_ATTENTION_TMA=0 sets it
+    out = tmp_path / "kc.csv"
+    assert kernel_check.main([*TINY, "--indices", "autotuned", "--modes", "split", "--out", str(out)]) == 0
+    (row,) = _rows(out)
+    assert row["tma"] == "off" and row["index"] == "autotuned"
+    assert row["fwd_config"] == ia.config_name(ia.launched_configs()["fwd"])  # what the kernel really ran

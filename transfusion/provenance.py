@@ -68,6 +68,8 @@ def provenance(device: str | torch.device = "cpu", seed: int | None = None, **ex
         "triton": _version("triton"),
         "xformers": _version("xformers") if torch.device(device).type == "cuda" else None,
         "seed": seed,
+        # the Triton kernel's settings (candidate restrictions, exclusions, launch order, backward scheme)
+        "kernel_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("INTERVAL_ATTENTION_")},
     }
     info.update(extra)
     return info
