@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument(
         "--kernel-check",
         action="store_true",
-        help="afterwards check the Triton configs the sweep's autotuner chose at the pivot shape against a "
-        "float32 reference (kernel_check.csv; exit status 1 if one fails)",
+        help="once the pivot shape is measured, check the Triton configs the sweep's autotuner chose there "
+        "against a float32 reference (kernel_check.csv; exit status 1 if one fails)",
     )
     pl = sub.add_parser("plots", help="redraw plots from a results folder")
     pl.add_argument("results", type=Path)

@@ -8,9 +8,9 @@
 #      (INTERVAL_ATTENTION_TMA=0);
 #   3. checks every attention backend on CUDA, forward and backward, against a float64 reference
 #      (pytest -m gpu, in parallel processes: compiles are CPU-bound); the log goes to gpu_tests.txt;
-#   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary), and
-#      after it, in its process, checks the Triton configs its autotuner chose at the headline shape
-#      (L = 8192), both schemes, against a float32 reference: what the sweep timed is what was checked;
+#   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary); once
+#      the headline shape (L = 8192) is measured, the same process checks the Triton configs its
+#      autotuner chose there, both schemes, against a float32 reference: what it timed is what is checked;
 #   5. profiles one forward+backward of triton (heaviest-first and natural launch order, at the sweep's
 #      shape and on one row of 8 heads; split and atomic backward scheme), flex and xformers at L = 8192
 #      per kernel (kernel_breakdown.csv).
