@@ -4,18 +4,19 @@ The GPU tests stop at the first wrong candidate and say neither which one nor wh
 this checker runs each (candidate index, backward scheme) pair at a chosen shape, with every output
 buffer poisoned (NaN) before the kernels write it, and compares the output and the three gradients with
 a float32 dense reference computed head by head. Each pair gets one line and one CSV row, written before
-the next pair starts, with the config every kernel actually launched. A pair that kills the process (an
-illegal memory access ends the CUDA context) is recorded as ``crashed`` by the next run with the same
-``--out``, which then goes on with the remaining pairs; run it under ``CUDA_LAUNCH_BLOCKING=1`` so that the
-error surfaces at the faulting launch. Exit status 0 only when every pair passed.
+the next pair starts, with the config every kernel launched (or, for a pinned pair, was to launch). A
+pair that kills the process (an illegal memory access ends the CUDA context) is recorded as ``crashed``,
+by the process itself when it can, else by the next run with the same ``--out``, which then goes on
+with the remaining pairs (bench/gpu_check_loop.sh reruns it so); run it under ``CUDA_LAUNCH_BLOCKING=1``
+so that the error surfaces at the faulting launch. Exit status 0 only when every pair passed.
 
     python -m bench kernel-check --layout benchmark --seq-len 8192 --batch 4 --heads 16 --tma off \\
         --out results/gpu/kernel_check.csv
     python -m bench kernel-check --layout mixed --timing      # plus wall vs device time of triton and flex
 
-``--timing`` also times the forward and forward+backward of ``triton`` and ``flex`` at the shape in two
-ways: the sweep's (host wall time of one call, synchronized after each) and back-to-back launches timed
-with CUDA events (device time, host launch overhead hidden when the host keeps ahead).
+``--timing`` also times the forward and forward+backward of ``triton`` and ``flex`` at the shape: the
+sweep's wall time (one call, synchronized after each), and calls launched back to back, timed on the
+device with CUDA events and on the host per call (its launch overhead).
 """
 
 from __future__ import annotations
