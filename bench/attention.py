@@ -301,9 +301,20 @@ def run_sweep(
     pivot = profile.configs()[0]
     keys = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
     pending_check = check_kernel
+
+    def check() -> None:
+        try:
+            (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
+        except Exception as e:  # a broken check must not cost the sweep; a dead CUDA context ends both
+            from bench.kernel_check import is_fatal
+
+            if is_fatal(f"{type(e).__name__}: {_first_line(e)}"):
+                raise
+            print(f"kernel check of the pivot shape failed to run: {type(e).__name__}: {_first_line(e)}")
+
     for cfg in tqdm(configs, desc=f"attention sweep ({profile.name})", unit="cfg"):
         if pending_check and any(cfg[k] != pivot[k] for k in keys):  # the pivot shape is done
-            (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
+            check()
             pending_check = False
         if time.perf_counter() - start > profile.time_budget_s:
             rows.append(dict(cfg, status="skipped", error=f"time budget {profile.time_budget_s:.0f} s spent"))
@@ -314,15 +325,16 @@ def run_sweep(
         _write_tuning_log(out_dir)
     atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
     if pending_check:  # a sweep of the pivot shape alone
-        (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
+        check()
     return rows
 
 
 def check_pivot_kernel(profile: SweepProfile, rows: list[dict], out_dir: Path, seed: int = 0) -> list[dict]:
-    """After a sweep, in its process: bench kernel-check of the Triton configs its autotuner chose at the
-    pivot shape, both backward schemes, against a float32 reference (appended to
+    """In a sweep's process, once it has measured the pivot shape: bench kernel-check of the Triton
+    configs its autotuner chose there, both backward schemes, against a float32 reference (appended to
     ``out_dir/kernel_check.csv``), so that what the sweep timed is what is checked. Returns the rows;
-    none when the sweep did not measure triton there."""
+    none when the sweep did not measure triton there. The summary marks the timings a missing check
+    leaves unchecked (the provenance says the sweep asked for it)."""
     from bench.kernel_check import AUTOTUNED, run_pairs
 
     base = profile.configs()[0]

@@ -282,3 +282,18 @@ def test_autotuned_rows_name_the_tma_setting_the_process_runs_with(tmp_path, mon
     (row,) = _rows(out)
     assert row["tma"] == "off" and row["index"] == "autotuned"
     assert row["fwd_config"] == ia.config_name(ia.launched_configs()["fwd"])  # what the kernel really ran
+
+
+def test_a_check_that_fails_to_run_does_not_cost_the_sweep(tmp_path, monkeypatch, capsys):
+    from bench.attention import SweepProfile, run_sweep
+
+    def broken(*args):
+        raise KeyError("a bug in the check")
+
+    monkeypatch.setattr("bench.attention.check_pivot_kernel", broken)
+    profile = SweepProfile(name="tiny", device="cpu", backends=["sdpa"], seq_lens=[32, 48], head_dims=[16],
+                           dtypes=["float32"], image_tokens=[16], image_fractions=[0.5], heads=1,
+                           tokens_per_batch=96, warmup=0, reps=1, pivot_len=48, modes=("fwd",))  # fmt: skip
+    rows = run_sweep(profile, tmp_path, check_kernel=True, checked=[])
+    assert [r["seq_len"] for r in rows if r["backend"] == "sdpa"] == [48, 32]  # the sweep went on
+    assert "kernel check of the pivot shape failed to run: KeyError" in capsys.readouterr().out
