@@ -870,10 +870,7 @@ def planned_configs(dtype: torch.dtype, head_dim: int, device: torch.device, mod
     autotuner decides)."""
     if _PIN_INDEX is None:
         return {}
-    probe = torch.empty(1, dtype=dtype, device=device)
-    descriptors = _TMA_MODE is not False and bool(_TMA_MODE if INTERPRET else _tma_possible(probe))
-    if _TMA_MODE and not descriptors:  # as _descriptors refuses the launch itself
-        raise ValueError(f"kernel_configs(tma=True): no TMA for {device}, {dtype}")
+    descriptors = _uses_descriptors(torch.empty(1, dtype=dtype, device=device))  # as the launch decides
     kernels = ["fwd"] + (["dkdv-atomic"] if mode == "atomic" else ["dkdv", "dq"])
     return {k: config_name(_candidates(k, dtype, head_dim, descriptors)[0]) for k in kernels}
 
@@ -929,17 +926,23 @@ def _tma_possible(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+def _uses_descriptors(x: torch.Tensor) -> bool:
+    """Whether launches on tensors like ``x`` get TMA descriptors (so the TMA candidates are in play)
+    under the current restriction; kernel_configs(tma=True) where TMA cannot run is an error."""
+    use = _TMA_MODE is not False and bool(_TMA_MODE if INTERPRET else _tma_possible(x))
+    if _TMA_MODE and not use:
+        raise ValueError(
+            "kernel_configs(tma=True): the TMA variant needs CUDA capability >= 9, fp16/bf16 inputs and "
+            f"Triton's TensorDescriptor; got {x.device}, {x.dtype}"
+        )
+    return use
+
+
 def _descriptors(*tensors: torch.Tensor) -> tuple:
     """TMA descriptors over the (B*H*L, D) rows of each tensor when the TMA variant is in play, else the
     tensors themselves (the pointer configs never touch these arguments). The block shape is a
     placeholder that each config's pre-hook sets."""
-    use = _TMA_MODE is not False and (_TMA_MODE if INTERPRET else _tma_possible(tensors[0]))
-    if _TMA_MODE and not use:
-        raise ValueError(
-            "kernel_configs(tma=True): the TMA variant needs CUDA capability >= 9, fp16/bf16 inputs and "
-            f"Triton's TensorDescriptor; got {tensors[0].device}, {tensors[0].dtype}"
-        )
-    if not use:
+    if not _uses_descriptors(tensors[0]):
         return tensors
     head_dim = tensors[0].shape[-1]
     return tuple(
@@ -990,9 +993,8 @@ def _resolve_backward(q: torch.Tensor) -> str:
     if INTERPRET or deterministic or q.dtype == torch.float32 or _COUNTS is not None or capturing:
         return "split"
     if _EXCLUDED:  # exclusions may leave the atomic scheme's dK/dV kernel nothing to run: then split
-        descriptors = _TMA_MODE is not False and _tma_possible(q)
         try:
-            _candidates("dkdv-atomic", q.dtype, q.shape[-1], descriptors)
+            _candidates("dkdv-atomic", q.dtype, q.shape[-1], _uses_descriptors(q))
         except ValueError:
             return "split"
     return "auto"
