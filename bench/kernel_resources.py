@@ -236,6 +236,8 @@ def compile_candidates(
 
 
 def markdown_table(rows: list[dict]) -> str:
+    from kernels.config_names import config_name  # here: kernels is imported once TRITON_INTERPRET is set
+
     cols = [
         ("kernel", "kernel"), ("config", None), ("regs", "registers"), ("stack", "stack"),
         ("shared KB", "shared_kb"), ("CTAs/SM", "ctas_per_sm"), ("wgmma", "wgmma"),
@@ -244,8 +246,9 @@ def markdown_table(rows: list[dict]) -> str:
     ]  # fmt: skip
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        config = f"{r['block_m']}x{r['block_n']} w{r['warps']} s{r['stages']}" + (" tma" if r["tma"] else "")
-        config += " dqT" if r.get("dq_transposed") else ""
+        config = config_name(
+            (r["block_m"], r["block_n"], r["warps"], r["stages"], r["tma"], r.get("dq_transposed"))
+        )
         cells = [config if key is None else str(r[key]) for _, key in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -129,12 +129,13 @@ def _time_cell(at: pd.DataFrame, backend: str, mode: str, column: str) -> str:
 
 
 def _config(r: pd.Series) -> str:
-    dq_t = r.get("dq_transposed")
-    return (
-        f"{int(r.block_m)}x{int(r.block_n)} w{int(r.warps)} s{int(r.stages)}"  # float columns beside NaN
-        + (" tma" if r.tma else "")
-        + (" dqT" if pd.notna(dq_t) and bool(dq_t) else "")  # the atomic dK/dV kernel's transposed dQ
-    )
+    """A kernel_tuning.csv row's config, spelled as the kernel and kernel-check spell it."""
+    from kernels.config_names import config_name
+
+    dq_t = r.get("dq_transposed")  # the atomic dK/dV kernel's transposed dQ; NaN for the other kernels
+    # int(): float columns beside NaN
+    return config_name((int(r.block_m), int(r.block_n), int(r.warps), int(r.stages), bool(r.tma),
+                        bool(pd.notna(dq_t) and dq_t)))  # fmt: skip
 
 
 def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:

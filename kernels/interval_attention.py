@@ -94,6 +94,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config_names import config_name
 from .work_order import CHUNK, ORDER_SIZES, blocked_intervals, order_shape, work_order
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them only the pointer configs exist
@@ -231,12 +232,6 @@ _INTERPRETER_BLOCKS = (16, 16)
 # INTERVAL_ATTENTION_TMA=0 starts with the TMA candidates switched off (a fallback should they fail).
 _TMA_MODE: bool | None = False if os.environ.get("INTERVAL_ATTENTION_TMA", "1") == "0" else None
 _PIN_INDEX: int | None = None
-
-
-def config_name(cfg: tuple) -> str:
-    """A candidate tuple as logs and checks write it: ``32x128 w8 s3 tma``, ``16x128 w8 s3 dqT``."""
-    bm, bn, warps, stages, tma, *dq_t = cfg
-    return f"{bm}x{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" dqT" if dq_t and dq_t[0] else "")
 
 
 def _parse_exclusions(text: str) -> frozenset[tuple[str, str, int, str]]:
