@@ -33,6 +33,8 @@ from transfusion.layout import AttentionLayout
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (DESIGN section 6)
+# What makes two configurations the same shape (backend and mode aside)
+SHAPE_KEYS: tuple[str, ...] = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
 
 
 @dataclass
@@ -299,7 +301,6 @@ def run_sweep(
     rows: list[dict] = []
     start = time.perf_counter()
     pivot = profile.configs()[0]
-    keys = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
     pending_check = check_kernel
 
     def check() -> None:
@@ -313,7 +314,7 @@ def run_sweep(
             print(f"kernel check of the pivot shape failed to run: {type(e).__name__}: {_first_line(e)}")
 
     for cfg in tqdm(configs, desc=f"attention sweep ({profile.name})", unit="cfg"):
-        if pending_check and any(cfg[k] != pivot[k] for k in keys):  # the pivot shape is done
+        if pending_check and any(cfg[k] != pivot[k] for k in SHAPE_KEYS):  # the pivot shape is done
             check()
             pending_check = False
         if time.perf_counter() - start > profile.time_budget_s:
@@ -338,8 +339,7 @@ def check_pivot_kernel(profile: SweepProfile, rows: list[dict], out_dir: Path, s
     from bench.kernel_check import AUTOTUNED, run_pairs
 
     base = profile.configs()[0]
-    keys = ("seq_len", "head_dim", "dtype", "image_tokens", "image_fraction")
-    if not any(r["backend"] == "triton" and r["status"] == "ok" and all(r[k] == base[k] for k in keys)
+    if not any(r["backend"] == "triton" and r["status"] == "ok" and all(r[k] == base[k] for k in SHAPE_KEYS)
                for r in rows):  # fmt: skip
         return []
     batch = max(1, profile.tokens_per_batch // base["seq_len"])

@@ -138,14 +138,20 @@ def _config(r: pd.Series) -> str:
                         bool(pd.notna(dq_t) and dq_t)))  # fmt: skip
 
 
-def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:
-    """The Triton autotuner's timings at the headline shape: fastest pointer and TMA config per kernel."""
+def _tuning_at(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> pd.DataFrame:
+    """The rows of kernel_tuning.csv for this head dim, dtype and length (its power-of-two bucket, as the
+    autotuner keys it); empty without the file."""
     path = results_dir / "kernel_tuning.csv"
     if not path.exists():
-        return []
+        return pd.DataFrame()
     df = pd.read_csv(path)
     bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
-    at = df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
+    return df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
+
+
+def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:
+    """The Triton autotuner's timings at the headline shape: fastest pointer and TMA config per kernel."""
+    at = _tuning_at(results_dir, head_dim, dtype, seq_len)
     if at.empty:
         return []
     lines = [
@@ -239,15 +245,9 @@ def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: 
         (profile.get("head_dims") or [None])[0],
         (profile.get("dtypes") or [None])[0],
     )
-    tuning = (
-        pd.read_csv(results_dir / "kernel_tuning.csv")
-        if (results_dir / "kernel_tuning.csv").exists()
-        else None
-    )
+    at = _tuning_at(results_dir, head_dim, dtype, seq_len)
     chosen, scheme = {}, None
-    if tuning is not None:
-        bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
-        at = tuning[(tuning.head_dim == head_dim) & (tuning["dtype"] == dtype) & (tuning.q_bucket == bucket)]
+    if not at.empty:
         chosen = {k: _config(g[g.chosen.astype(bool)].iloc[-1]) for k, g in at.groupby("kernel")
                   if k != "backward" and g.chosen.astype(bool).any()}  # fmt: skip
         schemes = at[(at.kernel == "backward") & at.chosen.astype(bool)]
