@@ -48,7 +48,13 @@ start=$(date +%s)
 CHECK_CSV=$RESULTS/kernel_check.csv
 # Checks of earlier runs must not be read beside this one's (the summary and plots read every
 # kernel_check*.csv in the folder).
-rm -f "$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running "$RESULTS"/kernel_check*_provenance.json
+old_checks=$(ls "$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running \
+  "$RESULTS"/kernel_check*_provenance.json 2>/dev/null)
+if [ -n "$old_checks" ]; then
+  echo "removing an earlier run's checks from $RESULTS:" $old_checks
+  # shellcheck disable=SC2086
+  rm -f $old_checks
+fi
 # shellcheck source=bench/gpu_check_loop.sh
 source "$(dirname "$0")/gpu_check_loop.sh"
 # Pinned candidates first (under CUDA_LAUNCH_BLOCKING=1 an illegal access surfaces at its own launch): the
