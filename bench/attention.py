@@ -57,6 +57,10 @@ class SweepProfile:
     pivot_len: int = 1024
     time_budget_s: float = 600.0
     skip: dict[str, int] = field(default_factory=dict)  # backend -> largest seq_len to try
+    # Timing one configuration (its repeated runs, after the first call) may take about this long: a slow
+    # configuration (a dense-mask backend at long L) gets fewer runs, down to 1 warm-up and MIN_REPS, so
+    # the sweep's minutes go to the rest. None: always the profile's warmup and reps.
+    timing_budget_ms: float | None = None
 
     def configs(self) -> list[dict]:
         base = dict(
@@ -111,6 +115,7 @@ PROFILES = {
         reps=10,
         time_budget_s=240.0,
         skip={"naive": 16384, "xformers-dense": 16384},
+        timing_budget_ms=1000.0,
     ),
 }
 
@@ -122,6 +127,20 @@ def _first_line(e: BaseException) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+MIN_REPS = 3
+
+
+def timing_reps(call_ms: float, profile: SweepProfile) -> tuple[int, int]:
+    """(warmup, reps) for a configuration whose warm call took ``call_ms``. Each rep is run twice (the
+    wall-time median, then the device timing), so a configuration whose profile counts would take longer
+    than ``profile.timing_budget_ms`` gets fewer reps (at least MIN_REPS) and a single warm-up."""
+    warmup, reps = profile.warmup, profile.reps
+    if profile.timing_budget_ms is None or call_ms * (warmup + 2 * reps) <= profile.timing_budget_ms:
+        return warmup, reps
+    fit = int(profile.timing_budget_ms / (2 * max(call_ms, 1e-9)))
+    return 1, min(reps, max(MIN_REPS, fit))
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
@@ -247,9 +266,14 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         row["first_call_s"] = time.perf_counter() - t0
         if device.type == "cuda":  # the peak of the timed steps, not of autotuning's benchmark buffers
             torch.cuda.reset_peak_memory_stats(device)
-        ms = median_ms(step, device, profile.warmup, profile.reps)
+        t0 = time.perf_counter()
+        step()  # the first warm call: how slow this configuration is sets how many reps it gets
+        _sync(device)
+        warmup, reps = timing_reps((time.perf_counter() - t0) * 1e3, profile)
+        row["reps"] = reps
+        ms = median_ms(step, device, warmup - 1, reps)
         nan = float("nan")
-        dev_ms, host_ms = device_and_host_ms(step, profile.reps) if device.type == "cuda" else (nan, nan)
+        dev_ms, host_ms = device_and_host_ms(step, reps) if device.type == "cuda" else (nan, nan)
     except torch.OutOfMemoryError as e:
         return dict(row, status="oom", error=_first_line(e))
     except Exception as e:  # an unsupported shape inside a library: record it and go on

@@ -20,11 +20,17 @@
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
 RESULTS=${RESULTS:-results/gpu}
-# Phase limits (timeouts for the tests and the breakdown, a time budget for the sweep), sized so that with
-# the install and the summary the run fits the device tool's 10-minute per-command limit.
-SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}  # then the kernel check of the tuned configs (about 10 s)
+# Phase limits (timeouts for the checks, the tests and the breakdown), sized so that with the install and
+# the summary the run fits TOTAL_S, inside the device tool's 10-minute per-command limit. The sweep gets
+# the time the phases before it left (SWEEP_MIN_S to SWEEP_MAX_S; SWEEP_BUDGET_S fixes it): its budget is
+# when it stops starting configurations (at 964f110, 130 s measured 76 of the 140).
+TOTAL_S=${TOTAL_S:-540}
+SWEEP_MIN_S=${SWEEP_MIN_S:-120}
+SWEEP_MAX_S=${SWEEP_MAX_S:-300}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
 CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-70}  # every candidate compiles once; a crashed pair costs a restart
+BREAKDOWN_TIMEOUT_S=${BREAKDOWN_TIMEOUT_S:-70}
+begin=$(date +%s)
 TEST_WORKERS=${TEST_WORKERS:-8}
 # Every backend through attend first (the per-backend check), then the kernel's own long list.
 GPU_TESTS=${GPU_TESTS:-tests/test_attention.py tests/test_xformers_decomposition.py tests/test_triton_kernel.py tests/test_work_order.py}
@@ -90,12 +96,16 @@ INTERVAL_ATTENTION_AUTOTUNE=0 timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu
 test_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $test_rc after $(( $(date +%s) - start )) s"
 
-python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "$SWEEP_BUDGET_S" --kernel-check \
+# What is left of TOTAL_S, less the breakdown and 30 s for the last configuration, the summary and the copy.
+left=$(( TOTAL_S - ($(date +%s) - begin) - BREAKDOWN_TIMEOUT_S - 30 ))
+left=$(( left < SWEEP_MIN_S ? SWEEP_MIN_S : (left > SWEEP_MAX_S ? SWEEP_MAX_S : left) ))
+echo "sweep budget: ${SWEEP_BUDGET_S:-$left} s"
+python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "${SWEEP_BUDGET_S:-$left}" --kernel-check \
   ${SEQ_LENS:+--seq-lens "$SEQ_LENS"} 2>&1 \
   | grep -v "it/s\]$\|UserWarning\|run_backward" | tail -n 40
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc after $(( $(date +%s) - start )) s"
-timeout "${BREAKDOWN_TIMEOUT_S:-70}" python3 -m bench breakdown \
+timeout "$BREAKDOWN_TIMEOUT_S" python3 -m bench breakdown \
   --backends triton,triton-split,triton-atomic,triton-natural,triton-1row,triton-natural-1row,flex,xformers \
   --out "$RESULTS" 2>&1 \
   | grep -v "^USDT\|gpuGetDeviceCount"

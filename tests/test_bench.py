@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.attention import SweepProfile, run_sweep
+from bench.attention import MIN_REPS, SweepProfile, run_sweep, timing_reps
 from bench.report import build_report
 from bench.summary import summarize
 from bench.workloads import benchmark_layout, document_spans
@@ -61,6 +61,33 @@ def test_tiny_sweep_writes_rows_files_and_report(tmp_path):
     report = build_report(tmp_path)
     assert "Attention (tiny)" in report.read_text()
     assert (out / "plots" / "attention_tflops.png").stat().st_size > 1000
+
+
+def _one_backend_profile(**kw) -> SweepProfile:
+    return SweepProfile(
+        name="one", device="cpu", backends=["naive"], seq_lens=[64], head_dims=[16], dtypes=["float32"],
+        image_tokens=[16], image_fractions=[0.5], heads=2, tokens_per_batch=64, modes=("fwd",), warmup=2,
+        reps=7, pivot_len=64, **kw,
+    )  # fmt: skip
+
+
+def test_timing_reps_cut_only_slow_configurations():
+    assert timing_reps(1e6, _one_backend_profile()) == (2, 7)  # no timing budget: always the profile's
+    profile = _one_backend_profile(timing_budget_ms=1000.0)
+    assert timing_reps(1000.0 / 16 - 1e-6, profile) == (2, 7)  # 2 + 2 * 7 calls fit exactly
+    for call_ms in (80.0, 100.0, 150.0):
+        warmup, reps = timing_reps(call_ms, profile)
+        assert warmup == 1 and MIN_REPS <= reps < 7 and 2 * reps * call_ms <= 1000.0
+        assert 2 * (reps + 1) * call_ms > 1000.0  # as many as fit
+    assert timing_reps(5000.0, profile) == (1, MIN_REPS)  # never fewer than MIN_REPS
+
+
+def test_the_sweep_records_how_many_reps_each_configuration_got(tmp_path):
+    rows = run_sweep(_one_backend_profile(), tmp_path / "all")
+    assert [r["reps"] for r in rows] == [7, 7]  # naive and the causal ceiling
+    rows = run_sweep(_one_backend_profile(timing_budget_ms=1e-6), tmp_path / "cut")
+    assert [r["reps"] for r in rows] == [MIN_REPS, MIN_REPS]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
 
 
 def test_summary_lists_the_fastest_tuned_configs(tmp_path):

@@ -53,7 +53,7 @@ COPIED = {
 }  # fmt: skip
 
 
-def _run(tmp_path: Path, check: str = "pass", exclude: str = "", check_limit: int = 60):
+def _run(tmp_path: Path, check: str = "pass", exclude: str = "", check_limit: int = 60, **settings: str):
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and coreutils' timeout")
     stand_in = tmp_path / "bin"
@@ -71,7 +71,7 @@ def _run(tmp_path: Path, check: str = "pass", exclude: str = "", check_limit: in
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERVAL_ATTENTION_")}
     env.update(
         PATH=f"{stand_in}:{os.environ['PATH']}", RESULTS=str(results), OUT=str(out), WHEELS=str(wheels),
-        CHECK_TIMEOUT_S=str(check_limit),
+        CHECK_TIMEOUT_S=str(check_limit), **settings,
     )  # fmt: skip
     done = subprocess.run(
         ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
@@ -98,7 +98,8 @@ def test_every_phase_runs_in_order_and_its_files_reach_out(tmp_path):
         assert "EXCLUDE=unset TMA=unset" in c, c
     pytest_call = _phase(calls, "-m pytest")
     assert "AUTOTUNE=0" in pytest_call and "-n 8" in pytest_call and "not every_candidate" in pytest_call
-    assert "--kernel-check" in _phase(calls, "-m bench attention")
+    sweep = _phase(calls, "-m bench attention")
+    assert "--kernel-check" in sweep and "--budget-s 300 " in sweep  # the time left, capped at SWEEP_MAX_S
     assert {p.name for p in out.iterdir()} == COPIED
     # An earlier run's checks would be read beside this one's; other files stay.
     assert not (results / "kernel_check_old.csv").exists() and (results / "NOTES.md").exists()
@@ -127,3 +128,16 @@ def test_unreadable_exclusions_count_as_unchecked(tmp_path):
     assert done.returncode == 1
     assert "could not read the checks' exclusions" in done.stdout
     assert "EXCLUDE=unset TMA=0" in _phase(calls, "-m bench attention")
+
+
+@pytest.mark.parametrize(
+    ("settings", "budget"),
+    [({"TOTAL_S": "200"}, 120), ({"TOTAL_S": "330"}, 230), ({"SWEEP_BUDGET_S": "77"}, 77)],
+)
+def test_the_sweep_gets_the_time_the_earlier_phases_left(tmp_path, settings, budget):
+    """TOTAL_S less the breakdown's 70 s and 30 s more, within [SWEEP_MIN_S, SWEEP_MAX_S] = [120, 300];
+    the stand-in phases take about no time."""
+    done, calls, _, _ = _run(tmp_path, **settings)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = int(_phase(calls, "-m bench attention").split("--budget-s ")[1].split()[0])
+    assert budget - 2 <= got <= budget
