@@ -428,19 +428,23 @@ def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
     return _Loaded(model, tok, ae, int(latest["step"]) if step is None else step)
 
 
+def _refuse_offset_past_end(cfg: QuickConfig, n: int, size: int, which: str = "") -> None:
+    """The one error for an ``eval_offset`` from which ``n`` items run past the split's ``size``."""
+    if cfg.eval_offset and cfg.eval_offset + n > size:
+        raise ValueError(
+            f"QuickConfig.eval_offset = {cfg.eval_offset} needs {n} items from there{which}, but the "
+            f"{cfg.eval_split!r} split has {size}: the offset can be at most {max(0, size - n)}"
+        )
+
+
 def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
     """``n`` items of the evaluation split (``cfg.eval_split``, normally "test") from ``cfg.eval_offset``.
     At offset 0, at most the split's length (as always); from a positive offset, an error past its end."""
     from transfusion.data import get_dataset
 
     ds = get_dataset("shapes", cfg.eval_split, **cfg.dataset_options)
-    start = cfg.eval_offset
-    if start and start + n > len(ds):
-        raise ValueError(
-            f"QuickConfig.eval_offset = {start} needs {n} items from there, but the {cfg.eval_split!r} "
-            f"split has {len(ds)}: an offset of at most {max(0, len(ds) - n)}"
-        )
-    return [ds[start + i] for i in range(min(n, len(ds)))]
+    _refuse_offset_past_end(cfg, n, len(ds))
+    return [ds[cfg.eval_offset + i] for i in range(min(n, len(ds)))]
 
 
 def check_eval_items(cfg: QuickConfig) -> None:
@@ -450,12 +454,7 @@ def check_eval_items(cfg: QuickConfig) -> None:
 
     n = max(cfg.n_t2i, cfg.n_caption, cfg.n_text)
     size = len(get_dataset("shapes", cfg.eval_split, **cfg.dataset_options))
-    if cfg.eval_offset and cfg.eval_offset + n > size:
-        raise ValueError(
-            f"QuickConfig.eval_offset = {cfg.eval_offset}: an evaluation reads {n} items (the largest of "
-            f"n_t2i, n_caption, n_text) and the {cfg.eval_split!r} split has {size}, so the offset can be at "
-            f"most {max(0, size - n)}"
-        )
+    _refuse_offset_past_end(cfg, n, size, " (the largest of n_t2i, n_caption, n_text)")
 
 
 def _generate_images(
