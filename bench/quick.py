@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+from transfusion.value_checks import is_int, is_real
 
 FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
 EVAL_SPLITS: tuple[str, ...] = ("test", "val")  # shapes splits the evaluation may draw from
@@ -133,21 +134,11 @@ class QuickConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.eval_offset, bool)
-            or not isinstance(self.eval_offset, int)
-            or self.eval_offset < 0
-        ):
+        if not is_int(self.eval_offset) or self.eval_offset < 0:
             raise ValueError(f"QuickConfig.eval_offset = {self.eval_offset!r} must be an integer >= 0")
-        if self.eval_seed is not None and (
-            isinstance(self.eval_seed, bool) or not isinstance(self.eval_seed, int)
-        ):
+        if self.eval_seed is not None and not is_int(self.eval_seed):
             raise ValueError(f"QuickConfig.eval_seed = {self.eval_seed!r} must be None or an integer")
-        if (
-            isinstance(self.n_t2i, bool)
-            or not isinstance(self.n_t2i, int)
-            or not 1 <= self.n_t2i <= IMAGE_POOL_STRIDE
-        ):
+        if not is_int(self.n_t2i) or not 1 <= self.n_t2i <= IMAGE_POOL_STRIDE:
             limit = IMAGE_POOL_STRIDE
             raise ValueError(f"QuickConfig.n_t2i = {self.n_t2i!r} must be an integer from 1 to {limit}")
         # the range of eval_seed (or of seed, when it samples) is checked here, once
@@ -165,7 +156,7 @@ class QuickConfig:
             value = getattr(self, name)
             if value is None and name == "baseline_guidance_scale":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"QuickConfig.{name} = {value!r} must be a finite number (1: no guidance)")
         if self.clip_sample_range is not None:  # checked now, not after the trainings
             from transfusion.generation import SamplingConfig

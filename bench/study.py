@@ -53,6 +53,7 @@ from bench.study_grid import (
     varied_recipe_fields,
 )
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+from transfusion.value_checks import is_int, is_real
 
 RUN_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
@@ -86,7 +87,7 @@ class StudyConfig:
         rows_for(self.groups)  # names the unknown group
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"StudyConfig.seeds = {self.seeds} must be distinct and non-empty")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+        if not is_int(self.workers) or self.workers < 1:
             raise ValueError(f"StudyConfig.workers = {self.workers!r} must be a positive integer")
         per_job = sorted(set(self.quick) & {"seed", "families", "preset", "threads", "progress"})
         if per_job:
@@ -326,7 +327,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_real(v) and math.isfinite(v)
 
 
 def _sample_std(vals: list[float]) -> float:

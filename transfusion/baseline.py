@@ -64,6 +64,7 @@ from transfusion.packing import (
     text_ids,
 )
 from transfusion.training_data import MixedModalStream, StreamConfig, document_for
+from transfusion.value_checks import is_int
 from transfusion.z_loss import z_loss
 
 
@@ -78,7 +79,7 @@ class DiscreteVocab:
     def __post_init__(self) -> None:
         for name in ("text_vocab", "codebook_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} = {value!r} must be a positive integer")
 
     @property
@@ -151,7 +152,7 @@ def resolve_codebook_size(cfg: ModelConfig, codebook_size: int | None = None) ->
         raise ValueError(
             f"codebook_size = {codebook_size} differs from ModelConfig.codebook_size = {from_cfg}"
         )
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size <= 0:
+    if not is_int(codebook_size) or codebook_size <= 0:
         raise ValueError(
             f"codebook_size = {codebook_size!r} must be a positive integer (pass it, or set "
             "ModelConfig.codebook_size)"

@@ -34,6 +34,7 @@ from transfusion.baseline import DiscreteLM
 from transfusion.layout import PAD, TEXT, AttentionLayout
 from transfusion.model import KVCache
 from transfusion.packing import SpecialTokens
+from transfusion.value_checks import is_int, is_real
 
 
 @dataclass
@@ -77,11 +78,11 @@ class CaptionSamples:
 
 # ====================================================================== small pieces
 def check_sampling(temperature: float, top_k: int | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not is_real(temperature):
         raise ValueError(f"temperature = {temperature!r} must be a number >= 0")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature = {temperature!r} must be a finite number >= 0 (0: greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k = {top_k!r} must be None or a positive integer")
 
 
@@ -245,12 +246,12 @@ def generate_images(
     cfg, vocab = model.cfg, model.vocab
     vocab.check_special(special)
     check_sampling(temperature, top_k)
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+    if not is_real(cfg_scale) or not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale = {cfg_scale!r} must be a finite number (1: no guidance)")
     if isinstance(captions, (str, torch.Tensor)) or not isinstance(captions, Sequence) or not captions:
         raise ValueError("captions must be a non-empty list of token id lists")
     h, w = grid if grid is not None else (cfg.latent_size, cfg.latent_size)
-    if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in (h, w)):
+    if any(not is_int(x) or x <= 0 for x in (h, w)):
         raise ValueError(f"grid = {grid!r} must be two positive integers (h, w)")
     n_codes = h * w
     keep = special.ids()
@@ -327,16 +328,12 @@ def caption_images(
     cfg, vocab = model.cfg, model.vocab
     vocab.check_special(special)
     check_sampling(temperature, top_k)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens!r} must be a positive integer")
-    if (
-        isinstance(min_new_tokens, bool)
-        or not isinstance(min_new_tokens, int)
-        or not (0 <= min_new_tokens <= max_new_tokens)
-    ):
+    if not is_int(min_new_tokens) or not (0 <= min_new_tokens <= max_new_tokens):
         raise ValueError(f"min_new_tokens = {min_new_tokens!r} must be an integer in [0, {max_new_tokens}]")
     limit = vocab.text_vocab if text_vocab is None else text_vocab
-    if isinstance(limit, bool) or not isinstance(limit, int) or not special.eos < limit <= vocab.text_vocab:
+    if not is_int(limit) or not special.eos < limit <= vocab.text_vocab:
         raise ValueError(
             f"text_vocab = {text_vocab!r} must be an integer in ({special.eos}, {vocab.text_vocab}] (it must "
             "keep <EOS>)"

@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from transfusion.value_checks import is_int, is_real
+
 PATCH_SIZES = (1, 2, 4, 8)
 ADAPTERS = ("linear", "unet")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -93,7 +95,7 @@ class ModelConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} = {value!r} must be a positive integer")
         for name in ("rope_theta", "norm_eps", "ffn_dim_multiplier", "init_std"):
             value = getattr(self, name)
@@ -152,25 +154,16 @@ class ModelConfig:
                 f"ModelConfig.diffusion_loss_weighting = {self.diffusion_loss_weighting!r} must be one of "
                 f"{LOSS_WEIGHTINGS}"
             )
-        if isinstance(self.min_snr_gamma, bool) or not (
-            isinstance(self.min_snr_gamma, (int, float)) and math.isfinite(self.min_snr_gamma)
-            and self.min_snr_gamma > 0
-        ):  # fmt: skip
+        if not (is_real(self.min_snr_gamma) and math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ValueError(f"ModelConfig.min_snr_gamma = {self.min_snr_gamma!r} must be finite and > 0")
-        if isinstance(self.z_loss, bool) or not (
-            isinstance(self.z_loss, (int, float)) and math.isfinite(self.z_loss) and self.z_loss >= 0
-        ):
+        if not (is_real(self.z_loss) and math.isfinite(self.z_loss) and self.z_loss >= 0):
             raise ValueError(f"ModelConfig.z_loss = {self.z_loss!r} must be finite and >= 0")
         for name in ("qk_norm", "causal_only_images", "loss_after_dropped_caption"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r} must be true or false")
         if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout <= 1.0):
             raise ValueError(f"ModelConfig.caption_dropout = {self.caption_dropout!r} must be in [0, 1]")
-        if (
-            isinstance(self.codebook_size, bool)
-            or not isinstance(self.codebook_size, int)
-            or self.codebook_size < 0
-        ):
+        if not is_int(self.codebook_size) or self.codebook_size < 0:
             raise ValueError(f"ModelConfig.codebook_size = {self.codebook_size!r} must be an integer >= 0")
 
     # ---------------------------------------------------------------- derived sizes

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from transfusion.layout import AttentionLayout
+from transfusion.value_checks import is_int
 
 IGNORE_INDEX = -100
 
@@ -188,7 +189,7 @@ def text_ids(where: str, seg: object, image_kind: str) -> list[int]:
     if isinstance(seg, Sequence) and not isinstance(seg, str):
         ids = list(seg)
         for x in ids:
-            if isinstance(x, bool) or not isinstance(x, int):
+            if not is_int(x):
                 raise ValueError(f"{where}: text tokens must be integers; got {x!r}")
         return ids
     raise ValueError(f"{where}: segment must be token ids or {image_kind}; got {type(seg).__name__}")

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from transfusion.value_checks import is_int, is_real
+
 PARALLEL_MODES = ("ddp", "fsdp", "auto", "none")
 
 
@@ -155,9 +157,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_real(value)
     if hint is str:
         return isinstance(value, str)
     if origin is tuple:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from transfusion.packing import PackedBatch, SpecialTokens, pack_documents
+from transfusion.value_checks import is_int
 
 CAPTION_FIRST_PROB = 0.8  # paper section 4.1: 80% caption-first, 20% image-first
 SPECIALS_PER_DOCUMENT = 4  # BOS, BOI, EOI, EOS
@@ -69,7 +70,7 @@ class StreamConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_rows", "patch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if not is_int(v) or v <= 0:
                 raise ValueError(f"{name} = {v!r} must be a positive integer")
         for name in ("caption_first_prob", "caption_dropout"):
             v = getattr(self, name)

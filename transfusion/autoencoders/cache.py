@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset
 
 from transfusion.autoencoders.model import TrainedAutoencoder
 from transfusion.provenance import atomic_file
+from transfusion.value_checks import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def cached_latents(
     VQ: int64 ``(N, h, w)`` codebook indices as ``ae.encode_codes`` returns them.
     The result is on the CPU.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     ident = dataset_identity(dataset)
     key = _key(ae, ident)

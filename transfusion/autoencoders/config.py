@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from transfusion.value_checks import is_int, is_real
+
 KINDS = ("vae", "vq")
 RECON_LOSSES = ("l1", "mse", "l1+mse")
 
@@ -86,29 +88,19 @@ class AutoencoderConfig:
         )  # fmt: skip
         for name in positive_ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 self._bad(name, "must be a positive integer")
         for name in ("warmup_steps", "dead_code_restart", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 self._bad(name, "must be a non-negative integer")
         for name in ("lr", "grad_clip"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
+            if not is_real(value) or not math.isfinite(value) or value <= 0:
                 self._bad(name, "must be a positive finite number")
         for name in ("kl_weight", "vq_loss_weight"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
+            if not is_real(value) or not math.isfinite(value) or value < 0:
                 self._bad(name, "must be a finite number >= 0")
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0):
             self._bad("min_lr_ratio", "must be in [0, 1]")
@@ -124,19 +116,13 @@ class AutoencoderConfig:
                 f"AutoencoderConfig.image_size = {self.image_size} is not divisible by "
                 f"downsample = {self.downsample}"
             )
-        if self.vq_embed_dim is not None and (
-            isinstance(self.vq_embed_dim, bool)
-            or not isinstance(self.vq_embed_dim, int)
-            or self.vq_embed_dim <= 0
-        ):
+        if self.vq_embed_dim is not None and (not is_int(self.vq_embed_dim) or self.vq_embed_dim <= 0):
             self._bad("vq_embed_dim", "must be a positive integer or None")
         levels = self.num_levels
         if self.block_out_channels is None:
             self.block_out_channels = default_block_out_channels(self.downsample)
         channels = self.block_out_channels
-        if len(channels) != levels or any(
-            isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in channels
-        ):
+        if len(channels) != levels or any(not is_int(c) or c <= 0 for c in channels):
             self._bad(
                 "block_out_channels",
                 f"must be {levels} positive integers (log2(downsample = {self.downsample}) + 1 levels)",

@@ -44,6 +44,7 @@ from transfusion.generation.context import DecodeContext, QueryFields
 from transfusion.generation.sampling import SamplingConfig, make_scheduler, row_generators, sample_token
 from transfusion.layout import IMAGE, PAD, TEXT
 from transfusion.packing import SpecialTokens
+from transfusion.value_checks import is_int
 
 Segment = list[int] | torch.Tensor
 
@@ -147,7 +148,7 @@ def check_prompt(
         elif isinstance(seg, Sequence) and not isinstance(seg, str):
             ids = list(seg)
             for x in ids:
-                if isinstance(x, bool) or not isinstance(x, int):
+                if not is_int(x):
                     raise ValueError(f"{here}: text tokens must be integers; got {x!r}")
         else:
             raise ValueError(

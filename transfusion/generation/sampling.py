@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from transfusion.value_checks import is_int, is_real
+
 SCHEDULERS = ("ddpm", "ddim")
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}  # paper: 250 DDPM steps at inference
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -84,11 +86,8 @@ class SamplingConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} = {getattr(self, name)!r} {why}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return is_real(v) and math.isfinite(v)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be an integer >= 0")
@@ -144,7 +143,7 @@ def row_generators(
     if generator is None:
         seeds = torch.randint(0, 2**62, (rows,)).tolist()
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
-    if isinstance(generator, int) and not isinstance(generator, bool):
+    if is_int(generator):
         return [torch.Generator().manual_seed(generator + i) for i in range(rows)]
     gens = list(generator)
     if len(gens) != rows:
