@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument(
         "--kernel-check",
         action="store_true",
-        help="once the pivot shape is measured, check the Triton configs the sweep's autotuner chose there "
-        "against a float32 reference (kernel_check.csv; exit status 1 if one fails)",
+        help="as soon as the pivot shape, and each variation at the pivot length with a head dim or dtype "
+        "of its own, is measured, check the Triton configs the sweep's autotuner chose there against a "
+        "float32 reference (kernel_check.csv; exit status 1 if one fails)",
     )
     pl = sub.add_parser("plots", help="redraw plots from a results folder")
     pl.add_argument("results", type=Path)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rows) - len(bad)} measured, {len(bad)} oom/unsupported/skipped; see {out}/attention.csv")
         if args.kernel_check:
             failed = [r for r in checked if r["status"] != "pass"]
-            note = "" if checked else " (triton was not measured at the pivot shape)"
+            note = "" if checked else " (triton was not measured at the shapes to check)"
             print(f"kernel check of the autotuned Triton configs: {len(checked) - len(failed)} of "
                   f"{len(checked)} pairs pass{note}")  # fmt: skip
             if failed:

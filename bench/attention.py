@@ -298,10 +298,9 @@ def run_sweep(
     check_kernel: bool = False,
     checked: list[dict] | None = None,
 ) -> list[dict]:
-    """Measure the profile's configurations into ``out_dir`` (pivot shape first). ``check_kernel``: once
-    the pivot shape's rows are measured, check the Triton configs the autotuner chose there against a
-    float32 reference (check_pivot_kernel), before anything later can take the GPU down; its rows are
-    appended to ``checked``."""
+    """Measure the profile's configurations into ``out_dir`` (pivot shape first). ``check_kernel``: as
+    soon as each shape of kernel_check_shapes is measured, check the Triton configs the autotuner chose
+    there against a float32 reference (check_tuned_kernel); the rows are appended to ``checked``."""
     import pandas as pd
 
     torch.manual_seed(seed)
@@ -312,8 +311,9 @@ def run_sweep(
         if device.type == "cpu" and dt == "bfloat16":
             continue
         peaks[dt] = matmul_peak_tflops(device, getattr(torch, dt))
+    to_check = kernel_check_shapes(profile) if check_kernel else []
     meta = provenance(device, seed=seed, profile=dataclasses.asdict(profile), matmul_peak_tflops=peaks,
-                      kernel_check=check_kernel)  # fmt: skip
+                      kernel_check=check_kernel, kernel_check_shapes=to_check)  # fmt: skip
     atomic_write_json(out_dir / "attention_provenance.json", meta)
 
     # One causal-SDPA ceiling per shape and mode, measured right after that shape's backends.
@@ -324,23 +324,25 @@ def run_sweep(
             configs.append(dict(c, backend="causal-sdpa"))
     rows: list[dict] = []
     start = time.perf_counter()
-    pivot = profile.configs()[0]
-    pending_check = check_kernel
 
-    def check() -> None:
+    def check(shape: dict) -> None:
         try:
-            (checked if checked is not None else []).extend(check_pivot_kernel(profile, rows, out_dir, seed))
+            found = check_tuned_kernel(profile, shape, rows, out_dir, seed)
+            (checked if checked is not None else []).extend(found)
         except Exception as e:  # a broken check must not cost the sweep; a dead CUDA context ends both
             from bench.kernel_check import is_fatal
 
             if is_fatal(f"{type(e).__name__}: {_first_line(e)}"):
                 raise
-            print(f"kernel check of the pivot shape failed to run: {type(e).__name__}: {_first_line(e)}")
+            where = f"L = {shape['seq_len']}, D = {shape['head_dim']}, {shape['dtype']}"
+            print(f"kernel check at {where} failed to run: {type(e).__name__}: {_first_line(e)}")
 
+    done_shape = None
     for cfg in tqdm(configs, desc=f"attention sweep ({profile.name})", unit="cfg"):
-        if pending_check and any(cfg[k] != pivot[k] for k in SHAPE_KEYS):  # the pivot shape is done
-            check()
-            pending_check = False
+        shape = {k: cfg[k] for k in SHAPE_KEYS}
+        if done_shape is not None and shape != done_shape and done_shape in to_check:  # its rows are done
+            check(done_shape)
+        done_shape = shape
         if time.perf_counter() - start > profile.time_budget_s:
             rows.append(dict(cfg, status="skipped", error=f"time budget {profile.time_budget_s:.0f} s spent"))
             continue
@@ -349,27 +351,41 @@ def run_sweep(
         atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
         _write_tuning_log(out_dir)
     atomic_write_text(out_dir / "attention.csv", pd.DataFrame(rows).to_csv(index=False))
-    if pending_check:  # a sweep of the pivot shape alone
-        check()
+    if done_shape in to_check:  # the last shape's rows
+        check(done_shape)
     return rows
 
 
-def check_pivot_kernel(profile: SweepProfile, rows: list[dict], out_dir: Path, seed: int = 0) -> list[dict]:
-    """In a sweep's process, once it has measured the pivot shape: bench kernel-check of the Triton
-    configs its autotuner chose there, both backward schemes, against a float32 reference (appended to
-    ``out_dir/kernel_check.csv``), so that what the sweep timed is what is checked. Returns the rows;
-    none when the sweep did not measure triton there. The summary marks the timings a missing check
-    leaves unchecked (the provenance says the sweep asked for it)."""
+def kernel_check_shapes(profile: SweepProfile) -> list[dict]:
+    """The shapes whose autotuned Triton configs ``--kernel-check`` checks: at the pivot length, the pivot
+    shape and each one-axis variation with a head dim or dtype of its own (the autotuner keys on those and
+    the length; the image variations run the pivot's configs)."""
+    shapes: list[dict] = []
+    for c in profile.configs():
+        shape = {k: c[k] for k in SHAPE_KEYS}
+        tuned = [(x["head_dim"], x["dtype"]) for x in shapes]
+        if shape["seq_len"] == profile.pivot_len and (shape["head_dim"], shape["dtype"]) not in tuned:
+            shapes.append(shape)
+    return shapes
+
+
+def check_tuned_kernel(
+    profile: SweepProfile, shape: dict, rows: list[dict], out_dir: Path, seed: int = 0
+) -> list[dict]:
+    """In a sweep's process, once it has measured ``shape``: bench kernel-check of the Triton configs its
+    autotuner chose there, both backward schemes, against a float32 reference (appended to
+    ``out_dir/kernel_check.csv``), so that what the sweep timed is what is checked, before anything later
+    can take the GPU down. Returns the rows; none when the sweep did not measure triton there. The summary
+    marks the timings a missing check leaves unchecked (the provenance lists the shapes asked for)."""
     from bench.kernel_check import AUTOTUNED, run_pairs
 
-    base = profile.configs()[0]
-    if not any(r["backend"] == "triton" and r["status"] == "ok" and all(r[k] == base[k] for k in SHAPE_KEYS)
+    if not any(r["backend"] == "triton" and r["status"] == "ok" and all(r[k] == shape[k] for k in SHAPE_KEYS)
                for r in rows):  # fmt: skip
         return []
-    batch = max(1, profile.tokens_per_batch // base["seq_len"])
-    layout = benchmark_layout(batch, base["seq_len"], base["image_tokens"], base["image_fraction"],
+    batch = max(1, profile.tokens_per_batch // shape["seq_len"])
+    layout = benchmark_layout(batch, shape["seq_len"], shape["image_tokens"], shape["image_fraction"],
                               device=torch.device(profile.device))  # fmt: skip
-    return run_pairs("benchmark", layout, profile.heads, base["head_dim"], base["dtype"], "auto", AUTOTUNED,
+    return run_pairs("benchmark", layout, profile.heads, shape["head_dim"], shape["dtype"], "auto", AUTOTUNED,
                      ("split", "atomic"), out_dir / "kernel_check.csv", seed)  # fmt: skip
 
 

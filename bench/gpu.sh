@@ -10,7 +10,8 @@
 #      (pytest -m gpu, in parallel processes: compiles are CPU-bound); the log goes to gpu_tests.txt;
 #   4. runs the GPU attention sweep into results/gpu/ (CSV, autotuning log, provenance, summary); once
 #      the headline shape (L = 8192) is measured, the same process checks the Triton configs its
-#      autotuner chose there, both schemes, against a float32 reference: what it timed is what is checked;
+#      autotuner chose there, both schemes, against a float32 reference: what it timed is what is checked
+#      (and again at L = 8192 for D = 64 and for float16, which the autotuner tunes apart);
 #   5. profiles one forward+backward of triton (heaviest-first and natural launch order, at the sweep's
 #      shape and on one row of 8 heads; split and atomic backward scheme), flex and xformers at L = 8192
 #      per kernel (kernel_breakdown.csv).

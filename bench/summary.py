@@ -113,12 +113,100 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
     if invalid:
         left_out = "; ".join(f"triton {m} ({why})" for m, why in invalid.items())
         lines += ["", f"Goals left out: {left_out}. The checks are listed below."]
+    pivot = (meta.get("profile") or {}).get("pivot_len") or seq_len  # where the sweep varies each axis
+    lines += _variation_lines(df, results_dir, first, int(pivot), seq_len)
     lines += _tuning_lines(results_dir, int(first.head_dim), str(first["dtype"]), seq_len)
     lines += _kernel_check_lines(results_dir)
     lines += _breakdown_lines(results_dir)
     text = "\n".join(lines) + "\n"
     atomic_write_text(results_dir / "attention_summary.md", text)
     return text
+
+
+# The sweep's one-axis variations at the headline length: (column, how a value of it reads).
+VARIED: dict[str, object] = {
+    "head_dim": lambda v: f"D = {int(v)}",
+    "dtype": str,
+    "image_tokens": lambda v: f"images of {int(v)} tokens",
+    "image_fraction": lambda v: f"{float(v):.0%} of tokens in images",
+}
+
+
+def _variation_lines(
+    df: pd.DataFrame, results_dir: Path, first: pd.Series, seq_len: int, headline_len: int
+) -> list[str]:
+    """The rows at ``seq_len`` (the sweep's pivot length) that change one axis of the headline setting,
+    by variation and backend, with each backend's speed against flex's under the same variation (and the
+    unvaried setting first when the headline is at another length). A triton timing is marked INVALID as
+    in the headline table, and says whether the check of its autotuned configs there passed."""
+    from bench.kernel_check import read_checks
+
+    at_len = df[df.seq_len == seq_len]
+    checks = read_checks(results_dir)
+    groups = [(spell(v), column, v) for column, spell in VARIED.items()
+              for v in dict.fromkeys(at_len[column]) if v != first[column]]  # fmt: skip
+    if groups and headline_len != seq_len:
+        groups.insert(0, ("none", "head_dim", first.head_dim))
+    lines: list[str] = []
+    for label, column, value in groups:
+        others = [c for c in VARIED if c != column]
+        rows = at_len[(at_len[others] == first[others]).all(axis=1) & (at_len[column] == value)]
+        rows = rows.set_index(["backend", "mode"])
+        if rows.empty:
+            continue
+        if not (rows.status == "ok").any():  # the budget ran out first, say: one line
+            errors = rows["error"].fillna("") if "error" in rows else pd.Series("", index=rows.index)
+            why = "; ".join(dict.fromkeys(f"{st} ({e})" if e else st for st, e in zip(rows.status, errors)))
+            lines.append(f"| {label} | all | - | - | - | - | {why} |")
+            continue
+        head_dim, dtype = int(rows.head_dim.iloc[0]), str(rows["dtype"].iloc[0])
+        invalid = invalid_triton_modes(results_dir, head_dim, dtype, seq_len)
+        for backend in dict.fromkeys(b for b, _ in rows.index):
+            cells, status = _variation_cells(rows, backend, invalid)
+            if backend == "triton" and not invalid:
+                status.append(_tuned_check_state(checks, seq_len, head_dim, dtype))
+            lines.append(f"| {label} | {backend} | {cells} | {'; '.join(status) or 'ok'} |")
+    if not lines:
+        return []
+    return [
+        "",
+        f"One axis of the setting above varied, at L = {seq_len} (wall time; speed / flex: flex's time "
+        "over the backend's, under the same variation; causal-sdpa does the whole causal mask's work):",
+        "",
+        "| varied | backend | fwd ms | fwd+bwd ms | fwd speed / flex | fwd+bwd speed / flex | status |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def _variation_cells(rows: pd.DataFrame, backend: str, invalid: dict[str, str]) -> tuple[str, list[str]]:
+    """One backend's cells under one variation (``rows`` indexed by backend and mode), and its status."""
+    times, speeds, status = [], [], []
+    for mode in ("fwd", "fwd_bwd"):
+        r = rows.loc[(backend, mode)] if (backend, mode) in rows.index else None
+        f = rows.loc[("flex", mode)] if ("flex", mode) in rows.index else None
+        ok = r is not None and r.status == "ok"
+        bad = backend == "triton" and mode in invalid
+        # causal-sdpa computes the whole causal mask: a ceiling, not the same work as flex
+        same_work = backend != "causal-sdpa" and f is not None and f.status == "ok"
+        times.append(f"{r.ms:.3g}" if ok else "-")
+        speeds.append(f"{f.ms / r.ms:.2f}" if ok and not bad and same_work else "-")
+        if not ok:
+            status.append(f"{mode}: {r.status if r is not None else 'absent'}")
+        elif bad:
+            status.append(f"{mode}: INVALID, {invalid[mode]}")
+    return " | ".join(times + speeds), status
+
+
+def _tuned_check_state(checks: pd.DataFrame, seq_len: int, head_dim: int, dtype: str) -> str:
+    """Whether bench kernel-check checked the autotuned configs at this shape (its rows all passed)."""
+    if checks.empty:
+        return "autotuned configs not checked here"
+    tuned = checks[(checks["index"] == "autotuned") & (checks.seq_len.astype(int) == seq_len)
+                   & (checks.head_dim.astype(int) == head_dim) & (checks["dtype"] == dtype)]  # fmt: skip
+    if tuned.empty:
+        return "autotuned configs not checked here"
+    return "autotuned configs checked" if (tuned.status == "pass").all() else "ok"
 
 
 def _time_cell(at: pd.DataFrame, backend: str, mode: str, column: str) -> str:
@@ -233,17 +321,20 @@ def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: 
       with index ``autotuned``) did not clear it: the forward stands if some pair there ran it with a
       right output, forward+backward if the forward stands and the pair of the scheme the sweep used
       passed (every scheme's, when the tuning log does not say which);
-    * the sweep asked for that check at this shape (its provenance) and no row of it is there."""
+    * the sweep asked for that check at this shape (its provenance's ``kernel_check_shapes``; the pivot
+      shape in older ones) and no row of it is there."""
     from bench.kernel_check import read_checks, suspects, wrong_configs
 
     checks = read_checks(results_dir)
     meta_path = results_dir / "attention_provenance.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     profile = meta.get("profile") or {}
-    asked = bool(meta.get("kernel_check")) and (seq_len, head_dim, dtype) == (
-        profile.get("pivot_len"),
-        (profile.get("head_dims") or [None])[0],
-        (profile.get("dtypes") or [None])[0],
+    shapes = meta.get("kernel_check_shapes")
+    if shapes is None:  # a sweep from before it checked more than its pivot shape
+        first = {k: (profile.get(k + "s") or [None])[0] for k in ("head_dim", "dtype")}
+        shapes = [dict(seq_len=profile.get("pivot_len"), **first)]
+    asked = bool(meta.get("kernel_check")) and any(
+        (s["seq_len"], s["head_dim"], s["dtype"]) == (seq_len, head_dim, dtype) for s in shapes
     )
     at = _tuning_at(results_dir, head_dim, dtype, seq_len)
     chosen, scheme = {}, None

@@ -311,10 +311,11 @@ def _kc_row(index, mode, status="pass", dkdv="32x128 w8 s3", dq="128x64 w8 s3", 
     return {**row, **errs}
 
 
-def _sweep_folder(out, scheme, checks, device=False, tuning=True, untimed=(), asked=False):
+def _sweep_folder(out, scheme, checks, device=False, tuning=True, untimed=(), asked=False, shapes=None):
     """A results folder with triton and flex at L = 64 (D = 16, float32), the autotuner's choices (none
     for the ``untimed`` kernels, as for a lone candidate; no log at all without ``tuning``), the given
-    kernel-check rows, and a provenance saying whether the sweep ran --kernel-check (``asked``)."""
+    kernel-check rows, and a provenance saying whether the sweep ran --kernel-check (``asked``) and, when
+    ``shapes`` is given, at which shapes (else the record predates that list: the pivot shape)."""
     out.mkdir()
     common = dict(head_dim=16, dtype="float32", image_tokens=16, image_fraction=0.5, seq_len=64, heads=2,
                   status="ok", peak_mem_mb=1.0)  # fmt: skip
@@ -327,7 +328,8 @@ def _sweep_folder(out, scheme, checks, device=False, tuning=True, untimed=(), as
     profile = dict(pivot_len=64, head_dims=[16], dtypes=["float32"])
     (out / "attention_provenance.json").write_text(
         json.dumps(dict(device="x", torch="t", triton="tr", xformers=None, commit="c", date="d",
-                        profile=profile, kernel_check=asked))
+                        profile=profile, kernel_check=asked,
+                        **({} if shapes is None else {"kernel_check_shapes": shapes})))
     )  # fmt: skip
     tune = dict(head_dim=16, dtype="float32", q_bucket=64, kv_bucket=64, block_n=128, warps=8, stages=3,
                 tma=False, ms=1.0, chosen=True)  # fmt: skip
@@ -404,6 +406,15 @@ SUMMARY_CASES = {
         "split", [_kc_row("autotuned", "split", seq_len=64), _kc_row("autotuned", "atomic", seq_len=64)], {},
         dict(asked=True),
     ),
+    "the sweep listed this shape and no check is there": (
+        "split", [], {"fwd": "the check of its autotuned configs is missing",
+                      "fwd_bwd": "the check of its autotuned configs is missing"},
+        dict(asked=True, shapes=[dict(seq_len=64, head_dim=16, dtype="bfloat16"),
+                                 dict(seq_len=64, head_dim=16, dtype="float32")]),
+    ),
+    "the sweep listed only other shapes": (
+        "split", [], {}, dict(asked=True, shapes=[dict(seq_len=64, head_dim=16, dtype="bfloat16")]),
+    ),
     "wrong at another dtype counts not": (
         "atomic", [_kc_row(1, "atomic", "fail", dkdv="32x128 w8 s3 dqT", dq_err=11.0, dtype="bfloat16")], {},
     ),
@@ -439,6 +450,28 @@ def test_summary_leaves_out_timings_that_cannot_stand(tmp_path, case):
     assert ("| triton fwd+bwd speed / flex | 1.20 |" in text) == ("fwd_bwd" not in want)
     plotted = drop_invalid(_base(pd.read_csv(out / "attention.csv")), out)
     assert sorted(plotted[plotted.backend == "triton"]["mode"]) == sorted({"fwd", "fwd_bwd"} - set(want))
+
+
+def test_summary_table_of_the_one_axis_variations(tmp_path):
+    """At the pivot length, each variation's rows by backend, with the speed against flex's under the
+    same variation; a variation the budget skipped is one line; a triton timing says whether the check of
+    its autotuned configs at that head dim and dtype passed."""
+    checks = [_kc_row("autotuned", mode, seq_len=64, head_dim=32) for mode in ("split", "atomic")]
+    out = _sweep_folder(tmp_path / "res", "split", checks)
+    df = pd.read_csv(out / "attention.csv")
+    d32 = df.assign(head_dim=32, ms=df.ms / 2)  # triton 0.5 / 1.5 ms, flex 0.6 / 1.8 ms
+    fp16 = df.assign(dtype="float16", status="skipped", error="time budget 9 s spent", ms=float("nan"))
+    pd.concat([df, d32, fp16]).to_csv(out / "attention.csv", index=False)
+    text = summarize(out, seq_len=64)
+    assert "| D = 32 | triton | 0.5 | 1.5 | 1.20 | 1.20 | autotuned configs checked |" in text
+    assert "| D = 32 | flex | 0.6 | 1.8 | 1.00 | 1.00 | ok |" in text
+    assert "| float16 | all | - | - | - | - | skipped (time budget 9 s spent) |" in text
+    assert "| none |" not in text  # the headline is at the pivot length: no repeat of it
+    # a failed autotuned check there: INVALID, no speed
+    checks[1] = _kc_row("autotuned", "atomic", "fail", seq_len=64, head_dim=32, dq_err=3.0)
+    pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
+    text = summarize(out, seq_len=64)
+    assert "| D = 32 | triton | 0.5 | 1.5 | 1.20 | - | fwd_bwd: INVALID, the check of its autotuned" in text
 
 
 def test_summary_tables_of_the_checks(tmp_path):

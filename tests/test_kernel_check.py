@@ -111,31 +111,44 @@ def test_one_file_holds_several_shapes(tmp_path):
 
 
 def test_the_sweep_checks_the_configs_it_tuned(tmp_path, monkeypatch):
-    """bench attention --kernel-check: in the sweep's process, once the pivot shape is measured (before
-    the other lengths), the autotuned configs there are checked, both schemes, into kernel_check.csv."""
-    from bench.attention import SweepProfile, check_pivot_kernel, run_sweep
+    """bench attention --kernel-check: in the sweep's process, as soon as the pivot shape is measured
+    (before the other lengths), the autotuned configs there are checked, both schemes, into
+    kernel_check.csv; and again after a variation at the pivot length with a dtype of its own, not after
+    one that changes only the images (it runs the pivot's configs)."""
+    from bench.attention import SweepProfile, check_tuned_kernel, kernel_check_shapes, run_sweep
 
     profile = SweepProfile(name="tiny", device="cpu", backends=["triton"], seq_lens=[32, 48], head_dims=[32],
-                           dtypes=["bfloat16"], image_tokens=[16], image_fractions=[0.5], heads=1,
-                           tokens_per_batch=96, warmup=0, reps=1, pivot_len=48, modes=("fwd",))  # fmt: skip
+                           dtypes=["bfloat16", "float32"], image_tokens=[16], image_fractions=[0.5, 0.0],
+                           heads=1, tokens_per_batch=96, warmup=0, reps=1, pivot_len=48,
+                           modes=("fwd",))  # fmt: skip
+    shapes = kernel_check_shapes(profile)
+    wanted = [(48, "bfloat16", 0.5), (48, "float32", 0.5)]
+    assert [(s["seq_len"], s["dtype"], s["image_fraction"]) for s in shapes] == wanted
     order = []
-    real = check_pivot_kernel
+    real = check_tuned_kernel
 
-    def spy(profile, rows, *args):
-        order.append([r["seq_len"] for r in rows])  # what the sweep had measured when it checked
-        return real(profile, rows, *args)
+    def spy(profile, shape, rows, *args):
+        # what the sweep had measured when it checked this shape
+        order.append((shape["dtype"], [(r["seq_len"], r["dtype"]) for r in rows]))
+        return real(profile, shape, rows, *args)
 
-    monkeypatch.setattr("bench.attention.check_pivot_kernel", spy)
+    monkeypatch.setattr("bench.attention.check_tuned_kernel", spy)
     checked: list[dict] = []
     rows = run_sweep(profile, tmp_path, check_kernel=True, checked=checked)
-    assert [r["seq_len"] for r in rows if r["backend"] == "triton"] == [48, 32] and order == [[48, 48]]
-    assert json.loads((tmp_path / "attention_provenance.json").read_text())["kernel_check"] is True
-    got = [(r["index"], r["mode"], r["status"]) for r in checked]
-    assert got == [("autotuned", "split", "pass"), ("autotuned", "atomic", "pass")]
-    assert [(r["batch"], r["heads"], r["seq_len"]) for r in _rows(tmp_path / "kernel_check.csv")] == [
-        ("2", "1", "48"), ("2", "1", "48")]  # fmt: skip
-    # no triton timing at the pivot shape: nothing to check
-    assert check_pivot_kernel(profile, [dict(r, status="oom") for r in rows], tmp_path / "other") == []
+    measured = [(r["seq_len"], r["dtype"], r["image_fraction"]) for r in rows if r["backend"] == "triton"]
+    assert measured == [*wanted[:1], (32, "bfloat16", 0.5), *wanted[1:], (48, "bfloat16", 0.0)]
+    pivot, lengths, fp32 = [(48, "bfloat16")] * 2, [(32, "bfloat16")] * 2, [(48, "float32")] * 2
+    assert order == [("bfloat16", pivot), ("float32", pivot + lengths + fp32)]  # each right after its rows
+    meta = json.loads((tmp_path / "attention_provenance.json").read_text())
+    assert meta["kernel_check"] is True and meta["kernel_check_shapes"] == shapes
+    got = [(r["dtype"], r["index"], r["mode"], r["status"]) for r in checked]
+    schemes = ("split", "atomic")
+    assert got == [(dt, "autotuned", m, "pass") for dt in ("bfloat16", "float32") for m in schemes]
+    written = _rows(tmp_path / "kernel_check.csv")
+    in_csv = [(r["batch"], r["heads"], r["seq_len"], r["dtype"]) for r in written]
+    assert in_csv == [("2", "1", "48", "bfloat16")] * 2 + [("2", "1", "48", "float32")] * 2
+    # no triton timing at the shape: nothing to check
+    assert check_tuned_kernel(profile, shapes[0], [dict(r, status="oom") for r in rows], tmp_path / "o") == []
 
 
 def test_the_exit_status_counts_only_this_runs_pairs(tmp_path):
@@ -290,10 +303,10 @@ def test_a_check_that_fails_to_run_does_not_cost_the_sweep(tmp_path, monkeypatch
     def broken(*args):
         raise KeyError("a bug in the check")
 
-    monkeypatch.setattr("bench.attention.check_pivot_kernel", broken)
+    monkeypatch.setattr("bench.attention.check_tuned_kernel", broken)
     profile = SweepProfile(name="tiny", device="cpu", backends=["sdpa"], seq_lens=[32, 48], head_dims=[16],
                            dtypes=["float32"], image_tokens=[16], image_fractions=[0.5], heads=1,
                            tokens_per_batch=96, warmup=0, reps=1, pivot_len=48, modes=("fwd",))  # fmt: skip
     rows = run_sweep(profile, tmp_path, check_kernel=True, checked=[])
     assert [r["seq_len"] for r in rows if r["backend"] == "sdpa"] == [48, 32]  # the sweep went on
-    assert "kernel check of the pivot shape failed to run: KeyError" in capsys.readouterr().out
+    assert "kernel check at L = 48, D = 16, float32 failed to run: KeyError" in capsys.readouterr().out
