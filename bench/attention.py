@@ -271,7 +271,7 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         _sync(device)
         warmup, reps = timing_reps((time.perf_counter() - t0) * 1e3, profile)
         row["reps"] = reps
-        ms = median_ms(step, device, warmup - 1, reps)
+        ms = median_ms(step, device, max(0, warmup - 1), reps)
         nan = float("nan")
         dev_ms, host_ms = device_and_host_ms(step, reps) if device.type == "cuda" else (nan, nan)
     except torch.OutOfMemoryError as e:

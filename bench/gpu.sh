@@ -55,12 +55,12 @@ start=$(date +%s)
 CHECK_CSV=$RESULTS/kernel_check.csv
 # Checks of earlier runs must not be read beside this one's (the summary and plots read every
 # kernel_check*.csv in the folder).
-old_checks=$(ls "$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running \
-  "$RESULTS"/kernel_check*_provenance.json 2>/dev/null)
-if [ -n "$old_checks" ]; then
-  echo "removing an earlier run's checks from $RESULTS:" $old_checks
-  # shellcheck disable=SC2086
-  rm -f $old_checks
+shopt -s nullglob
+old_checks=("$RESULTS"/kernel_check*.csv "$RESULTS"/kernel_check*.running "$RESULTS"/kernel_check*_provenance.json)
+shopt -u nullglob
+if [ "${#old_checks[@]}" -gt 0 ]; then
+  echo "removing an earlier run's checks from $RESULTS: ${old_checks[*]}"
+  rm -f -- "${old_checks[@]}"
 fi
 # shellcheck source=bench/gpu_check_loop.sh
 source "$(dirname "$0")/gpu_check_loop.sh"
@@ -97,8 +97,10 @@ INTERVAL_ATTENTION_AUTOTUNE=0 timeout "$TEST_TIMEOUT_S" python3 -m pytest -m gpu
 test_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $test_rc after $(( $(date +%s) - start )) s"
 
-# What is left of TOTAL_S, less the breakdown and 30 s for the last configuration, the summary and the copy.
-left=$(( TOTAL_S - ($(date +%s) - begin) - BREAKDOWN_TIMEOUT_S - 30 ))
+# What is left of TOTAL_S, less the breakdown and 60 s: the last configuration, a kernel check of its
+# configs if it is one of the three shapes the sweep checks (bench attention --kernel-check), the summary
+# and the copy.
+left=$(( TOTAL_S - ($(date +%s) - begin) - BREAKDOWN_TIMEOUT_S - 60 ))
 left=$(( left < SWEEP_MIN_S ? SWEEP_MIN_S : (left > SWEEP_MAX_S ? SWEEP_MAX_S : left) ))
 echo "sweep budget: ${SWEEP_BUDGET_S:-$left} s"
 python3 -m bench attention --profile gpu --out "$RESULTS" --budget-s "${SWEEP_BUDGET_S:-$left}" --kernel-check \

@@ -419,11 +419,12 @@ def _load(family: str, run_dir: Path, step: int | None = None) -> _Loaded:
     return _Loaded(model, tok, ae, int(latest["step"]) if step is None else step)
 
 
-def _refuse_offset_past_end(cfg: QuickConfig, n: int, size: int, which: str = "") -> None:
-    """The one error for an ``eval_offset`` from which ``n`` items run past the split's ``size``."""
+def _refuse_offset_past_end(cfg: QuickConfig, n: int, size: int, why_n: str = "") -> None:
+    """The one error for an ``eval_offset`` from which ``n`` items run past the split's ``size``;
+    ``why_n`` follows the count in the message (where the count comes from)."""
     if cfg.eval_offset and cfg.eval_offset + n > size:
         raise ValueError(
-            f"QuickConfig.eval_offset = {cfg.eval_offset} needs {n} items from there{which}, but the "
+            f"QuickConfig.eval_offset = {cfg.eval_offset} needs {n} items from there{why_n}, but the "
             f"{cfg.eval_split!r} split has {size}: the offset can be at most {max(0, size - n)}"
         )
 

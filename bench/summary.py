@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -124,7 +126,7 @@ def summarize(results_dir: Path, seq_len: int = 8192) -> str:
 
 
 # The sweep's one-axis variations at the headline length: (column, how a value of it reads).
-VARIED: dict[str, object] = {
+VARIED: dict[str, Callable[[Any], str]] = {
     "head_dim": lambda v: f"D = {int(v)}",
     "dtype": str,
     "image_tokens": lambda v: f"images of {int(v)} tokens",
@@ -155,16 +157,17 @@ def _variation_lines(
         if rows.empty:
             continue
         if not (rows.status == "ok").any():  # the budget ran out first, say: one line
-            errors = rows["error"].fillna("") if "error" in rows else pd.Series("", index=rows.index)
-            why = "; ".join(dict.fromkeys(f"{st} ({e})" if e else st for st, e in zip(rows.status, errors)))
-            lines.append(f"| {label} | all | - | - | - | - | {why} |")
+            lines.append(f"| {label} | all | - | - | - | - | {_why_none(rows)} |")
             continue
         head_dim, dtype = int(rows.head_dim.iloc[0]), str(rows["dtype"].iloc[0])
         invalid = invalid_triton_modes(results_dir, head_dim, dtype, seq_len)
+        # the image variations run the pivot's configs (the autotuner keys on head dim, dtype and length)
+        state = _tuned_check_state(_autotuned_checks(checks, seq_len, head_dim, dtype),
+                                   column in ("image_tokens", "image_fraction"))  # fmt: skip
         for backend in dict.fromkeys(b for b, _ in rows.index):
             cells, status = _variation_cells(rows, backend, invalid)
             if backend == "triton" and not invalid:
-                status.append(_tuned_check_state(checks, seq_len, head_dim, dtype))
+                status.append(state)
             lines.append(f"| {label} | {backend} | {cells} | {'; '.join(status) or 'ok'} |")
     if not lines:
         return []
@@ -177,6 +180,12 @@ def _variation_lines(
         "|---|---|---|---|---|---|---|",
         *lines,
     ]
+
+
+def _why_none(rows: pd.DataFrame) -> str:
+    """Why no row of a variation was measured: each distinct status, with its error."""
+    errors = rows["error"].fillna("") if "error" in rows else pd.Series("", index=rows.index)
+    return "; ".join(dict.fromkeys(f"{st} ({e})" if e else st for st, e in zip(rows.status, errors)))
 
 
 def _variation_cells(rows: pd.DataFrame, backend: str, invalid: dict[str, str]) -> tuple[str, list[str]]:
@@ -198,15 +207,23 @@ def _variation_cells(rows: pd.DataFrame, backend: str, invalid: dict[str, str]) 
     return " | ".join(times + speeds), status
 
 
-def _tuned_check_state(checks: pd.DataFrame, seq_len: int, head_dim: int, dtype: str) -> str:
-    """Whether bench kernel-check checked the autotuned configs at this shape (its rows all passed)."""
+def _autotuned_checks(checks: pd.DataFrame, seq_len: int, head_dim: int, dtype: str) -> pd.DataFrame:
+    """The kernel-check rows of the autotuned configs (``bench attention --kernel-check``) at this shape."""
     if checks.empty:
-        return "autotuned configs not checked here"
-    tuned = checks[(checks["index"] == "autotuned") & (checks.seq_len.astype(int) == seq_len)
-                   & (checks.head_dim.astype(int) == head_dim) & (checks["dtype"] == dtype)]  # fmt: skip
+        return checks
+    return checks[(checks["index"] == "autotuned") & (checks.seq_len.astype(int) == seq_len)
+                  & (checks.head_dim.astype(int) == head_dim) & (checks["dtype"] == dtype)]  # fmt: skip
+
+
+def _tuned_check_state(tuned: pd.DataFrame, on_pivot_layout: bool) -> str:
+    """What the check of the autotuned configs at a shape said, for a triton timing that stands."""
     if tuned.empty:
         return "autotuned configs not checked here"
-    return "autotuned configs checked" if (tuned.status == "pass").all() else "ok"
+    where = " on the pivot's layout" if on_pivot_layout else ""
+    if (tuned.status == "pass").all():
+        return f"autotuned configs checked{where}"
+    states = ", ".join(f"{r['mode']} {r.status}" for _, r in tuned.iterrows())
+    return f"autotuned configs checked{where}: {states}"
 
 
 def _time_cell(at: pd.DataFrame, backend: str, mode: str, column: str) -> str:
@@ -353,10 +370,7 @@ def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: 
         if hits:
             out[mode] = f"ran {', '.join(hits)}, wrong in kernel-check"
 
-    tuned = pd.DataFrame()
-    if not checks.empty:
-        tuned = checks[(checks["index"] == "autotuned") & (checks.head_dim.astype(int) == head_dim)
-                       & (checks["dtype"] == dtype) & (checks.seq_len.astype(int) == seq_len)]  # fmt: skip
+    tuned = _autotuned_checks(checks, seq_len, head_dim, dtype)
     if tuned.empty:
         if asked:
             for mode in ("fwd", "fwd_bwd"):

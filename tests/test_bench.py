@@ -456,17 +456,32 @@ def test_summary_table_of_the_one_axis_variations(tmp_path):
     """At the pivot length, each variation's rows by backend, with the speed against flex's under the
     same variation; a variation the budget skipped is one line; a triton timing says whether the check of
     its autotuned configs at that head dim and dtype passed."""
-    checks = [_kc_row("autotuned", mode, seq_len=64, head_dim=32) for mode in ("split", "atomic")]
-    out = _sweep_folder(tmp_path / "res", "split", checks)
+    schemes = ("split", "atomic")
+    checks = [_kc_row("autotuned", mode, seq_len=64, head_dim=d) for d in (32, 16) for mode in schemes]
+    out = _sweep_folder(tmp_path / "res", "split", checks[:2])
     df = pd.read_csv(out / "attention.csv")
     d32 = df.assign(head_dim=32, ms=df.ms / 2)  # triton 0.5 / 1.5 ms, flex 0.6 / 1.8 ms
     fp16 = df.assign(dtype="float16", status="skipped", error="time budget 9 s spent", ms=float("nan"))
-    pd.concat([df, d32, fp16]).to_csv(out / "attention.csv", index=False)
+    images = df.assign(image_tokens=32)
+    pd.concat([df, d32, fp16, images]).to_csv(out / "attention.csv", index=False)
+    images_row = "| images of 32 tokens | triton | 1 | 3 | 1.20 | 1.20 | autotuned configs "
+    assert images_row + "not checked here |" in summarize(out, seq_len=64)
+    pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
     text = summarize(out, seq_len=64)
+    assert images_row + "checked on the pivot's layout |" in text
     assert "| D = 32 | triton | 0.5 | 1.5 | 1.20 | 1.20 | autotuned configs checked |" in text
     assert "| D = 32 | flex | 0.6 | 1.8 | 1.00 | 1.00 | ok |" in text
     assert "| float16 | all | - | - | - | - | skipped (time budget 9 s spent) |" in text
     assert "| none |" not in text  # the headline is at the pivot length: no repeat of it
+    # the scheme the sweep did not time failed there: the timing stands, and the row says so
+    checks = checks[:2]
+    checks[1] = _kc_row("autotuned", "atomic", "fail", seq_len=64, head_dim=32, dq_err=3.0)
+    split = _sweep_folder(tmp_path / "split", "split", checks)  # the tuning log says split ran at D = 32
+    tuning = pd.read_csv(split / "kernel_tuning.csv")
+    pd.concat([tuning, tuning.assign(head_dim=32)]).to_csv(split / "kernel_tuning.csv", index=False)
+    pd.concat([df, d32]).to_csv(split / "attention.csv", index=False)
+    row = "| D = 32 | triton | 0.5 | 1.5 | 1.20 | 1.20 | autotuned configs checked: split pass, atomic fail |"
+    assert row in summarize(split, seq_len=64)
     # a failed autotuned check there: INVALID, no speed
     checks[1] = _kc_row("autotuned", "atomic", "fail", seq_len=64, head_dim=32, dq_err=3.0)
     pd.DataFrame(checks).to_csv(out / "kernel_check_mixed.csv", index=False)
