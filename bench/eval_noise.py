@@ -51,7 +51,6 @@ from bench.study import (
     RUN_FIELDS,
     StudyConfig,
     execute,
-    is_number,
     parse_groups,
     parse_ints,
     plan_jobs,
@@ -59,6 +58,7 @@ from bench.study import (
 )
 from bench.study_grid import GROUPS, rows_for
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+from transfusion.value_checks import is_finite_real
 
 DEFAULT_GROUPS: tuple[str, ...] = ("lr_choice_val",)
 DEFAULT_EVAL_SEEDS: tuple[int, ...] = (1000, 2000, 3000)
@@ -110,7 +110,7 @@ def summarize_noise(
         for metric in metrics:
             cells: dict[int, dict[int, float]] = {}
             for ln in mine:
-                if ln["eval_seed"] in wanted and is_number(ln.get(metric)):
+                if ln["eval_seed"] in wanted and is_finite_real(ln.get(metric)):
                     cells.setdefault(ln["seed"], {})[ln["eval_seed"]] = float(ln[metric])
             table = [[c[k] for k in wanted] for _, c in sorted(cells.items()) if set(c) == set(wanted)]
             row: dict[str, Any] = dict(zip(("group", "label", "training"), key))
@@ -163,7 +163,7 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
         records = execute(plan_jobs(seeded, runs), seeded.workers, progress)
         # the evaluations' own times when computed (the reused trainings are the study's cost)
         walls = [ev.get("eval_wall_s") for r in records for ev in r["evals"].values()]
-        compute_s += sum(float(w) for w in walls if is_number(w))
+        compute_s += sum(float(w) for w in walls if is_finite_real(w))
         lines += [{**ln, "eval_seed": k} for ln in run_rows(rows, records, cfg.seeds, seeded.base())]
     summary = summarize_noise([ln for ln in lines if ln["status"] != "failed"], eval_seeds)
     result: dict[str, Any] = {

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int
 
 FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
 EVAL_SPLITS: tuple[str, ...] = ("test", "val")  # shapes splits the evaluation may draw from
@@ -156,7 +156,7 @@ class QuickConfig:
             value = getattr(self, name)
             if value is None and name == "baseline_guidance_scale":
                 continue
-            if not is_real(value) or not math.isfinite(value):
+            if not is_finite_real(value):
                 raise ValueError(f"QuickConfig.{name} = {value!r} must be a finite number (1: no guidance)")
         if self.clip_sample_range is not None:  # checked now, not after the trainings
             from transfusion.generation import SamplingConfig

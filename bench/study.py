@@ -53,7 +53,7 @@ from bench.study_grid import (
     varied_recipe_fields,
 )
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int
 
 RUN_FIELDS: tuple[str, ...] = (
     "group", "label", "training", "family", "seed", "status", "params", "steps", "train_flops",
@@ -204,7 +204,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     # What the job costs when computed, read from its stored results, so reruns that reuse them still
     # report it: training wall time plus each evaluation's (the shared autoencoders are not counted).
     parts = [summary.get("train_wall_s")] + [ev.get("eval_wall_s") for ev in rec["evals"].values()]
-    rec["compute_s"] = round(sum(float(x) for x in parts if is_number(x)), 2)
+    rec["compute_s"] = round(sum(float(x) for x in parts if is_finite_real(x)), 2)
     return rec
 
 
@@ -316,7 +316,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
                              "family": TRAININGS[row.training].family, "series": row.series,
                              "n_seeds": sum(ln["status"] != "failed" for ln in mine)}  # fmt: skip
         for stat in SUMMARY_STATS:
-            vals = [float(ln[stat]) for ln in mine if is_number(ln[stat])]
+            vals = [float(ln[stat]) for ln in mine if is_finite_real(ln[stat])]
             s[f"{stat}_mean"] = sum(vals) / len(vals) if vals else None
             s[f"{stat}_std"] = _sample_std(vals) if len(vals) > 1 else None
             s[f"{stat}_n"] = len(vals)
@@ -324,10 +324,6 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
             s[k] = row.paper.get(k)
         out.append(s)
     return out
-
-
-def is_number(v: Any) -> bool:
-    return is_real(v) and math.isfinite(v)
 
 
 def _sample_std(vals: list[float]) -> float:
@@ -390,7 +386,7 @@ def lr_choice(
     per_seed: dict[tuple[str, str, str], dict[int, float]] = {}  # (group, training, metric) -> seed -> value
     for line in lines or ():
         for metric in CURVE_METRICS:
-            if is_number(value := line.get(metric)):
+            if is_finite_real(value := line.get(metric)):
                 per_seed.setdefault((line["group"], line["training"], metric), {})[line["seed"]] = value
     val = {lr: by_training(val_group) for lr, (val_group, _) in LR_CHOICE.items()}
     tests = {lr: by_training(test_group) for lr, (_, test_group) in LR_CHOICE.items()}
@@ -449,7 +445,7 @@ def paired_margin(best: dict[int, float], other: dict[int, float], lower: bool) 
 
 def _complete(row: dict[str, Any] | None, metric: str, seeds: int | None) -> bool:
     """Whether a summary row holds ``metric`` for all ``seeds`` seeds (None: its non-failed ones)."""
-    if not row or not is_number(row.get(f"{metric}_mean")):
+    if not row or not is_finite_real(row.get(f"{metric}_mean")):
         return False
     return row.get(f"{metric}_n") == (row.get("n_seeds") if seeds is None else seeds)
 
@@ -610,7 +606,6 @@ __all__ = [
     "StudyConfig",
     "lr_choice",
     "lr_choice_rates",
-    "is_number",
     "main",
     "parse_groups",
     "parse_ints",

@@ -34,7 +34,7 @@ from transfusion.baseline import DiscreteLM
 from transfusion.layout import PAD, TEXT, AttentionLayout
 from transfusion.model import KVCache
 from transfusion.packing import SpecialTokens
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int, is_real
 
 
 @dataclass
@@ -246,7 +246,7 @@ def generate_images(
     cfg, vocab = model.cfg, model.vocab
     vocab.check_special(special)
     check_sampling(temperature, top_k)
-    if not is_real(cfg_scale) or not math.isfinite(cfg_scale):
+    if not is_finite_real(cfg_scale):
         raise ValueError(f"cfg_scale = {cfg_scale!r} must be a finite number (1: no guidance)")
     if isinstance(captions, (str, torch.Tensor)) or not isinstance(captions, Sequence) or not captions:
         raise ValueError("captions must be a non-empty list of token id lists")

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int
 
 PATCH_SIZES = (1, 2, 4, 8)
 ADAPTERS = ("linear", "unet")
@@ -154,9 +154,9 @@ class ModelConfig:
                 f"ModelConfig.diffusion_loss_weighting = {self.diffusion_loss_weighting!r} must be one of "
                 f"{LOSS_WEIGHTINGS}"
             )
-        if not (is_real(self.min_snr_gamma) and math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
+        if not (is_finite_real(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ValueError(f"ModelConfig.min_snr_gamma = {self.min_snr_gamma!r} must be finite and > 0")
-        if not (is_real(self.z_loss) and math.isfinite(self.z_loss) and self.z_loss >= 0):
+        if not (is_finite_real(self.z_loss) and self.z_loss >= 0):
             raise ValueError(f"ModelConfig.z_loss = {self.z_loss!r} must be finite and >= 0")
         for name in ("qk_norm", "causal_only_images", "loss_after_dropped_caption"):
             if not isinstance(getattr(self, name), bool):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -16,4 +17,9 @@ def is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["is_int", "is_real"]
+def is_finite_real(value: Any) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` and is finite (no nan, no inf)."""
+    return is_real(value) and math.isfinite(value)
+
+
+__all__ = ["is_finite_real", "is_int", "is_real"]

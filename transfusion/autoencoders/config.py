@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int
 
 KINDS = ("vae", "vq")
 RECON_LOSSES = ("l1", "mse", "l1+mse")
@@ -96,11 +96,11 @@ class AutoencoderConfig:
                 self._bad(name, "must be a non-negative integer")
         for name in ("lr", "grad_clip"):
             value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value <= 0:
+            if not is_finite_real(value) or value <= 0:
                 self._bad(name, "must be a positive finite number")
         for name in ("kl_weight", "vq_loss_weight"):
             value = getattr(self, name)
-            if not is_real(value) or not math.isfinite(value) or value < 0:
+            if not is_finite_real(value) or value < 0:
                 self._bad(name, "must be a finite number >= 0")
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0):
             self._bad("min_lr_ratio", "must be in [0, 1]")

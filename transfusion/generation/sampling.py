@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from transfusion.value_checks import is_int, is_real
+from transfusion.value_checks import is_finite_real, is_int
 
 SCHEDULERS = ("ddpm", "ddim")
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}  # paper: 250 DDPM steps at inference
@@ -86,14 +86,11 @@ class SamplingConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} = {getattr(self, name)!r} {why}")
 
-        def is_num(v: Any) -> bool:
-            return is_real(v) and math.isfinite(v)
-
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be an integer >= 0")
         if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
             raise bad("min_new_tokens", f"must be an integer in [0, max_new_tokens = {self.max_new_tokens}]")
-        if not is_num(self.temperature) or self.temperature < 0:
+        if not is_finite_real(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise bad("top_k", "must be None or an integer >= 1")
@@ -103,16 +100,16 @@ class SamplingConfig:
             raise bad("scheduler", f"must be one of {SCHEDULERS}")
         if self.num_steps is not None and (not is_int(self.num_steps) or self.num_steps < 1):
             raise bad("num_steps", "must be None or an integer >= 1")
-        if self.guidance_scale is not None and not is_num(self.guidance_scale):
+        if self.guidance_scale is not None and not is_finite_real(self.guidance_scale):
             raise bad("guidance_scale", "must be None or a finite number")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise bad("timestep_spacing", f"must be one of {TIMESTEP_SPACINGS}")
-        if not is_num(self.eta) or self.eta < 0:
+        if not is_finite_real(self.eta) or self.eta < 0:
             raise bad("eta", "must be a finite number >= 0")
         if self.eta > 0 and self.scheduler != "ddim":
             raise bad("eta", "is a DDIM option; use scheduler='ddim'")
         if self.clip_sample_range is not None and (
-            not is_num(self.clip_sample_range) or self.clip_sample_range <= 0
+            not is_finite_real(self.clip_sample_range) or self.clip_sample_range <= 0
         ):
             raise bad("clip_sample_range", "must be None or a finite number > 0")
 
