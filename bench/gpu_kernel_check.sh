@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A short GPU run (about 2 minutes: 126 s on the H200 on 2026-11-28) that localizes the Triton kernel's CUDA failures instead of the
-# whole of bench/gpu.sh: every candidate config pinned in turn (python -m bench kernel-check) on the two
-# rows where the every-candidate test failed and at the sweep's headline shape, pointer and TMA configs;
+# A short GPU run (about 2 minutes: 126 s on the H200 on 2026-11-28) that localizes the Triton kernel's
+# CUDA failures instead of the whole of bench/gpu.sh: every candidate config pinned in turn (python -m
+# bench kernel-check) on the two rows where the every-candidate test failed and at the sweep's headline
+# shape, pointer and TMA configs;
 # then the per-kernel breakdown that died with an illegal memory access, under CUDA_LAUNCH_BLOCKING=1 so
 # the error names the faulting launch; then wall against device time of triton and flex at the headline
 # shape. Needs no wheels (no xformers). Everything goes to $RESULTS (default results/gpu/kernel_check/).

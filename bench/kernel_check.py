@@ -153,8 +153,8 @@ def read_checks(folder: Path) -> pd.DataFrame:
     paths = sorted(Path(folder).glob("kernel_check*.csv"))
     frames = [pd.read_csv(p, dtype={"index": str, "error": str}).assign(file=p.name) for p in paths]
     for marker in sorted(Path(folder).glob("kernel_check*.running")):
-        died = json.loads(marker.read_text())
-        row = dict(died, index=str(died.get("index")), status="crashed", error="the process died here")
+        died = _crashed(json.loads(marker.read_text()))
+        row = dict(died, index=str(died.get("index")))
         frames.append(pd.DataFrame([row]).assign(file=marker.with_suffix(".csv").name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -227,6 +227,11 @@ def exclusions(checks: pd.DataFrame) -> str:
     return ";".join(",".join(map(str, w)) for w in sorted(out))
 
 
+def _crashed(died: dict) -> dict:
+    """The row of a pair whose process died inside it, from the ``.running`` marker it left."""
+    return dict(died, status="crashed", error="the process died here")
+
+
 def record_marker(out: Path, rows: list[dict] | None = None) -> list[dict]:
     """Record the pair a dead process left its ``.running`` marker in as crashed (unless the CSV already
     has it: a fatal error the process caught itself), remove the marker, and return the CSV's rows."""
@@ -235,7 +240,7 @@ def record_marker(out: Path, rows: list[dict] | None = None) -> list[dict]:
     if running.exists():
         died = json.loads(running.read_text())
         if _key(died) not in {_key(r) for r in rows}:
-            rows.append(dict(died, status="crashed", error="the process died here"))
+            rows.append(_crashed(died))
             _write_rows(out, rows)
         running.unlink()
     return rows
@@ -413,7 +418,7 @@ def run_pairs(
             # still names them (an autotuned pair's are known only once the autotuner has chosen).
             if pin is not None:
                 with ia.kernel_configs(tma=tma, index=pin):
-                    configs = ia.planned_configs(getattr(torch, dtype_name), head_dim, device, mode)
+                    configs = ia.planned_configs(dtype, head_dim, device, mode)
                 planned = _config_columns(configs, mode)
             if running:
                 atomic_write_text(running, json.dumps(dict(base, index=index, mode=mode, **planned)))

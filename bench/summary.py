@@ -222,8 +222,12 @@ def _tuned_check_state(tuned: pd.DataFrame, on_pivot_layout: bool) -> str:
     where = " on the pivot's layout" if on_pivot_layout else ""
     if (tuned.status == "pass").all():
         return f"autotuned configs checked{where}"
-    states = ", ".join(f"{r['mode']} {r.status}" for _, r in tuned.iterrows())
-    return f"autotuned configs checked{where}: {states}"
+    return f"autotuned configs checked{where}: {_check_states(tuned)}"
+
+
+def _check_states(tuned: pd.DataFrame) -> str:
+    """Each checked scheme's status: "split pass, atomic fail"."""
+    return ", ".join(f"{r['mode']} {r.status}" for _, r in tuned.iterrows())
 
 
 def _time_cell(at: pd.DataFrame, backend: str, mode: str, column: str) -> str:
@@ -380,8 +384,7 @@ def invalid_triton_modes(results_dir: Path, head_dim: int, dtype: str, seq_len: 
                  for _, r in tuned.iterrows())  # fmt: skip
     needed = [scheme] if scheme else sorted(set(tuned["mode"]) | {"split"})
     passed = set(tuned[tuned.status == "pass"]["mode"])
-    states = ", ".join(f"{r['mode']} {r.status}" for _, r in tuned.iterrows())
-    why = f"the check of its autotuned configs did not clear it ({states})"
+    why = f"the check of its autotuned configs did not clear it ({_check_states(tuned)})"
     if not fwd_ok:
         out.setdefault("fwd", why)
     if not (fwd_ok and all(m in passed for m in needed)):

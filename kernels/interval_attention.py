@@ -253,6 +253,11 @@ def _parse_exclusions(text: str) -> frozenset[tuple[str, str, int, str]]:
 _EXCLUDED = _parse_exclusions(os.environ.get("INTERVAL_ATTENTION_EXCLUDE", ""))
 
 
+def _excluded(kernel: str, dtype: torch.dtype, head_dim: int, cfg: tuple) -> bool:
+    """Is this candidate named in INTERVAL_ATTENTION_EXCLUDE?"""
+    return (kernel, str(dtype).removeprefix("torch."), head_dim, config_name(cfg)) in _EXCLUDED
+
+
 def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
@@ -306,12 +311,11 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, descriptors: boo
     elif _TMA_MODE:
         cands = [c for c in cands if c[4]]
     if _EXCLUDED:
-        name = str(dtype).removeprefix("torch.")
-        kept = [c for c in cands if (kernel, name, head_dim, config_name(c)) not in _EXCLUDED]
+        kept = [c for c in cands if not _excluded(kernel, dtype, head_dim, c)]
         if not kept:
             raise ValueError(
-                f"INTERVAL_ATTENTION_EXCLUDE leaves kernel {kernel!r} no candidate at {name}, "
-                f"head dim {head_dim}"
+                f"INTERVAL_ATTENTION_EXCLUDE leaves kernel {kernel!r} no candidate at "
+                f"{str(dtype).removeprefix('torch.')}, head dim {head_dim}"
             )
         cands = kept
     if _PIN_INDEX is not None:
@@ -850,12 +854,7 @@ def candidate_count(kernel: str, dtype: torch.dtype, head_dim: int, tma: bool | 
     """How many candidate configs ``kernel`` ("fwd", "dkdv", "dkdv-atomic", "dq") has on CUDA for this dtype
     and head dim (``tma``: only TMA / only pointer candidates / all)."""
     cands = _GPU_CANDIDATES[kernel][(_dtype_class(dtype), head_dim)]
-    name = str(dtype).removeprefix("torch.")
-    return sum(
-        1
-        for c in cands
-        if (tma is None or c[4] == tma) and (kernel, name, head_dim, config_name(c)) not in _EXCLUDED
-    )
+    return sum(1 for c in cands if (tma is None or c[4] == tma) and not _excluded(kernel, dtype, head_dim, c))
 
 
 def planned_configs(dtype: torch.dtype, head_dim: int, device: torch.device, mode: str) -> dict[str, str]:
