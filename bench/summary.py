@@ -253,9 +253,10 @@ def _tuning_at(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> pd
     path = results_dir / "kernel_tuning.csv"
     if not path.exists():
         return pd.DataFrame()
+    from kernels.config_names import length_bucket
+
     df = pd.read_csv(path)
-    bucket = max(16, 1 << max(0, seq_len - 1).bit_length())
-    return df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == bucket)]
+    return df[(df.head_dim == head_dim) & (df["dtype"] == dtype) & (df.q_bucket == length_bucket(seq_len))]
 
 
 def _tuning_lines(results_dir: Path, head_dim: int, dtype: str, seq_len: int) -> list[str]:

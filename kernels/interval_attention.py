@@ -95,6 +95,7 @@ import triton
 import triton.language as tl
 
 from .config_names import config_name
+from .config_names import length_bucket as _bucket
 from .work_order import CHUNK, ORDER_SIZES, blocked_intervals, order_shape, work_order
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them only the pointer configs exist
@@ -1092,11 +1093,6 @@ def _record_count(name: str, counter: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-def _bucket(n: int) -> int:
-    """Autotuning key for a length: the next power of two (at least 16)."""
-    return max(16, 1 << max(0, n - 1).bit_length())
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     if INTERPRET and dtype == torch.bfloat16:
         return "upcast"
