@@ -151,13 +151,20 @@ def test_flops_are_measured_like_transfusions_and_match_the_analytic_count(runs)
     for family, run in runs.items():
         cfg = config_json(run)
         flops = cfg["flops"]
-        assert flops["source"] == "FlopCounterMode", family
+        assert flops["source"].startswith("FlopCounterMode without attention"), family
         rows = read_metrics(run / "metrics.jsonl")
         assert rows[-1]["train_flops"] == pytest.approx(STEPS * flops["measured_step"])
+        # what training records: the count without attention, plus attention on allowed pairs only
+        allowed = flops["analytic_first_step"]["attention_allowed"]
+        assert flops["measured_step"] == flops["counted_step"] - flops["counted_attention"] + allowed
+        assert 0 < allowed < flops["counted_attention"], family  # the backend computed more pairs
     flops = config_json(runs["discrete"])["flops"]
     analytic = flops["analytic_first_step"]
-    # naive attention computes every (q, k) pair: the dense-attention analytic count, exactly.
-    assert flops["measured_step"] == pytest.approx(analytic["total_dense_attention"], rel=1e-6)
+    # naive attention computes every (q, k) pair: the counter sees the dense-attention count, exactly,
+    # and training keeps the analytic count of the pairs the causal mask allows.
+    assert flops["counted_step"] == pytest.approx(analytic["total_dense_attention"], rel=1e-6)
+    assert flops["counted_attention"] == pytest.approx(analytic["attention_dense"], rel=1e-6)
+    assert flops["measured_step"] == pytest.approx(analytic["total"], rel=1e-6)
     assert analytic["lm_head"] == 3 * 2 * 32 * (512 + K) * analytic["lm_tokens"]  # the full vocabulary
     assert analytic["adapter"] == 0 and analytic["images"] == 0
 

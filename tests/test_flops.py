@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transfusion.attention import attend, attention_stand_in
 from transfusion.config import get_preset
 from transfusion.flops import (
     analytic_flops,
@@ -23,6 +24,7 @@ from transfusion.flops import (
     attention_flops,
     measure_flops,
     measure_step_flops,
+    measure_without_attention,
     transformer_matmul_params,
 )
 from transfusion.packing import pack_documents
@@ -66,6 +68,37 @@ def test_sdpa_backend_counts_dense_attention_with_a_flash_backward():
     est = analytic_step_flops(cfg, batch)
     expected = est.dense + est.attention_dense * 3.5 / 3
     assert measured == pytest.approx(expected, rel=TOL)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_the_count_without_attention_is_the_dense_part_whatever_the_backend(backend):
+    batch = _batch()
+    cfg, model = _model(backend)
+    est = analytic_step_flops(cfg, batch)
+    counted, rest = measure_without_attention(lambda: model(batch).loss.backward())
+    assert counted == measure_step_flops(model, batch)  # the first count is the plain one
+    attention = est.attention_dense * (1 if backend == "naive" else 3.5 / 3)  # see the module docstring
+    assert counted - rest == pytest.approx(attention, rel=1e-9)
+    assert rest <= est.dense and rest == pytest.approx(est.dense, rel=TOL)
+    # the stand-in only applies inside the context
+    assert measure_step_flops(model, batch) == counted
+
+
+def test_the_attention_stand_in_keeps_q_k_v_in_the_graph_and_is_scoped():
+    batch = _batch()
+    layout = batch.layout
+    q, k, v = (torch.randn(layout.batch_size, 2, layout.q_len, 8, requires_grad=True) for _ in range(3))
+    with attention_stand_in():
+        out = attend(q, k, v, layout, backend="naive")
+        torch.testing.assert_close(out, q + k + v)
+        out.sum().backward()
+        assert all(t.grad is not None and bool((t.grad == 1).all()) for t in (q, k, v))
+        with pytest.raises(ValueError, match="self-attention only"):  # decoding: fewer queries than keys
+            attend(q[:, :, -1:], k, v, layout.queries(layout.q_len - 1), backend="naive")
+    with pytest.raises(RuntimeError), attention_stand_in():
+        raise RuntimeError("leave the context by an exception")
+    out = attend(q, k, v, layout, backend="naive")  # attends again
+    assert not torch.allclose(out, q + k + v)
 
 
 def test_allowed_pairs_are_counted_from_the_layout():

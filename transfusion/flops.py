@@ -27,10 +27,18 @@ shapes. What it sees for attention depends on the backend:
   3.5 / 3 of ``attention_dense``.
 * ``flex`` (CUDA) is counted by torch's flex formulas, which count the full dense score matrix as well.
 
+* ``triton`` (our kernel) is invisible to the counter: it counts 0.
+
 The differences that remain against the analytic dense count are small and one-sided: the adapter's first
 layers (patch projection, timestep MLP input) take inputs that need no gradient, so autograd skips their
 input-gradient matmul (4 instead of 6 FLOPs per parameter and use). ``tests/test_flops.py`` checks the
 agreement.
+
+What training records (the x axis of every parity comparison) is therefore neither count alone: the
+trainer counts the step a second time with attention replaced by a matmul-free stand-in
+(:func:`measure_without_attention`), which leaves exactly the non-attention FLOPs whatever the backend,
+and adds the analytic attention on allowed pairs. The two families then pay for the attention their
+masks need, not for what one backend happens to compute.
 """
 
 from __future__ import annotations
@@ -208,6 +216,19 @@ def measure_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return fc.get_total_flops(), by_op
 
 
+def measure_without_attention(fn: Callable[[], Any]) -> tuple[int, int]:
+    """FLOPs of ``fn()`` as the counter sees them, and of ``fn()`` again with every attention call replaced
+    by a matmul-free stand-in (``attention_stand_in``): the second is the non-attention part exactly, and
+    the difference is what the counter saw of attention (which depends on the backend). ``fn`` runs twice:
+    it must give the same work each time (seeded noise, gradients zeroed or accumulated, not stepped)."""
+    from transfusion.attention import attention_stand_in
+
+    counted = measure_flops(fn)[0]
+    with attention_stand_in():
+        rest = measure_flops(fn)[0]
+    return counted, rest
+
+
 def measure_step_flops(model: torch.nn.Module, batch: PackedBatch, **forward_kwargs: Any) -> int:
     """Measured FLOPs of one training forward + backward of ``model`` on ``batch`` (gradients are left
     accumulated in the model: zero them before using it for training)."""
@@ -229,6 +250,7 @@ __all__ = [
     "attention_flops",
     "flop_counter",
     "measure_flops",
+    "measure_without_attention",
     "measure_step_flops",
     "transformer_matmul_params",
 ]

@@ -17,7 +17,7 @@ METRIC_FIELDS = (
     "lr",  # learning rate used at this step
     "grad_norm",  # gradient norm at this step, before clipping
     "tokens_seen",  # non-padding positions trained on so far (text, <BOI>/<EOI>, image patches)
-    "train_flops",  # measured FLOPs of step 1 (FlopCounterMode, all ranks) x step
+    "train_flops",  # FLOPs of step 1 (counted without attention + allowed-pair attention, all ranks) x step
     "wall_time",  # seconds spent in the training loop so far (over resumes)
 )
 

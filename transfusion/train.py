@@ -95,7 +95,7 @@ from transfusion.families import (
     get_family,
     register_family,
 )
-from transfusion.flops import measure_flops
+from transfusion.flops import measure_without_attention
 from transfusion.metrics_log import METRIC_FIELDS, _truncate_metrics, read_metrics
 from transfusion.optimizer import build_optimizer, build_scheduler, lr_multiplier
 from transfusion.parallel import (
@@ -310,18 +310,26 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
             parts = family.loss_parts(raw, first, rows, step_generator(1), device)
             _objective(parts, world)[0].backward()
 
+        # The step's FLOPs: counted without attention (whatever the backend computes), plus attention on
+        # the layout's allowed pairs only (DESIGN section 5); a family without an analytic count keeps the
+        # counter's attention.
         analytic = family.analytic_flops(model_cfg, first)
         try:
-            measured = float(measure_flops(first_step)[0])
-            flops_source = "FlopCounterMode"
+            counted, rest = measure_without_attention(first_step)
+            flops_source = "FlopCounterMode without attention + analytic attention on allowed pairs"
         except Exception as e:  # a backend the counter cannot trace: fall back to the analytic count
             if analytic is None:
                 raise
             warnings.warn(f"FLOP measurement failed ({e!r}); using the analytic count", stacklevel=2)
-            measured = analytic["total_dense_attention"] / world
+            counted = rest = analytic["dense"] / world
             flops_source = "analytic (measurement failed)"
         raw.zero_grad(set_to_none=True)
-        flops_per_step = float(_all_reduce_sum(torch.tensor([measured], dtype=torch.float64), world).item())
+        counted, rest = _all_reduce_sum(torch.tensor([counted, rest], dtype=torch.float64), world).tolist()
+        if analytic is None:
+            flops_per_step = counted
+            flops_source = "FlopCounterMode (attention as the backend computes it: no analytic count)"
+        else:
+            flops_per_step = rest + analytic["attention_allowed"]
         if is_main:
             cfg_json = {
                 "family": train_cfg.family,
@@ -338,6 +346,8 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
                 "flops": {
                     "measured_step": flops_per_step,
                     "source": flops_source,
+                    "counted_step": counted,
+                    "counted_attention": counted - rest,
                     "analytic_first_step": analytic,
                 },
                 "provenance": provenance(device, train_cfg.seed, world_size=world),

@@ -5,9 +5,18 @@ from transfusion.attention.registry import (
     Backend,
     all_backends,
     attend,
+    attention_stand_in,
     available_backends,
     get_backend,
     register_backend,
 )
 
-__all__ = ["Backend", "all_backends", "attend", "available_backends", "get_backend", "register_backend"]
+__all__ = [
+    "Backend",
+    "all_backends",
+    "attend",
+    "attention_stand_in",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]

@@ -7,7 +7,8 @@ backends that would work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,8 @@ def attend(
     Padding queries (empty interval) return zeros.
     """
     check_inputs(q, k, v, layout)
+    if _STAND_IN:
+        return _stand_in(q, k, v)
     b = get_backend(backend)
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     reason = b.why_not(q.device.type, q.dtype, requires_grad, q.shape[-1])
@@ -125,3 +128,28 @@ def attend(
             f"Backends that can: {others or 'none'}"
         )
     return b.fn(q, k, v, layout, q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+_STAND_IN = False
+
+
+def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if q.shape != k.shape:
+        raise ValueError(
+            f"attention_stand_in covers self-attention only (q and k of one shape); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
+    return q + k + v
+
+
+@contextmanager
+def attention_stand_in() -> Iterator[None]:
+    """Inside the context ``attend`` returns ``q + k + v`` (self-attention calls, Lq == Lk) instead of
+    attending: no matmul, yet q, k and v all stay in the autograd graph. A FLOP count of a training step
+    taken inside it is the step without attention (FLOP accounting only: the results are meaningless)."""
+    global _STAND_IN
+    old, _STAND_IN = _STAND_IN, True
+    try:
+        yield
+    finally:
+        _STAND_IN = old

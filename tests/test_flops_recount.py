@@ -1,0 +1,88 @@
+"""bench flops-recount: an old-style study's FLOPs rebuilt from one step per run, rescaled, parity redone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import flops_recount, study
+from bench.quick import QuickConfig, model_and_train_config
+from bench.study_grid import rows_for
+from tests.tiny_quick import TINY_QUICK
+from transfusion.train import train
+
+STEPS = 3
+
+
+def _old_style_study(tmp_path):
+    """A study.json whose train_flops were counted the old way (the counter's attention, every pair), from
+    runs trained here for STEPS steps; metrics made up, growing with the size so the ladder has a parity."""
+    quick = {**TINY_QUICK, "curve_points": 1, "cache_dir": str(tmp_path / "cache")}
+    quick["model_overrides"] = {"max_seq_len": 256}  # the ladder's sizes are its presets
+    cfg = study.StudyConfig(groups=("scaling",), seeds=(0,), workers=1, quick=quick)
+    jobs = {j["training"]: j for j in study.plan_jobs(cfg, tmp_path / "unused")}
+    lines, flops = [], {}
+    for i, row in enumerate(rows_for(("scaling",))):
+        job = jobs[row.training]
+        run = tmp_path / "old" / row.training
+        qc = QuickConfig.from_dict(job["quick"]).replace(steps=STEPS)
+        model_cfg, train_cfg = model_and_train_config(qc, job["family"], threads=1)
+        train(model_cfg, train_cfg.replace(ckpt_every=0), run, preset=qc.preset)
+        flops[row.training] = json.loads((run / "config.json").read_text())["flops"]
+        line = {k: None for k in study.RUN_FIELDS}
+        old_total = flops[row.training]["counted_step"] * STEPS
+        line.update(group=row.group, label=row.label, training=row.training, family=job["family"], seed=0,
+                    status="ok", steps=STEPS, train_flops=old_total, text_bpb=3.0 - 0.1 * i,
+                    caption_accuracy=0.1 * i, t2i_alignment=0.1 * i, fid=30.0 - i)  # fmt: skip
+        lines.append(line)
+    summary = study.summarize_rows(rows_for(("scaling",)), lines)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({
+        "config": cfg.to_dict(), "runs": lines, "summary": summary,
+        "parity": {"scaling": study.scaling_parity(summary, "scaling")},
+    }))  # fmt: skip
+    return out, lines, flops
+
+
+def test_an_old_study_is_reproduced_rescaled_and_its_parity_redone(tmp_path):
+    out, lines, flops = _old_style_study(tmp_path)
+    assert flops_recount.main([str(out), "--runs-dir", str(tmp_path / "recount"), "--no-progress"]) == 0
+    res = json.loads((out / "flops_recount.json").read_text())
+    assert len(res["counts"]) == len(lines) and all(c["reproduced"] for c in res["counts"])
+    for c in res["counts"]:
+        want = flops[c["training"]]  # the new count, as training with this code records it
+        assert c["old_step"] == want["counted_step"] and c["new_step"] == want["measured_step"]
+        assert c["ratio"] < 1  # attention on allowed pairs only: less than the counter saw
+    # the parity, with the study's own functions on the FLOPs training now records
+    new_lines = [dict(ln, train_flops=flops[ln["training"]]["measured_step"] * STEPS) for ln in lines]
+    want = study.scaling_parity(study.summarize_rows(rows_for(("scaling",)), new_lines), "scaling")
+    got = res["parity_allowed_pairs"]["scaling"]
+    assert set(got) == set(want)
+    for metric, par in want.items():  # (stored x new / old against new x steps: equal to rounding)
+        assert got[metric]["display"] == par["display"] and got[metric]["ratio"] == pytest.approx(
+            par["ratio"]
+        )
+    assert res["parity_allowed_pairs"]["scaling"] != res["parity_stored"]["scaling"]
+    md = (out / "flops_recount.md").read_text()
+    assert "| base | 1 |" in md and "1 of 1 |" in md
+    assert json.loads((out / "flops_recount_provenance.json").read_text())["files"]
+
+    # a stored count the rebuilt step does not reproduce is flagged, kept, and fails the command
+    data = json.loads((out / "study.json").read_text())
+    data["runs"][0]["train_flops"] *= 1.01
+    (out / "study.json").write_text(json.dumps(data))
+    assert flops_recount.main([str(out), "--runs-dir", str(tmp_path / "recount2"), "--no-progress"]) == 1
+    res = json.loads((out / "flops_recount.json").read_text())
+    assert [c["reproduced"] for c in res["counts"]].count(False) == 1
+
+
+def test_a_study_without_a_ladder_is_refused(tmp_path, capsys):
+    config = {"groups": ["masking"], "seeds": [0], "quick": {}}
+    (tmp_path / "study.json").write_text(json.dumps({"config": config, "runs": [], "parity": {}}))
+    assert flops_recount.main([str(tmp_path), "--no-progress"]) == 2
+    assert "has a parity ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        flops_recount.main([str(tmp_path / "nowhere")])
+    assert "no study.json" in capsys.readouterr().err
