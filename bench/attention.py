@@ -6,17 +6,19 @@ synchronization after each (host launch overhead included), ``device_ms`` the CU
 among calls launched back to back (the device's time; the host's overhead hides while it keeps ahead),
 ``host_ms`` the host's time per call to issue those (its launch overhead).
 TFLOP/s (``tflops``, ``device_tflops``) are counted on allowed (query, key) pairs only
-(forward 4*D per pair per head, backward 2.5x forward), peak memory, the time to build the backend's
-mask structure from the layout, and the tiles computed. Two ceilings are measured in the same run: the
-device's matmul peak and plain causal SDPA (``is_causal=True``) at the same shape. A configuration that
-runs out of memory or is unsupported is recorded as such and the sweep goes on.
+(forward 4*D per pair per head, backward 2.5x forward), peak memory (``peak_mem_mb``: the peak of the
+bytes torch allocated during one step above what was allocated before it; PEAK_MEM_MEANING says how each
+device type measures it), the time to build the backend's mask structure from the layout, and the tiles
+computed. Two ceilings are measured in the same run: the device's matmul peak and plain causal SDPA
+(``is_causal=True``) at the same shape. A configuration that runs out of memory or is unsupported is
+recorded as such and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import resource
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -118,6 +120,46 @@ PROFILES = {
         timing_budget_ms=1000.0,
     ),
 }
+
+
+# What the peak_mem_mb column means on each device type (written into the sweep's provenance).
+PEAK_MEM_MEANING = {
+    "cuda": "MiB: the peak of the bytes torch's CUDA allocator had allocated during the configuration's warm "
+    "and timed steps above what was allocated before its first step (inputs q, k, v and the output gradient "
+    "included): torch.cuda.max_memory_allocated(), reset after the first call, minus memory_allocated() "
+    "before it",
+    "cpu": "MiB: the peak of the bytes torch's CPU allocator had allocated during one extra, untimed step "
+    "(run after the timed ones) above what was allocated before it (inputs q, k, v and the output gradient "
+    "included): the peak of the running sum, in time order, of the allocations and frees that torch.profiler "
+    "(profile_memory=True) records in that step (bench.attention.cpu_peak_bytes)",
+}
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """The peak, over one call of ``fn``, of the bytes torch's CPU allocator holds above what it held when
+    the call began: the CPU analogue of ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()``
+    before the call. The call runs under torch's profiler with memory profiling (so it is slower: never time
+    it); the allocations (+bytes) and frees (-bytes) it records are summed in time order and the largest
+    partial sum is the peak. A block allocated before the call and freed during it is not seen (the
+    allocator learns sizes only while profiling), so it never lowers the running sum."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler import profile
+
+    # Kineto prints two lines on every profiler start/stop (and a GPU-count error on a CPU-only machine);
+    # level 6 silences them. Read once, when the profiler first starts; a level set by the user stands.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(use_cpu=True, profile_memory=True) as prof:
+        fn()
+    events = sorted(  # stable: events of the same nanosecond keep the order they were recorded in
+        ((e.start_ns(), e.nbytes()) for e in prof.kineto_results.events()
+         if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+        key=lambda ev: ev[0],
+    )  # fmt: skip
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
 def _first_line(e: BaseException) -> str:
@@ -258,7 +300,6 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         t0 = time.perf_counter()
         step()  # first call: compilation / autotuning, reported apart from the timing
@@ -274,6 +315,8 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         ms = median_ms(step, device, max(0, warmup - 1), reps)
         nan = float("nan")
         dev_ms, host_ms = device_and_host_ms(step, reps) if device.type == "cuda" else (nan, nan)
+        if device.type == "cpu":  # one more step, profiled for its allocations (never a timed one)
+            row["peak_mem_mb"] = cpu_peak_bytes(step) / 2**20
     except torch.OutOfMemoryError as e:
         return dict(row, status="oom", error=_first_line(e))
     except Exception as e:  # an unsupported shape inside a library: record it and go on
@@ -283,8 +326,6 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         gc.collect()
     if device.type == "cuda":
         row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
-    else:  # high-water mark of the process: grows only when this config needed more than any before
-        row["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
     row.update(device_ms=dev_ms, device_tflops=flops / (dev_ms * 1e-3) / 1e12, host_ms=host_ms)
     row.update(_tiles(backend, layout, D, dtype) if not causal else {})
@@ -313,7 +354,8 @@ def run_sweep(
         peaks[dt] = matmul_peak_tflops(device, getattr(torch, dt))
     to_check = kernel_check_shapes(profile) if check_kernel else []
     meta = provenance(device, seed=seed, profile=dataclasses.asdict(profile), matmul_peak_tflops=peaks,
-                      kernel_check=check_kernel, kernel_check_shapes=to_check)  # fmt: skip
+                      kernel_check=check_kernel, kernel_check_shapes=to_check,
+                      peak_mem_mb=PEAK_MEM_MEANING.get(device.type))  # fmt: skip
     atomic_write_json(out_dir / "attention_provenance.json", meta)
 
     # One causal-SDPA ceiling per shape and mode, measured right after that shape's backends.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -77,12 +78,24 @@ def plot_attention(results_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    unplotted = []  # a log scale cannot show a peak of zero (or none measured): say which points are left out
     for backend, g in base[base["mode"] == "fwd_bwd"].groupby("backend"):
         g = g.sort_values("seq_len")
-        ax.plot(g.seq_len, g.peak_mem_mb, marker="o", label=backend)
-    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory (MiB), fwd+bwd")
+        shown = g.peak_mem_mb > 0
+        unplotted += [f"{backend} L={L}" for L in g.seq_len[~shown]]
+        if shown.any():
+            ax.plot(g.seq_len[shown], g.peak_mem_mb[shown], marker="o", label=backend)
+    xlabel = "sequence length"
+    if unplotted:
+        note = "not shown (no positive peak memory): " + ", ".join(unplotted[:8])
+        note += f" and {len(unplotted) - 8} more" if len(unplotted) > 8 else ""
+        xlabel += "\n" + textwrap.fill(note, 100)
+    ax.set(xscale="log", ylabel="peak memory (MiB), fwd+bwd")
+    ax.set_xlabel(xlabel, fontsize=7 if unplotted else None)
+    if ax.lines:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(_title(df, meta), fontsize=7)
     fig.tight_layout()
     made.append(plots / "attention_memory.png")
