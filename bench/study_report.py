@@ -123,6 +123,16 @@ def _with_margins(info: dict) -> dict | None:
     return {**choice, "choices": [{**c, **m} for c, m in zip(choice["choices"], margins)]}
 
 
+def _recount_line(recount: dict | None, group: str) -> list[str]:
+    """The group's parity ratios recounted with attention on allowed pairs (bench flops-recount), if any."""
+    par = ((recount or {}).get("parity_allowed_pairs") or {}).get(group)
+    parts = [f"{m}: {p['display']}" for m, p in (par or {}).items() if p]
+    if not parts:
+        return []
+    return ["With attention counted on allowed pairs only (`flops_recount.md`): " + "; ".join(parts) + ".",
+            ""]  # fmt: skip
+
+
 def study_section(folder: Path) -> list[str]:
     from bench.quick import changed_settings
 
@@ -155,6 +165,16 @@ def study_section(folder: Path) -> list[str]:
             "Chance levels (the judge on shuffled pairs): caption accuracy "
             f"{refs['shuffled_caption_accuracy']:.3g}, alignment {refs['shuffled_t2i_alignment']:.3g}.",
         ]
+    recount_file = folder / "flops_recount.json"
+    recount = json.loads(recount_file.read_text()) if recount_file.exists() else None
+    if recount:
+        lines.append(
+            "The train FLOPs columns and the parity ratios count attention as training then did: every"
+            " (query, key) pair, as the sdpa backend computes it. The trainer now counts attention on the"
+            " mask's allowed pairs only; `python -m bench flops-recount` rebuilt each ladder run's first"
+            f" step, reproduced {sum(c['reproduced'] for c in recount['counts'])} of {len(recount['counts'])}"
+            " stored counts exactly, and gives the ratios on allowed pairs beside each."
+        )
     changed = changed_settings(info.get("config", {}).get("quick"))
     if changed:  # a study run with --set (e.g. more images per evaluation) says so beside its tables
         lines.append(f"Settings changed from the quick defaults for every row: {changed}.")
@@ -183,6 +203,7 @@ def study_section(folder: Path) -> list[str]:
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
         if group == choice_after:
             lines += _lr_choice_lines(_with_margins(info))
+            lines += _recount_line(recount, LR_CHOICE_GROUP)
         elif group in val_groups:
             pass  # its parity is the choice's, printed with the choice table
         elif (info.get("parity") or {}).get(group):
@@ -194,6 +215,7 @@ def study_section(folder: Path) -> list[str]:
                     "within the ladder, `<=`: already at the smallest size): " + "; ".join(parts) + ".",
                     "",
                 ]
+                lines += _recount_line(recount, group)
         png = folder / "plots" / f"study_{group}.png"
         if png.exists():
             lines += [f"![study_{group}]({folder.name}/plots/{png.name})", ""]

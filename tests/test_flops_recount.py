@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import flops_recount, study
-from bench.quick import QuickConfig, model_and_train_config
+from bench.quick import QuickConfig, model_and_train_config, to_csv
 from bench.study_grid import rows_for
 from tests.tiny_quick import TINY_QUICK
 from transfusion.train import train
@@ -43,6 +43,7 @@ def _old_style_study(tmp_path):
         "config": cfg.to_dict(), "runs": lines, "summary": summary,
         "parity": {"scaling": study.scaling_parity(summary, "scaling")},
     }))  # fmt: skip
+    (out / "study.csv").write_text(to_csv(summary, list(summary[0])))
     return out, lines, flops
 
 
@@ -68,6 +69,13 @@ def test_an_old_study_is_reproduced_rescaled_and_its_parity_redone(tmp_path):
     md = (out / "flops_recount.md").read_text()
     assert "| base | 1 |" in md and "1 of 1 |" in md
     assert json.loads((out / "flops_recount_provenance.json").read_text())["files"]
+    # the report shows the recounted ratios beside the stored ones
+    from bench.study_report import study_section
+
+    report = "\n".join(study_section(out))
+    assert f"reproduced {len(lines)} of {len(lines)} stored counts exactly" in report
+    recounted = "; ".join(f"{m}: {p['display']}" for m, p in got.items() if p)
+    assert f"With attention counted on allowed pairs only (`flops_recount.md`): {recounted}." in report
 
     # a stored count the rebuilt step does not reproduce is flagged, kept, and fails the command
     data = json.loads((out / "study.json").read_text())
