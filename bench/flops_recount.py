@@ -15,6 +15,9 @@ counts it both ways. It then
 Nothing else changes: the metrics are the study's. Writes ``flops_recount.json``, ``flops_recount.md`` and
 ``flops_recount_provenance.json`` into the study folder.
 
+A quick job's folder (``quick.json``) is recounted the same way: each family's first step, its
+checkpoint curve rescaled, its parity ratios read off the curves again.
+
 Usage: ``python -m bench flops-recount results/study [--runs-dir /tmp/recount]``.
 """
 
@@ -91,6 +94,60 @@ def count_first_step(job: dict[str, Any], run_dir: Path, cache_dir: Path) -> dic
     return {k: flops[k] for k in ("measured_step", "counted_step", "counted_attention", "source")}
 
 
+def _count_line(job: dict[str, Any], got: dict[str, Any], old_total: float | None, steps: int | None) -> dict:
+    """One run's recount: its old and new FLOPs per step, and whether the old one reproduces the stored
+    total (old per step x steps, to REL_TOL)."""
+    old, new = got["counted_step"], got["measured_step"]
+    reproduced = bool(old_total and steps) and abs(old * steps - old_total) <= REL_TOL * old_total
+    return {
+        "training": job["training"], "family": job["family"], "seed": job["seed"], "steps": steps,
+        "stored_train_flops": old_total, "old_step": old, "new_step": new, "ratio": new / old,
+        "counted_attention_step": got["counted_attention"], "reproduced": reproduced,
+    }  # fmt: skip
+
+
+def recount_quick(folder: Path, runs_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """The quick job's version: each family's first step, its checkpoint curve rescaled, and the parity
+    ratios read off the curves again (``bench.quick_curves.parity_ratios``)."""
+    from tqdm import tqdm
+
+    from bench.quick_curves import parity_ratios
+
+    q = json.loads((folder / "quick.json").read_text())
+    base = QuickConfig.from_dict(q["config"])
+    counts, curves = [], {}
+    t0 = time.perf_counter()
+    for fam in tqdm(base.families, desc="recount", unit="run", disable=not progress, file=sys.stderr):
+        job = {
+            "training": fam,
+            "family": fam,
+            "seed": base.seed,
+            "quick": base.replace(families=(fam,)).to_dict(),
+        }
+        run_dir = runs_dir / "runs" / fam
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            open(run_dir.with_suffix(".log"), "w") as f,
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            got = count_first_step(job, run_dir, runs_dir / "cache")
+        train = (q.get("train") or {}).get(fam) or {}
+        counts.append(_count_line(job, got, train.get("train_flops"), train.get("steps")))
+        scale = counts[-1]["ratio"] if counts[-1]["reproduced"] else 1.0
+        points = (q.get("curves") or {}).get(fam) or []
+        curves[fam] = {"points": [dict(pt, train_flops=pt["train_flops"] * scale) for pt in points]}
+    return {
+        "study": str(folder),
+        "groups": ["quick"],
+        "counts": counts,
+        "distinct_first_steps": len(counts),
+        "parity_stored": {"quick": q.get("parity")},
+        "parity_allowed_pairs": {"quick": parity_ratios(curves)},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 def recount(study_dir: Path, runs_dir: Path, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -115,19 +172,8 @@ def recount(study_dir: Path, runs_dir: Path, progress: bool = True) -> dict[str,
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                 by_key[key] = count_first_step(job, run_dir, runs_dir / "cache")
-        got = by_key[key]
-        line = stored.get((job["training"], job["seed"]))
-        old_total = line.get("train_flops") if line else None
-        steps = line.get("steps") if line else None
-        reproduced = (
-            bool(old_total and steps) and abs(got["counted_step"] * steps - old_total) <= REL_TOL * old_total
-        )
-        old, new = got["counted_step"], got["measured_step"]
-        counts.append({
-            "training": job["training"], "family": job["family"], "seed": job["seed"], "steps": steps,
-            "stored_train_flops": old_total, "old_step": old, "new_step": new, "ratio": new / old,
-            "counted_attention_step": got["counted_attention"], "reproduced": reproduced,
-        })  # fmt: skip
+        line = stored.get((job["training"], job["seed"])) or {}
+        counts.append(_count_line(job, by_key[key], line.get("train_flops"), line.get("steps")))
     ratio = {(c["training"], c["seed"]): c["ratio"] for c in counts if c["reproduced"]}
     lines = []
     for r in study["runs"]:
@@ -163,7 +209,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     out = [
         f"# Training FLOPs recounted with attention on allowed pairs: `{result['study']}`",
         "",
-        "Made by `python -m bench flops-recount`. Each (training, seed) of the parity ladders had its first "
+        "Made by `python -m bench flops-recount`. Each run of the parity comparisons had its first "
         "training step rebuilt and counted twice: as the study counted it (FlopCounterMode through the "
         "sdpa backend: every L x L pair, flash backward) and as the trainer now counts it (without "
         "attention, plus attention on the layout's allowed pairs). `reproduced`: the old count times the "
@@ -199,20 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench flops-recount",
         description=__doc__.split("\n\n")[0] + " Rebuilds one training step per (training, seed) of the "
-        "study's parity ladders; writes flops_recount.{json,md} and provenance into the study folder.",
+        "study's parity ladders (of each family, for a quick job's folder); writes flops_recount.{json,md} "
+        "and provenance into the folder.",
     )
-    p.add_argument("study_dir", type=Path, help="a study results folder holding study.json")
+    p.add_argument("study_dir", type=Path, help="a results folder holding study.json (bench study) or "
+                   "quick.json (bench quick)")  # fmt: skip
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="where the one-step runs and autoencoder caches go (default: a temporary folder, "
                         "removed afterwards)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if not (args.study_dir / "study.json").is_file():
-        p.error(f"study_dir = {args.study_dir}: no study.json there")
+    quick = (args.study_dir / "quick.json").is_file()
+    if not quick and not (args.study_dir / "study.json").is_file():
+        p.error(f"study_dir = {args.study_dir}: no study.json or quick.json there")
     with contextlib.ExitStack() as stack:
         runs = args.runs_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recount-")))
         try:
-            result = recount(args.study_dir, runs, progress=not args.no_progress)
+            result = (recount_quick if quick else recount)(
+                args.study_dir, runs, progress=not args.no_progress
+            )
         except ValueError as e:
             print(f"flops-recount: {e}", file=sys.stderr)
             return 2

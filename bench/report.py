@@ -60,6 +60,13 @@ def _parity_cells(parity: dict) -> str:
     return " | ".join(str((parity.get(m) or {}).get("display", "-")) for m, _ in _PARITY_COLUMNS)
 
 
+def _recount(folder: Path) -> dict:
+    """The folder's parity ratios recounted with attention on allowed pairs (bench flops-recount), per
+    group ("quick" for a quick job's folder); empty without a recount."""
+    path = folder / "flops_recount.json"
+    return (json.loads(path.read_text()).get("parity_allowed_pairs") or {}) if path.exists() else {}
+
+
 def headline_section(results_root: Path) -> list[str]:
     """Every parity FLOP ratio the results hold, one row per comparison (the quick jobs' checkpoint
     curves, the study's family ladders), beside the paper's: the answer to "does Transfusion beat the
@@ -71,13 +78,16 @@ def headline_section(results_root: Path) -> list[str]:
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
             changed = changed_settings(info.get("config"))
+            recounted = _recount(folder).get("quick")
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
-            rows.append(f"| {what} | {_parity_cells(info.get('parity') or {})} |")
+            what += ", recounted" if recounted else ""
+            rows.append(f"| {what} | {_parity_cells(recounted or info.get('parity') or {})} |")
         if (folder / "study.json").exists():
             from bench.study_grid import FAMILY_LADDERS, GROUP_TITLES
 
             info = json.loads((folder / "study.json").read_text())
-            parities = info.get("parity") or {}
+            recounted = _recount(folder)
+            parities = {**(info.get("parity") or {}), **recounted}
             # the folder and seed count tell apart two studies that share a group (a rerun with more seeds)
             seeds = len(info.get("config", {}).get("seeds", []))
             run = f"{folder.name}, {seeds} seed{'s' * (seeds != 1)}" if seeds else folder.name
@@ -87,7 +97,8 @@ def headline_section(results_root: Path) -> list[str]:
             for group in order:
                 title = GROUP_TITLES.get(group, group)
                 cells = _parity_cells(parities[group] or {})
-                rows.append(f"| study ladder `{group}` ({run}): {title} | {cells} |")
+                mark = ", recounted" if group in recounted else ""
+                rows.append(f"| study ladder `{group}` ({run}{mark}): {title} | {cells} |")
     if not rows:
         return []
     paper = " | ".join(f"{PAPER_PARITY[m]:g}" for m, _ in _PARITY_COLUMNS)
@@ -96,7 +107,9 @@ def headline_section(results_root: Path) -> list[str]:
         "",
         "The share of the discrete baseline's training FLOPs at which Transfusion reaches the baseline's",
         "final value (lower favours Transfusion; `> r`: never within the run or ladder, `<= r`: already at",
-        "its first point). The sections below have the curves, the caveats and the notes.",
+        "its first point). The sections below have the curves, the caveats and the notes. Attention",
+        "FLOPs count the mask's allowed pairs only; `recounted` rows were trained when training counted",
+        "every pair, and show `python -m bench flops-recount`'s ratios (the sections keep both).",
         "",
         "| comparison | " + " | ".join(name for _, name in _PARITY_COLUMNS) + " |",
         "|---|" + "---|" * len(_PARITY_COLUMNS),
@@ -140,6 +153,14 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "run, `<= r`: already at the first checkpoint).",
                 "",
             ]
+            recounted = _recount(folder).get("quick")
+            if recounted:
+                cells = [f"{m}: {p['display']}" for m, p in recounted.items() if p]
+                sections += [
+                    "These ratios count attention as training then did (every pair); recounted on the",
+                    "mask's allowed pairs (`flops_recount.md`): " + "; ".join(cells) + ".",
+                    "",
+                ]
             pngs = (
                 "loss_vs_flops",
                 "metrics_vs_flops",

@@ -94,3 +94,46 @@ def test_a_study_without_a_ladder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         flops_recount.main([str(tmp_path / "nowhere")])
     assert "no study.json" in capsys.readouterr().err
+
+
+def test_a_quick_folder_is_recounted_and_its_curves_parity_redone(tmp_path):
+    from bench.quick_curves import parity_ratios
+    from bench.report import build_report
+
+    cfg = QuickConfig.from_dict({**TINY_QUICK, "cache_dir": str(tmp_path / "cache"), "steps": STEPS})
+    flops, curves = {}, {}
+    for i, fam in enumerate(cfg.families):
+        model_cfg, train_cfg = model_and_train_config(cfg, fam, threads=1)
+        run = tmp_path / "old" / fam
+        train(model_cfg, train_cfg.replace(ckpt_every=0), run, preset=cfg.preset)
+        flops[fam] = json.loads((run / "config.json").read_text())["flops"]
+        curves[fam] = [  # made-up metrics on the old-style FLOPs axis
+            {"step": s, "train_flops": flops[fam]["counted_step"] * s, "text_bpb": 3.0 - s / (1 + i),
+             "caption_accuracy": 0.1 * s, "t2i_alignment": 0.1 * s * (1 + i), "fid": 30.0 - s}
+            for s in range(1, STEPS + 1)
+        ]  # fmt: skip
+    folder = tmp_path / "results" / "quick"
+    folder.mkdir(parents=True)
+    old = parity_ratios({f: {"points": c} for f, c in curves.items()})
+    (folder / "quick.json").write_text(json.dumps({
+        "config": cfg.to_dict(), "curves": curves, "parity": old,
+        "train": {f: {"steps": STEPS, "train_flops": c[-1]["train_flops"]} for f, c in curves.items()},
+    }))  # fmt: skip
+    (folder / "quick.csv").write_text(to_csv([{"family": f} for f in curves], ["family"]))  # for the report
+    assert flops_recount.main([str(folder), "--runs-dir", str(tmp_path / "recount"), "--no-progress"]) == 0
+    res = json.loads((folder / "flops_recount.json").read_text())
+    assert [c["reproduced"] for c in res["counts"]] == [True, True]
+    new = {f: {"points": [dict(p, train_flops=flops[f]["measured_step"] * p["step"]) for p in c]}
+           for f, c in curves.items()}  # fmt: skip
+    want, got = parity_ratios(new), res["parity_allowed_pairs"]["quick"]
+    for metric, par in want.items():
+        assert got[metric]["display"] == par["display"] and got[metric]["ratio"] == pytest.approx(
+            par["ratio"]
+        )
+    assert got != old
+    # the report's headline shows the recount, the quick section both
+    report = build_report(tmp_path / "results").read_text()
+    cells = " | ".join(got[m]["display"] for m in ("text_bpb", "caption_accuracy", "t2i_alignment", "fid"))
+    assert "| quick job, checkpoint curves (quick; " in report and f"), recounted | {cells} |" in report
+    listed = "; ".join(f"{m}: {p['display']}" for m, p in got.items() if p)
+    assert f"recounted on the\nmask's allowed pairs (`flops_recount.md`): {listed}." in report
