@@ -1,34 +1,52 @@
-"""Benchmark suites: ``python -m bench <suite> --profile <name>``.
+"""Benchmark suites: ``python -m bench <suite> [options]``; ``python -m bench <suite> --help`` for a suite's
+options.
 
-Suites:
-  quick       the main job (CPU, <= 10 min): train Transfusion and the discrete baseline, generate, judge,
-              write results/quick/ with plots (python -m bench quick --help)
-  study       the paper's ablations and the scaling comparison at toy scale, 2 seeds (CPU, <= 90 min;
-              python -m bench study --help)
-  eval_noise  how much of a study row's spread over seeds is the evaluation's sampling: evaluation seeds
-              against training seeds (python -m bench eval_noise --help)
-  attention   sweep every attention backend over the Transfusion mask; writes results/<profile>/attention.csv,
-              attention_provenance.json and plots/attention_*.png
-  plots       redraw the plots of a results folder from its files
-  summary     headline table of a results folder (writes attention_summary.md)
-  report      results/REPORT.md from every results folder's files
-  generation  text-to-image wall time with and without prefix KV reuse (python -m bench generation --help)
-  breakdown   per-kernel time of one forward+backward (torch.profiler) for a few backends at one shape
-  kernel-check  every autotuning candidate of the Triton kernel, pinned in turn, against a float32
-              reference at one shape, one line per (candidate, backward scheme); crashes are resumed past
-              (python -m bench kernel-check --help)
-  kernels     compile the Triton kernel's candidate configs for a GPU target on this machine (no GPU
-              needed): registers, spills, shared memory, occupancy, load paths -> results/kernels/
-  launch-order  model of the Triton kernels' heaviest-first launch order against the natural one (list
-              scheduling on the GPU's SMs, no GPU needed) -> results/kernels/launch_order_model.*
+Profiles: only ``attention`` takes one, ``--profile cpu`` (the default: 2k tokens, minutes on a laptop) or
+``--profile gpu`` (32k tokens). ``quick`` and ``study`` are profiles themselves: ``python -m bench quick``
+runs the quick profile, and ``--profile quick`` (``--profile study`` for the study) is accepted and changes
+nothing. The other suites take no profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+# Every suite ``python -m bench <suite>`` accepts, with its one-line description for --help.
+SUITES: dict[str, str] = {
+    "quick": "the main job (CPU, <= 10 min): Transfusion vs the discrete baseline, trained, sampled and "
+    "judged -> results/quick/",
+    "study": "the paper's ablations and the scaling comparison at toy scale, 2 seeds (CPU, <= 90 min)",
+    "eval_noise": "a study row's spread over evaluation seeds against its spread over training seeds",
+    "attention": "attention backend sweep (TFLOP/s, memory) -> results/<profile>/attention.csv and plots",
+    "plots": "redraw the attention sweep's plots of a folder `bench attention` wrote (e.g. results/cpu)",
+    "summary": "headline table of an attention results folder (writes attention_summary.md)",
+    "report": "results/REPORT.md from every results folder's files",
+    "flops-recount": "a study's or quick job's training FLOPs recounted with attention on allowed pairs, "
+    "parity ratios redone",
+    "generation": "text-to-image wall time with and without prefix KV reuse",
+    "breakdown": "per-kernel time of one forward+backward (torch.profiler) for a few backends",
+    "kernel-check": "every autotuning candidate of the Triton kernel against a float32 reference",
+    "kernels": "compile-time resources of the Triton kernel's candidate configs (no GPU needed) -> "
+    "results/kernels/",
+    "launch-order": "model of the Triton kernels' heaviest-first launch order (no GPU needed) -> "
+    "results/kernels/",
+}
+# The suites with an option parser of their own: their arguments go to MODULE.main.
+DELEGATED: dict[str, str] = {
+    "quick": "bench.quick",
+    "study": "bench.study",
+    "eval_noise": "bench.eval_noise",
+    "generation": "bench.generation",
+    "kernel-check": "bench.kernel_check",
+    "flops-recount": "bench.flops_recount",
+}
+# The suites that are a profile themselves: ``--profile <suite>`` is accepted (and dropped) for them.
+OWN_PROFILE: tuple[str, ...] = ("quick", "study")
 
 
 def _cuda() -> bool:
@@ -37,38 +55,65 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _fail(prog: str, message: str) -> NoReturn:
+    """An argparse-style usage error: ``PROG: error: MESSAGE`` on stderr, exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def drop_own_profile(suite: str, args: list[str]) -> list[str]:
+    """``args`` of a suite that is a profile itself without ``--profile <suite>`` (or ``--profile=<suite>``);
+    any other profile is a usage error that says what to run instead."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out += args[i:]
+            break
+        if arg != "--profile" and not arg.startswith("--profile="):
+            out.append(arg)
+            i += 1
+            continue
+        if arg == "--profile":
+            if i + 1 == len(args):
+                _fail(
+                    f"python -m bench {suite}",
+                    f"--profile needs a value; {suite}'s only profile is {suite!r}",
+                )
+            value, i = args[i + 1], i + 2
+        else:
+            value, i = arg.partition("=")[2], i + 1
+        if value != suite:
+            _fail(
+                f"python -m bench {suite}",
+                f"--profile {value!r}: {suite} is a profile itself, its only profile is {suite!r} (run "
+                f"`python -m bench {suite}`); the cpu and gpu profiles are the attention sweep's "
+                f"(`python -m bench attention --profile {value if value in ('cpu', 'gpu') else 'cpu|gpu'}`)",
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["generation"]:  # its own option parser
-        from bench.generation import main as generation_main
-
-        return generation_main(argv[1:])
-    if argv[:1] == ["study"]:  # its own option parser
-        from bench.study import main as study_main
-
-        return study_main(argv[1:])
-    if argv[:1] == ["eval_noise"]:  # its own option parser
-        from bench.eval_noise import main as eval_noise_main
-
-        return eval_noise_main(argv[1:])
-    if argv[:1] == ["kernel-check"]:  # its own option parser
-        from bench.kernel_check import main as kernel_check_main
-
-        return kernel_check_main(argv[1:])
-    if argv[:1] == ["quick"]:  # its own option parser
-        from bench.quick import main as quick_main
-
-        return quick_main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:  # a suite with its own option parser
+        suite, rest = argv[0], argv[1:]
+        if suite in OWN_PROFILE:
+            rest = drop_own_profile(suite, rest)
+        return importlib.import_module(DELEGATED[suite]).main(rest)
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="suite", required=True)
-    sub.add_parser(
-        "generation", help="text-to-image wall time with and without prefix KV reuse", add_help=False
-    )
-    att = sub.add_parser("attention", help="attention backend sweep (TFLOP/s, memory, tiles)")
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="<suite>", title="suites")
+    parsers = {
+        name: sub.add_parser(name, help=help, description=help, add_help=name not in DELEGATED)
+        for name, help in SUITES.items()
+    }  # the DELEGATED ones only for --help and the choices: main() passed them on above
+    att = parsers["attention"]
     att.add_argument(
-        "--profile", default="cpu", help="cpu (2k tokens, minutes on a laptop) or gpu (32k tokens)"
+        "--profile",
+        default="cpu",
+        help="cpu (the default: 2k tokens, minutes on a laptop) or gpu (32k tokens)",
     )
     att.add_argument("--out", type=Path, default=None, help="results folder (default: results/<profile>)")
     att.add_argument("--seed", type=int, default=0)
@@ -84,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         "of its own, is measured, check the Triton configs the sweep's autotuner chose there against a "
         "float32 reference (kernel_check.csv; exit status 1 if one fails)",
     )
-    pl = sub.add_parser("plots", help="redraw plots from a results folder")
-    pl.add_argument("results", type=Path)
-    sm = sub.add_parser("summary", help="headline table of an attention results folder")
+    pl = parsers["plots"]
+    pl.add_argument(
+        "results",
+        type=Path,
+        help="a folder `bench attention` wrote: attention.csv, attention_provenance.json",
+    )
+    sm = parsers["summary"]
     sm.add_argument("results", type=Path)
     sm.add_argument("--seq-len", type=int, default=8192)
-    bd = sub.add_parser("breakdown", help="per-kernel time of one forward+backward (torch.profiler)")
+    bd = parsers["breakdown"]
     bd.add_argument(
         "--backends",
         default="triton,flex",
@@ -97,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         "order; triton-1row / triton-natural-1row: the two orders on one row of 8 heads; triton-split / "
         "triton-atomic: triton with its backward scheme pinned (a dQ kernel / dQ by atomics)",
     )
-    bd.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bd.add_argument(
+        "--device", default="cuda" if _cuda() else "cpu", help="default: cuda if there is one, else cpu"
+    )
     bd.add_argument("--seq-len", type=int, default=8192)
     bd.add_argument("--head-dim", type=int, default=128)
     bd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     bd.add_argument("--heads", type=int, default=16)
     bd.add_argument("--tokens-per-batch", type=int, default=32768)
     bd.add_argument("--out", type=Path, default=None, help="default: results/gpu on CUDA, else results/cpu")
-    kr = sub.add_parser("kernels", help="compile-time resources of the Triton kernel's candidate configs")
+    kr = parsers["kernels"]
     kr.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     kr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     kr.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128])
@@ -115,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         "dK/dV kernel, which also adds dQ)",
     )
     kr.add_argument("--out", type=Path, default=Path("results/kernels"))
-    lo = sub.add_parser("launch-order", help="model of the heaviest-first launch order (no GPU needed)")
+    lo = parsers["launch-order"]
     lo.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (132: H100/H200 SXM)")
     lo.add_argument("--ctas-per-sm", type=int, default=1, help="resident programs per SM")
     lo.add_argument("--out", type=Path, default=Path("results/kernels"))
-    rp = sub.add_parser("report", help="build results/REPORT.md from the result files")
+    rp = parsers["report"]
     rp.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
 
@@ -157,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 return 1
     elif args.suite == "plots":
+        needed = ("attention.csv", "attention_provenance.json")
+        missing = [n for n in needed if not (args.results / n).is_file()]
+        if missing:
+            sweeps = sorted(str(f.parent) for f in args.results.parent.glob("*/attention.csv"))
+            pl.error(
+                f"results = {str(args.results)!r}: no {' or '.join(missing)} there; bench plots redraws the "
+                "attention sweep's plots of a folder `bench attention` wrote, one holding "
+                f"{' and '.join(needed)} ({'here: ' + ', '.join(sweeps) if sweeps else 'e.g. results/cpu'})"
+            )
         from bench.plots import plot_attention
 
         for p in plot_attention(args.results):
@@ -172,11 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "breakdown":
         import torch
 
+        from bench.breakdown import check_backends
         from bench.breakdown import run as run_breakdown
+        from bench.generation import check_device
 
+        backends = args.backends.split(",")
+        try:
+            check_backends(backends)
+        except ValueError as e:
+            bd.error(f"--backends {args.backends!r}: {e}")
+        try:
+            check_device(args.device)
+        except ValueError as e:
+            bd.error(f"--device {e}")
         out = args.out or Path("results") / ("gpu" if args.device.startswith("cuda") else "cpu")
         rows = run_breakdown(
-            out, args.backends.split(","), args.device, seq_len=args.seq_len, head_dim=args.head_dim,
+            out, backends, args.device, seq_len=args.seq_len, head_dim=args.head_dim,
             dtype=getattr(torch, args.dtype), heads=args.heads, tokens_per_batch=args.tokens_per_batch,
         )  # fmt: skip
         for r in rows:

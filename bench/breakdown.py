@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.workloads import benchmark_layout
-from transfusion.attention import attend, get_backend
+from transfusion.attention import all_backends, attend, get_backend
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
 
 FIELDS = ("backend", "mode", "batch", "heads", "kernel", "calls_per_step", "us_per_step", "share", "step_us")
@@ -49,6 +49,19 @@ VARIANTS: dict[str, Variant] = {
     "triton-split": Variant("triton", backward="split"),
     "triton-atomic": Variant("triton", backward="atomic"),
 }
+
+
+def known_backends() -> list[str]:
+    """The names ``--backends`` takes: every registered attention backend and every breakdown variant."""
+    return sorted({*all_backends(), *VARIANTS})
+
+
+def check_backends(names: list[str]) -> None:
+    """ValueError naming the unknown backends among ``names`` and listing the known ones."""
+    unknown = [n for n in names if n not in known_backends()]
+    if not names or unknown:
+        what = f"unknown backend{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+        raise ValueError(f"{what if unknown else 'no backend'}; known: {', '.join(known_backends())}")
 
 
 def _variant(name: str) -> Variant:
@@ -123,6 +136,7 @@ def kernel_breakdown(
     top: int = 12,
 ) -> list[dict]:
     """Profile forward+backward of each backend at one sweep shape; the ``top`` kernels per backend."""
+    check_backends(backends)
     device = torch.device(device)
     rows: list[dict] = []
     for backend in backends:
@@ -159,6 +173,7 @@ def run(out_dir: Path, backends: list[str], device: str, **shape) -> list[dict]:
     after every backend, so a run cut short (the GPU script's time limit) keeps the backends it finished."""
     import pandas as pd
 
+    check_backends(backends)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v).removeprefix("torch.") for k, v in shape.items()}
     atomic_write_json(

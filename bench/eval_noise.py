@@ -50,6 +50,7 @@ from bench.quick_curves import CURVE_METRICS
 from bench.study import (
     RUN_FIELDS,
     StudyConfig,
+    WholeNamesHelpFormatter,
     execute,
     parse_groups,
     parse_ints,
@@ -196,6 +197,7 @@ def run_eval_noise(out_dir: str | Path, cfg: StudyConfig, eval_seeds: tuple[int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench eval_noise",
+        formatter_class=WholeNamesHelpFormatter,
         description=(
             "Evaluation noise (CPU): evaluate each training seed of some study groups again under several "
             "evaluation seeds (the images' sampling noise and the KID subsets; the same prompts), and set "
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "--groups",
         default=",".join(DEFAULT_GROUPS),
         help="comma-separated study groups (default: %(default)s; 'all': every group); valid: "
-        + ",".join(GROUPS),
+        + ", ".join(GROUPS),
     )
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
     p.add_argument(

@@ -13,7 +13,7 @@ Outputs in ``out_dir``: ``generation.csv`` (one row per prefix length) and
 ``generation_provenance.json`` (device, versions, seed, settings). Not a test: numbers depend on the
 machine; tests only check the plumbing.
 
-    python -m bench.generation --out results/cpu [--device cpu] [--prefix-lengths 16,64,256]
+    python -m bench generation --out results/cpu [--device cpu] [--prefix-lengths 16,64,256]
 """
 
 from __future__ import annotations
@@ -82,6 +82,25 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has; a one-line ValueError naming it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{str(device)!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{str(device)!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # a device type this build of torch or this machine lacks
+            raise ValueError(f"{str(device)!r} is not usable here ({str(e).splitlines()[0]})") from None
+    return dev
+
+
 def run_generation_bench(
     out_dir: str | Path,
     device: str | torch.device = "cpu",
@@ -110,7 +129,7 @@ def run_generation_bench(
         if value < 1:
             raise ValueError(f"{name} = {value} must be >= 1")
     out_dir = Path(out_dir)
-    dev = torch.device(device)
+    dev = check_device(device)
     torch_dtype = getattr(torch, dtype)
     overrides = dict(model_overrides or {})
     base = get_preset(preset, **overrides)
@@ -180,20 +199,57 @@ def run_generation_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("results/cpu"), help="results folder")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--prefix-lengths", default="16,64,256")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddim")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m bench generation", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--out", type=Path, default=Path("results/cpu"), help="results folder (default: %(default)s)"
+    )
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    ap.add_argument(
+        "--prefix-lengths",
+        default="16,64,256",
+        help="comma-separated caption prefix lengths in tokens, <BOS> included (default: %(default)s)",
+    )
+    ap.add_argument("--batch-size", type=int, default=4, help="images per call (default: %(default)s)")
+    ap.add_argument(
+        "--scheduler",
+        choices=("ddpm", "ddim"),
+        default="ddim",
+        help="diffusion sampler (default: %(default)s)",
+    )
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps per image (default: %(default)s)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per setting, median reported (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="model, prompt and sampling seed (default: %(default)s)"
+    )
     args = ap.parse_args(argv)
+    try:
+        prefix_lengths = tuple(int(x) for x in args.prefix_lengths.split(","))
+    except ValueError:
+        ap.error(
+            f"--prefix-lengths {args.prefix_lengths!r}: expected comma-separated integers, e.g. 16,64,256"
+        )
+    if min(prefix_lengths) < 1:
+        ap.error(f"--prefix-lengths {args.prefix_lengths!r}: every length must be >= 1")
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--steps", args.steps),
+        ("--repeats", args.repeats),
+    ):
+        if value < 1:
+            ap.error(f"{flag} {value}: must be >= 1")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device {e}")
     rows = run_generation_bench(
         args.out,
         args.device,
-        tuple(int(x) for x in args.prefix_lengths.split(",")),
+        prefix_lengths,
         batch_size=args.batch_size,
         scheduler=args.scheduler,
         num_steps=args.steps,
@@ -210,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["FIELDS", "main", "run_generation_bench"]
+__all__ = ["FIELDS", "check_device", "main", "run_generation_bench"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -540,9 +541,22 @@ def _listing(cfg: StudyConfig, runs_dir: Path) -> str:
     return "\n".join(lines)
 
 
+class WholeNamesHelpFormatter(argparse.HelpFormatter):
+    """Wraps --help text at spaces only, so that a name in it (a group such as ``scaling_lr_3e-3``) is never
+    broken and can be copied: argparse's own formatter also breaks at hyphens and inside long words."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False, break_long_words=False)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench study",
+        formatter_class=WholeNamesHelpFormatter,
         description=(
             "Study profile (CPU, <= 90 min with 2 workers): the paper's ablations (attention masking, patch "
             "size, linear vs U-Net, noise limiting), then lambda, CFG dropout, inference steps, guidance "
@@ -560,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--groups",
         default=",".join(DEFAULT_GROUPS),
-        help=f"comma-separated groups (default: every group but the extra ones, {','.join(EXTRA_GROUPS)}, "
-        "which would take the study past 90 minutes; 'all' runs every group); valid: " + ",".join(GROUPS),
+        help=f"comma-separated groups (default: every group but the extra ones, {', '.join(EXTRA_GROUPS)}, "
+        "which would take the study past 90 minutes; 'all' runs every group); valid: " + ", ".join(GROUPS),
     )
     p.add_argument("--seeds", default="0,1", help="comma-separated training/evaluation seeds")
     p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
@@ -604,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "StudyConfig",
+    "WholeNamesHelpFormatter",
     "lr_choice",
     "lr_choice_rates",
     "main",
