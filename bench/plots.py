@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from transfusion.provenance import atomic_savefig
+
 MODES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 
 
@@ -74,7 +76,7 @@ def plot_attention(results_dir: Path) -> list[Path]:
     fig.suptitle(_title(df, meta), fontsize=9)
     fig.tight_layout()
     made.append(plots / "attention_tflops.png")
-    fig.savefig(made[-1], dpi=110)
+    atomic_savefig(fig, made[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -99,7 +101,7 @@ def plot_attention(results_dir: Path) -> list[Path]:
     ax.set_title(_title(df, meta), fontsize=7)
     fig.tight_layout()
     made.append(plots / "attention_memory.png")
-    fig.savefig(made[-1], dpi=110)
+    atomic_savefig(fig, made[-1], dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -123,6 +125,6 @@ def plot_attention(results_dir: Path) -> list[Path]:
     fig.suptitle(_title(df, meta), fontsize=9)
     fig.tight_layout()
     made.append(plots / "attention_speedup.png")
-    fig.savefig(made[-1], dpi=110)
+    atomic_savefig(fig, made[-1], dpi=110)
     plt.close(fig)
     return made

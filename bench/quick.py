@@ -43,7 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
+from transfusion.provenance import (
+    atomic_file,
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    provenance,
+)
 from transfusion.value_checks import is_finite_real, is_int
 
 FAMILIES: tuple[str, ...] = ("transfusion", "discrete")
@@ -670,7 +676,8 @@ def eval_family(cfg: QuickConfig, family: str, run_dir: Path, eval_dir: Path, fr
         "eval_wall_s": round(time.perf_counter() - t0, 2),
     }
     eval_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(samples_file, generated=_to_uint8(gen_images), caption_inputs=_to_uint8(cap_images))
+    with atomic_file(samples_file, suffix=".npz") as tmp:  # (np.savez adds .npz to any other name)
+        np.savez_compressed(tmp, generated=_to_uint8(gen_images), caption_inputs=_to_uint8(cap_images))
     atomic_write_json(out_json, result)
     return result
 
@@ -837,7 +844,7 @@ def make_plots(out_dir: Path, families: list[str], run_dirs: dict[str, Path], re
         fig.suptitle("quick profile: loss vs training FLOPs (tiny models, shapes)")
         fig.tight_layout()
         p = plots / "loss_vs_flops.png"
-        fig.savefig(p, dpi=110)
+        atomic_savefig(fig, p, dpi=110)
         plt.close(fig)
         written.append(p)
     except Exception as e:
@@ -882,7 +889,7 @@ def make_plots(out_dir: Path, families: list[str], run_dirs: dict[str, Path], re
             )
             fig.tight_layout(rect=(0, 0, 1, 0.97))
             p = plots / f"samples_{fam}.png"
-            fig.savefig(p, dpi=110)
+            atomic_savefig(fig, p, dpi=110)
             plt.close(fig)
             written.append(p)
         except Exception as e:
@@ -925,7 +932,7 @@ def make_plots(out_dir: Path, families: list[str], run_dirs: dict[str, Path], re
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = plots / "judge_accuracy.png"
-        fig.savefig(p, dpi=110)
+        atomic_savefig(fig, p, dpi=110)
         plt.close(fig)
         written.append(p)
     except Exception as e:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from transfusion.provenance import atomic_savefig
+
 # metric -> lower is better
 CURVE_METRICS: dict[str, bool] = {
     "text_bpb": True,
@@ -206,6 +208,6 @@ def plot_curves(
     fig.tight_layout()
     path = out_dir / "plots" / "metrics_vs_flops.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.study_grid import GROUP_TITLES
+from transfusion.provenance import atomic_savefig
 
 _LABELS = {
     "text_bpb": "bits per byte (lower is better)",
@@ -86,7 +87,7 @@ def plot_study(
         fig.suptitle(f"{GROUP_TITLES.get(group, group)}  (seeds {', '.join(map(str, seeds))})", fontsize=10)
         fig.tight_layout()
         path = plots / f"study_{group}.png"
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
@@ -180,6 +181,6 @@ def plot_eval_noise(out: Path, lines: list[dict[str, Any]]) -> Path:
     plots = Path(out) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     path = plots / "eval_noise.png"
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path

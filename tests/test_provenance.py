@@ -1,9 +1,10 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from transfusion.provenance import atomic_file, atomic_write_json, provenance
+from transfusion.provenance import atomic_file, atomic_savefig, atomic_write_json, provenance
 
 
 def test_atomic_write_replaces_whole_file_and_is_shareable(tmp_path):
@@ -60,3 +61,28 @@ def test_commit_is_dirty_only_when_code_changes_not_results(tmp_path, monkeypatc
     assert _git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _git_commit(tmp_path) == head + "+dirty"
+
+
+def test_atomic_savefig_writes_the_format_of_the_suffix_and_never_half_a_file(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png, pdf = tmp_path / "a.png", tmp_path / "b.pdf"
+    atomic_savefig(fig, png, dpi=50)
+    atomic_savefig(fig, pdf)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+    before = png.read_bytes()
+
+    class Broken:
+        def savefig(self, path, **kwargs):
+            Path(path).write_bytes(b"half")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_savefig(Broken(), png)
+    assert png.read_bytes() == before  # the old image stands, and no temporary file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.pdf"]
+    plt.close(fig)

@@ -105,3 +105,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """``fig.savefig(path, **kwargs)`` through a temporary file beside it (the format from ``path``'s
+    suffix), so an interrupted run never leaves half an image."""
+    path = Path(path)
+    with atomic_file(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **kwargs)

@@ -321,7 +321,7 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
             if analytic is None:
                 raise
             warnings.warn(f"FLOP measurement failed ({e!r}); using the analytic count", stacklevel=2)
-            counted = rest = analytic["dense"] / world
+            counted, rest = analytic["total_dense_attention"] / world, analytic["dense"] / world
             flops_source = "analytic (measurement failed)"
         raw.zero_grad(set_to_none=True)
         counted, rest = _all_reduce_sum(torch.tensor([counted, rest], dtype=torch.float64), world).tolist()
