@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ SUITES: dict[str, str] = {
     "study": "the paper's ablations and the scaling comparison at toy scale, 2 seeds (CPU, <= 90 min)",
     "eval_noise": "a study row's spread over evaluation seeds against its spread over training seeds",
     "attention": "attention backend sweep (TFLOP/s, memory) -> results/<profile>/attention.csv and plots",
-    "plots": "redraw the attention sweep's plots of a folder `bench attention` wrote (e.g. results/cpu)",
+    "plots": "redraw the plots of a folder `bench attention` or `bench study` wrote, from its files",
     "summary": "headline table of an attention results folder (writes attention_summary.md)",
     "report": "results/REPORT.md from every results folder's files",
     "flops-recount": "a study's or quick job's training FLOPs recounted with attention on allowed pairs, "
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument(
         "results",
         type=Path,
-        help="a folder `bench attention` wrote: attention.csv, attention_provenance.json",
+        help="a folder `bench attention` wrote (attention.csv, attention_provenance.json) or `bench study` "
+        "wrote (study.json)",
     )
     sm = parsers["summary"]
     sm.add_argument("results", type=Path)
@@ -207,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(checked)} pairs pass{note}")  # fmt: skip
             if failed:
                 return 1
+    elif args.suite == "plots" and (args.results / "study.json").is_file():
+        from bench.study_plots import plot_study
+
+        info = json.loads((args.results / "study.json").read_text())
+        for p in plot_study(args.results, info["summary"], info["runs"], info.get("references")):
+            print(f"wrote {p}")
     elif args.suite == "plots":
         needed = ("attention.csv", "attention_provenance.json")
         missing = [n for n in needed if not (args.results / n).is_file()]
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             sweeps = sorted(str(f.parent) for f in args.results.parent.glob("*/attention.csv"))
             pl.error(
                 f"results = {str(args.results)!r}: no {' or '.join(missing)} there; bench plots redraws the "
-                "attention sweep's plots of a folder `bench attention` wrote, one holding "
+                "plots of a folder `bench study` wrote (study.json) or `bench attention` wrote, one holding "
                 f"{' and '.join(needed)} ({'here: ' + ', '.join(sweeps) if sweeps else 'e.g. results/cpu'})"
             )
         from bench.plots import plot_attention

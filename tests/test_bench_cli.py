@@ -131,9 +131,25 @@ def test_plots_of_a_folder_without_a_sweep(capsys, tmp_path):
     assert not (tmp_path / "quick" / "plots").exists()
 
 
-def test_plots_help_says_attention_sweep(capsys):
+def test_plots_help_says_which_folders(capsys):
     _, out, _ = run_bench(capsys, "--help")
-    assert re.search(r"plots\s+redraw the attention sweep's plots", out)
+    said = "plots redraw the plots of a folder `bench attention` or `bench study` wrote"
+    assert re.search(re.escape(said).replace(r"\ ", r"\s+"), out)  # (argparse wraps the line)
+
+
+def test_plots_redraws_a_study_folder_from_its_files(capsys, tmp_path):
+    import shutil
+
+    folder = tmp_path / "study_prompts_64"
+    shutil.copytree(ROOT / "results" / "study_prompts_64", folder)
+    shutil.rmtree(folder / "plots")
+    code, out, err = run_bench(capsys, "plots", str(folder))
+    assert code in (0, None), err
+    pngs = sorted((folder / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == sorted(
+        p.name for p in (ROOT / "results" / "study_prompts_64" / "plots").glob("*.png")
+    )
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs) and f"wrote {pngs[0]}" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
