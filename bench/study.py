@@ -67,6 +67,7 @@ SUMMARY_STATS: tuple[str, ...] = (
     "params",
     "train_flops",
     *CURVE_METRICS,
+    "kid",
     "caption_empty",
     "latent_std_ratio",
 )
@@ -321,7 +322,7 @@ def summarize_rows(rows: list[Row], lines: list[dict[str, Any]]) -> list[dict[st
             s[f"{stat}_mean"] = sum(vals) / len(vals) if vals else None
             s[f"{stat}_std"] = _sample_std(vals) if len(vals) > 1 else None
             s[f"{stat}_n"] = len(vals)
-        for k in ("paper_c4_ppl", "paper_cider", "paper_fid"):
+        for k in ("paper_c4_ppl", "paper_cider", "paper_fid", "paper_clip"):
             s[k] = row.paper.get(k)
         out.append(s)
     return out

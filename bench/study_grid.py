@@ -98,8 +98,8 @@ TRAININGS: dict[str, Training] = {
 }
 
 
-def _paper(cider: float, fid: float, c4: float) -> dict[str, float]:
-    return {"paper_c4_ppl": c4, "paper_cider": cider, "paper_fid": fid}
+def _paper(cider: float, fid: float, c4: float, clip: float) -> dict[str, float]:
+    return {"paper_c4_ppl": c4, "paper_cider": cider, "paper_fid": fid, "paper_clip": clip}
 
 
 def _ladder(line: str, size: str) -> str:
@@ -152,10 +152,18 @@ def _family_ladder(
 
 _ADAPTER_NAMES = {"linear": "linear", "unet": "U-Net"}
 
-# paper Table 7 (CIDEr, FID, C4 perplexity) at the sizes our ladder stands in for
+# paper Table 7 (CIDEr, FID, C4 perplexity, CLIP score) at the sizes our ladder stands in for
 _TABLE7 = {
-    "linear": (("0.16B", (6.2, 37.6, 14.8)), ("0.37B", (11.1, 21.5, 12.0)), ("1.4B", (19.1, 19.4, 9.5))),
-    "unet": (("0.16B", (15.3, 18.8, 14.4)), ("0.37B", (21.1, 18.1, 11.8)), ("1.4B", (28.1, 16.6, 9.4))),
+    "linear": (
+        ("0.16B", (6.2, 37.6, 14.8, 20.0)),
+        ("0.37B", (11.1, 21.5, 12.0, 22.4)),
+        ("1.4B", (19.1, 19.4, 9.5, 24.3)),
+    ),
+    "unet": (
+        ("0.16B", (15.3, 18.8, 14.4, 23.9)),
+        ("0.37B", (21.1, 18.1, 11.8, 24.9)),
+        ("1.4B", (28.1, 16.6, 9.4, 25.7)),
+    ),
 }
 
 # the stable sampler the sampler_clip group found: DDIM in 50 steps, each x_0 estimate clamped to [-3, 3]
@@ -235,21 +243,21 @@ ROWS: tuple[Row, ...] = (
         for size, (paper_size, figures) in zip(SIZES, rows)
     ),
     # Table 5: attention masking inside images, per adapter
-    Row("masking", "linear causal", "linear-causal", paper=_paper(12.7, 61.3, 10.4)),
-    Row("masking", "linear bidirectional", "base", paper=_paper(16.0, 20.3, 10.4)),
-    Row("masking", "U-Net causal", "unet-causal", paper=_paper(23.3, 16.8, 10.3)),
-    Row("masking", "U-Net bidirectional", "unet", paper=_paper(25.4, 16.7, 10.3)),
+    Row("masking", "linear causal", "linear-causal", paper=_paper(12.7, 61.3, 10.4, 23.0)),
+    Row("masking", "linear bidirectional", "base", paper=_paper(16.0, 20.3, 10.4, 24.0)),
+    Row("masking", "U-Net causal", "unet-causal", paper=_paper(23.3, 16.8, 10.3, 25.3)),
+    Row("masking", "U-Net bidirectional", "unet", paper=_paper(25.4, 16.7, 10.3, 25.4)),
     # Table 6: latent patch size (the paper's 1x1 row has no adapter; ours is linear)
-    Row("patch", "linear 1x1", "linear-p1", paper=_paper(12.0, 21.0, 10.3)),
-    Row("patch", "linear 2x2", "base", paper=_paper(16.0, 20.3, 10.4)),
-    Row("patch", "linear 4x4", "linear-p4", paper=_paper(14.3, 25.6, 10.9)),
-    Row("patch", "linear 8x8", "linear-p8", paper=_paper(11.3, 43.5, 11.7)),
-    Row("patch", "U-Net 2x2", "unet", paper=_paper(25.4, 16.7, 10.3)),
-    Row("patch", "U-Net 4x4", "unet-p4", paper=_paper(29.9, 16.0, 10.7)),
-    Row("patch", "U-Net 8x8", "unet-p8", paper=_paper(29.5, 16.1, 11.4)),
+    Row("patch", "linear 1x1", "linear-p1", paper=_paper(12.0, 21.0, 10.3, 24.0)),
+    Row("patch", "linear 2x2", "base", paper=_paper(16.0, 20.3, 10.4, 24.0)),
+    Row("patch", "linear 4x4", "linear-p4", paper=_paper(14.3, 25.6, 10.9, 22.6)),
+    Row("patch", "linear 8x8", "linear-p8", paper=_paper(11.3, 43.5, 11.7, 18.9)),
+    Row("patch", "U-Net 2x2", "unet", paper=_paper(25.4, 16.7, 10.3, 25.4)),
+    Row("patch", "U-Net 4x4", "unet-p4", paper=_paper(29.9, 16.0, 10.7, 25.7)),
+    Row("patch", "U-Net 8x8", "unet-p8", paper=_paper(29.5, 16.1, 11.4, 25.2)),
     # Table 8: noise limiting t <= 500 for image-first pairs (U-Net 2x2)
-    Row("noise_limit", "U-Net, off", "unet-no-noise-limit", paper=_paper(25.4, 16.7, 10.3)),
-    Row("noise_limit", "U-Net, on", "unet", paper=_paper(29.4, 16.5, 10.3)),
+    Row("noise_limit", "U-Net, off", "unet-no-noise-limit", paper=_paper(25.4, 16.7, 10.3, 25.4)),
+    Row("noise_limit", "U-Net, on", "unet", paper=_paper(29.4, 16.5, 10.3, 25.4)),
     # never ablated in the paper
     Row("lambda", "lambda 1", "lambda-1"),
     Row("lambda", "lambda 5", "base"),

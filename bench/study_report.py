@@ -17,9 +17,33 @@ _METRICS = (
     ("caption_empty", "empty caps"),
     ("t2i_alignment", "t2i align"),
     ("fid", "FID"),
+    ("kid", "KID"),
     ("latent_std_ratio", "latent std ratio"),
 )
-_PAPER = (("paper_c4_ppl", "paper C4 ppl"), ("paper_cider", "paper CIDEr"), ("paper_fid", "paper FID"))
+_PAPER = (
+    ("paper_c4_ppl", "paper C4 ppl"), ("paper_cider", "paper CIDEr"), ("paper_fid", "paper FID"),
+    ("paper_clip", "paper CLIP"),
+)  # fmt: skip
+
+
+def _fill_older_columns(df: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """Columns a study.csv written before they existed lacks, from what the folder does hold: KID's mean,
+    sample std and count over seeds from study_runs.csv (as summarize_rows computes them), the paper's
+    figures from the grid's rows."""
+    from bench.study_grid import ROWS
+
+    runs_file = folder / "study_runs.csv"
+    if "kid_mean" not in df and runs_file.exists():
+        runs = pd.read_csv(runs_file)
+        if "kid" in runs:
+            kid = runs.dropna(subset=["kid"]).groupby(["group", "label"])["kid"]
+            stats = pd.DataFrame({"kid_mean": kid.mean(), "kid_std": kid.std(ddof=1), "kid_n": kid.count()})
+            df = df.merge(stats, left_on=["group", "label"], right_index=True, how="left")
+    paper = {(r.group, r.label): r.paper for r in ROWS}
+    for key, _ in _PAPER:
+        if key not in df:
+            df[key] = [paper.get((g, lab), {}).get(key, math.nan) for g, lab in zip(df["group"], df["label"])]
+    return df
 
 
 def _cell(mean: object, std: object, n: object, n_seeds: object) -> str:
@@ -136,7 +160,7 @@ def _recount_line(recount: dict | None, group: str) -> list[str]:
 def study_section(folder: Path) -> list[str]:
     from bench.quick import changed_settings
 
-    df = pd.read_csv(folder / "study.csv")
+    df = _fill_older_columns(pd.read_csv(folder / "study.csv"), folder)
     info = json.loads((folder / "study.json").read_text()) if (folder / "study.json").exists() else {}
     seeds = info.get("config", {}).get("seeds", [])
     refs = info.get("references") or {}
@@ -151,9 +175,10 @@ def study_section(folder: Path) -> list[str]:
         f"a size) for each of the seeds {seeds} and judged with the quick job's metrics; cells are the mean",
         "± the sample standard deviation over seeds. Our columns stand in for the paper's: bits per byte of",
         "held-out captions for C4 perplexity, the judge's caption accuracy for CIDEr, its text-to-image",
-        "alignment for the CLIP score, FID in the shapes-CNN feature space for COCO FID. The paper's figures",
-        "stand beside the rows they match (0.76B in Tables 5, 6 and 8; in Table 7 the sizes our ladder",
-        "stands in for); its Tables 5 and 6 were trained without noise limiting (their U-Net 2x2 row is",
+        "alignment for the CLIP score, FID in the shapes-CNN feature space for COCO FID (KID, in the same",
+        "space, beside it). The paper's figures stand beside the rows they match (0.76B in Tables 5, 6 and",
+        "8; in Table 7 the sizes our ladder stands in for); its Tables 5 and 6 were trained without noise",
+        "limiting (their U-Net 2x2 row is",
         "Table 8's 'off'), ours keep it on except in the noise-limit group. `empty caps`: the share of",
         "captions ended at once (<EOS> right after the image), each scoring 0; the evaluation's one-token",
         "floor (`caption_min_tokens`, default 1) keeps it at 0 except in the rows marked 'free captions'.",
