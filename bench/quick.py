@@ -129,6 +129,9 @@ class QuickConfig:
     # feature space (transfusion.eval.fid); fid_cnn overrides FeatureCNNConfig fields.
     fid: bool = True
     fid_cnn: dict[str, Any] = field(default_factory=dict)
+    # a local file of torch-fidelity's Inception weights (pt_inception-2015-12-05; never downloaded): FID
+    # and KID then use Inception's 2048 pool features instead of the shapes CNN. "": the shapes CNN.
+    fid_inception_weights: str = ""
     # the evaluation's sampling seed (the images' noise, the KID subsets; captions are greedy and the
     # prompts stay those from eval_offset). None: ``seed``, the training's. bench.eval_noise varies it
     # alone, to tell the evaluation's sampling noise from the training seed's.
@@ -140,6 +143,14 @@ class QuickConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        weights = self.fid_inception_weights
+        if not isinstance(weights, str):
+            raise ValueError(f"QuickConfig.fid_inception_weights = {weights!r} must be a path (a string)")
+        if weights and not Path(weights).is_file():
+            raise ValueError(
+                f"QuickConfig.fid_inception_weights = {weights!r}: no such file (Inception weights are never "
+                "downloaded: give torch-fidelity's pt_inception-2015-12-05 state dict)"
+            )
         if not is_int(self.eval_offset) or self.eval_offset < 0:
             raise ValueError(f"QuickConfig.eval_offset = {self.eval_offset!r} must be an integer >= 0")
         if self.eval_seed is not None and not is_int(self.eval_seed):
@@ -542,7 +553,7 @@ def stored_run_fingerprint(run_dir: Path) -> str | None:
 EVAL_FIELDS: tuple[str, ...] = (
     "eval_split", "n_t2i", "n_caption", "n_text", "scheduler", "num_diffusion_steps", "guidance_scale",
     "baseline_guidance_scale", "clip_sample_range", "image_temperature", "caption_max_tokens",
-    "caption_min_tokens", "fid", "fid_cnn", "eval_seed", "eval_offset",
+    "caption_min_tokens", "fid", "fid_cnn", "eval_seed", "eval_offset", "fid_inception_weights",
 )  # fmt: skip
 
 
@@ -550,7 +561,8 @@ def eval_settings(cfg: QuickConfig) -> dict[str, Any]:
     """The QuickConfig fields an evaluation's results depend on (part of its cache fingerprint)."""
     d = cfg.to_dict()
     # these are named only when not the default, so caches from before they existed stay valid
-    added_later = {"eval_split": "test", "baseline_guidance_scale": None, "eval_seed": None, "eval_offset": 0}
+    added_later = {"eval_split": "test", "baseline_guidance_scale": None, "eval_seed": None, "eval_offset": 0,
+                   "fid_inception_weights": ""}  # fmt: skip
     fields_read = (*EVAL_FIELDS, "seed", "dataset_options")
     return {k: d[k] for k in fields_read if k not in added_later or d[k] != added_later[k]}
 
@@ -579,7 +591,9 @@ def weights_digests(cfg: QuickConfig, run_dir: Path, steps: list[int]) -> dict[s
     ckpt = run_dir / "checkpoints"
     digests = {f"step_{s}": _file_digest(ckpt / f"step_{s:08d}.safetensors") for s in steps}
     digests["autoencoder"] = _file_digest(run_dir / "autoencoder" / WEIGHTS_NAME)
-    if cfg.fid:
+    if cfg.fid and cfg.fid_inception_weights:
+        digests["fid_inception"] = _file_digest(Path(cfg.fid_inception_weights))
+    elif cfg.fid:
         from transfusion.eval.features import FeatureCNNConfig, get_feature_cnn
 
         digests["fid_cnn"] = _file_digest(get_feature_cnn(FeatureCNNConfig(**cfg.fid_cnn), _fid_cache(cfg)))
@@ -687,6 +701,10 @@ def fid_against(cfg: QuickConfig, real: torch.Tensor, generated: torch.Tensor) -
     from transfusion.eval.features import FeatureCNNConfig
     from transfusion.eval.fid import fid_kid
 
+    if cfg.fid_inception_weights:
+        return fid_kid(
+            real, generated, "inception", weights_path=cfg.fid_inception_weights, seed=cfg.sampling_seed
+        )
     return fid_kid(
         real,
         generated,

@@ -107,3 +107,36 @@ def test_feature_cnn_trains_inside_no_grad():
     with torch.no_grad():
         _, stats = train_feature_cnn(FeatureCNNConfig(train_steps=3, train_images=64, batch_size=16))
     assert stats["train_loss"] > 0
+
+
+def _random_inception_weights(path, monkeypatch) -> None:
+    """A state dict of torch-fidelity's own Inception module with random convolutions (its constructor is
+    kept from downloading the real weights): the real file's format, made offline. He-scaled, so that the
+    2048 pool features keep their scale through the 94 convolutions and differ between images."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with monkeypatch.context() as m:
+        m.setattr(inception, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5 if v.dim() == 4 else v
+             for k, v in net.state_dict().items()}  # fmt: skip
+    torch.save(state, path)
+
+
+def test_inception_runs_from_a_local_file_and_the_quick_job_can_use_it(real_pair, tmp_path, monkeypatch):
+    from bench.quick import QuickConfig, fid_against
+
+    weights = tmp_path / "pt_inception.pth"
+    _random_inception_weights(weights, monkeypatch)
+    real, real2 = real_pair
+    same = fid_kid(real[:24], real[:24], extractor="inception", weights_path=weights)
+    other = fid_kid(real[:24], _noise(real2[:24], 60.0), extractor="inception", weights_path=weights)
+    assert same["extractor"] == "inception-v3-compat" and same["feature_layer"] == "2048"
+    assert abs(same["fid"]) < 1e-3 < other["fid"]  # identical sets: 0; noisy other images: more
+    cfg = QuickConfig(fid_inception_weights=str(weights))
+    got = fid_against(cfg, real[:24], _noise(real2[:24], 60.0))
+    assert got["extractor"] == "inception-v3-compat" and got["fid"] == pytest.approx(other["fid"], rel=1e-5)
+    with pytest.raises(ValueError, match="fid_inception_weights = .*nope.pth.*no such file"):
+        QuickConfig(fid_inception_weights=str(tmp_path / "nope.pth"))
