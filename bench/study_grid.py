@@ -75,6 +75,11 @@ TRAININGS: dict[str, Training] = {
     "no-loss-after-drop": _tf(loss_after_dropped_caption=False),
     "dropout-0.3-no-loss-after-drop": _tf(caption_dropout=0.3, loss_after_dropped_caption=False),
     "discrete-no-loss-after-drop": Training("discrete", model={"loss_after_dropped_caption": False}),
+    # Chameleon's stabilisers (QK-norm, the z-loss at its weight 1e-5), which our baseline leaves off
+    "discrete-qk-norm": Training("discrete", model={"qk_norm": True}),
+    "discrete-z-loss": Training("discrete", model={"z_loss": 1e-5}),
+    "discrete-qk-norm-z-loss": Training("discrete", model={"qk_norm": True, "z_loss": 1e-5}),
+    "qk-norm-z-loss": _tf(qk_norm=True, z_loss=1e-5),
     # the size ladder at the other learning rates of LADDER_LRS (every other training uses the quick
     # recipe's 1e-3)
     **{
@@ -315,6 +320,19 @@ ROWS: tuple[Row, ...] = (
         for how, training in (("paper", paper), ("no loss after drop", switched))
         for floor, ev in ((", free captions", {"caption_min_tokens": 0}), ("", {}))
     ),
+    # Chameleon's stabilisers on the baseline (and both on Transfusion, which the paper trained without
+    # them), each family scored with its val-chosen sampler
+    *(
+        Row("stabilizers", label, training, eval=VAL_SAMPLERS[family])
+        for label, training, family in (
+            ("transfusion tiny", "base", "transfusion"),
+            ("transfusion tiny, QK-norm + z-loss", "qk-norm-z-loss", "transfusion"),
+            ("discrete tiny", "discrete-tiny", "discrete"),
+            ("discrete tiny, QK-norm", "discrete-qk-norm", "discrete"),
+            ("discrete tiny, z-loss 1e-5", "discrete-z-loss", "discrete"),
+            ("discrete tiny, QK-norm + z-loss", "discrete-qk-norm-z-loss", "discrete"),
+        )
+    ),
     # what the image head predicts (the paper's eps, or v, whose x_0 estimate stays bounded near t = T) and
     # the diffusion loss's timestep weight: the unweighted v loss is the eps loss divided by abar_t
     *(
@@ -356,8 +374,8 @@ ROWS += tuple(
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups outside the default grid, which fits the study's 90 minutes; `--groups all` adds them. The
 # learning rates 3e-3 and 1e-2 bracket the val choice from above: six more trainings each (12 jobs at 2
-# seeds), about 40 minutes of compute each.
-EXTRA_GROUPS: tuple[str, ...] = (*LR_CHOICE["3e-3"], *LR_CHOICE["1e-2"])
+# seeds), about 40 minutes of compute each; the stabilisers add four tiny trainings.
+EXTRA_GROUPS: tuple[str, ...] = (*LR_CHOICE["3e-3"], *LR_CHOICE["1e-2"], "stabilizers")
 DEFAULT_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in EXTRA_GROUPS)
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
 FAMILY_LADDERS: tuple[str, ...] = (
@@ -396,6 +414,7 @@ GROUP_TITLES: dict[str, str] = {
     "dropped_caption_loss": "No LM loss after a caption-dropped image (the empty-caption ambiguity)",
     "loss_weighting": "The image head's target (eps, v) and the diffusion loss's timestep weighting",
     "cfg_scale": "Classifier-free guidance scale",
+    "stabilizers": "Chameleon's stabilisers (QK-norm, z-loss 1e-5) on the baseline and on Transfusion",
 }
 
 

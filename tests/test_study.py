@@ -367,22 +367,31 @@ def test_lr_choice_runs_when_at_least_two_rates_ran():
 
 
 def test_default_grid_leaves_out_the_extra_groups(capsys):
-    """The extra groups (learning rates 3e-3 and 1e-2) are outside the default grid and the default
-    StudyConfig; `--groups all` adds them, with six trainings at each of those rates."""
+    """The extra groups (learning rates 3e-3 and 1e-2, Chameleon's stabilisers) are outside the default
+    grid and the default StudyConfig; `--groups all` adds them, with six trainings at each of those rates
+    and four with stabilisers."""
     from bench.study_grid import DEFAULT_GROUPS, EXTRA_GROUPS
 
-    assert set(EXTRA_GROUPS) == {
-        "scaling_lr_3e-3",
-        "lr_choice_val_3e-3",
-        "scaling_lr_1e-2",
-        "lr_choice_val_1e-2",
-    }
+    lr_groups = {"scaling_lr_3e-3", "lr_choice_val_3e-3", "scaling_lr_1e-2", "lr_choice_val_1e-2"}
+    assert set(EXTRA_GROUPS) == lr_groups | {"stabilizers"}
     assert set(DEFAULT_GROUPS) == set(GROUPS) - set(EXTRA_GROUPS)
     assert study.StudyConfig().groups == DEFAULT_GROUPS
-    extra_trainings = {r.training for r in rows_for(EXTRA_GROUPS)}
-    extra_rates = sorted(TRAININGS[t].recipe["lr"] for t in extra_trainings)
+    extra_trainings = {r.training for r in rows_for(EXTRA_GROUPS)} - {
+        r.training for r in rows_for(DEFAULT_GROUPS)
+    }
+    lr_trainings = {r.training for r in rows_for(tuple(lr_groups))}
+    extra_rates = sorted(TRAININGS[t].recipe["lr"] for t in lr_trainings)
     assert extra_rates == [3e-3] * 6 + [1e-2] * 6
-    assert not extra_trainings & {r.training for r in rows_for(DEFAULT_GROUPS)}
+    stabilized = extra_trainings - lr_trainings
+    settings = {(TRAININGS[t].family, TRAININGS[t].model.get("qk_norm"), TRAININGS[t].model.get("z_loss"))
+                for t in stabilized}  # fmt: skip
+    want = {
+        ("discrete", True, None),
+        ("discrete", None, 1e-5),
+        ("discrete", True, 1e-5),
+        ("transfusion", True, 1e-5),
+    }
+    assert settings == want
     assert study.main(["--list"]) == 0
     default = capsys.readouterr().out
     assert study.main(["--list", "--groups", "all"]) == 0
@@ -391,7 +400,7 @@ def test_default_grid_leaves_out_the_extra_groups(capsys):
     assert "lr 1e-2" not in default and "transfusion tiny, lr 1e-2 (val)" in every
     assert study.main(["--list", "--groups", "masking,all"]) == 0  # 'all' anywhere in the list
     assert capsys.readouterr().out == every
-    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 12)} jobs")
+    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 12 + 4)} jobs")
 
 
 def test_study_end_to_end_then_reused(tmp_path):
