@@ -630,5 +630,7 @@ def test_an_evaluation_has_one_folder_whichever_way_it_is_asked_for():
     neither = {"families", "steps", "log_every", "cache_dir", "threads", "progress"}
     assert {f.name for f in fields(QuickConfig)} == {*EVAL_FIELDS, *_RUN_KEYS, *neither}
     assert not set(EVAL_FIELDS) & set(_RUN_KEYS)
-    changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3, eval_offset=1)
+    # (any file will do for the weights: only its presence is checked here)
+    changed = QuickConfig(eval_split="val", baseline_guidance_scale=1.0, eval_seed=3, eval_offset=1,
+                          fid_inception_weights=__file__)  # fmt: skip
     assert set(eval_settings(changed)) == {*EVAL_FIELDS, "seed", "dataset_options"}
