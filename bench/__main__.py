@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from bench.breakdown import check_backends
         from bench.breakdown import run as run_breakdown
-        from bench.generation import check_device
+        from transfusion.devices import check_device
 
         backends = args.backends.split(",")
         try:

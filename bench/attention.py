@@ -125,13 +125,14 @@ PROFILES = {
 # What the peak_mem_mb column means on each device type (written into the sweep's provenance).
 PEAK_MEM_MEANING = {
     "cuda": "MiB: the peak of the bytes torch's CUDA allocator had allocated during the configuration's warm "
-    "and timed steps above what was allocated before its first step (inputs q, k, v and the output gradient "
-    "included): torch.cuda.max_memory_allocated(), reset after the first call, minus memory_allocated() "
-    "before it",
+    "and timed steps above what was allocated before its first step (so the inputs q, k, v and the output "
+    "gradient are left out; their gradients and every temporary count): torch.cuda.max_memory_allocated(), "
+    "reset after the first call, minus memory_allocated() before it",
     "cpu": "MiB: the peak of the bytes torch's CPU allocator had allocated during one extra, untimed step "
-    "(run after the timed ones) above what was allocated before it (inputs q, k, v and the output gradient "
-    "included): the peak of the running sum, in time order, of the allocations and frees that torch.profiler "
-    "(profile_memory=True) records in that step (bench.attention.cpu_peak_bytes)",
+    "(run after the timed ones) above what was allocated before it (so the inputs q, k, v and the output "
+    "gradient are left out; their gradients and every temporary count): the peak of the running sum, in time "
+    "order, of the allocations and frees that torch.profiler (profile_memory=True) records in that step "
+    "(bench.attention.cpu_peak_bytes)",
 }
 
 
@@ -141,7 +142,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     before the call. The call runs under torch's profiler with memory profiling (so it is slower: never time
     it); the allocations (+bytes) and frees (-bytes) it records are summed in time order and the largest
     partial sum is the peak. A block allocated before the call and freed during it is not seen (the
-    allocator learns sizes only while profiling), so it never lowers the running sum."""
+    allocator learns sizes only while profiling), so it does not lower the running sum, unless it was
+    allocated under an earlier profiled call."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler import profile
 
@@ -316,7 +318,10 @@ def measure(cfg: dict, profile: SweepProfile) -> dict:
         nan = float("nan")
         dev_ms, host_ms = device_and_host_ms(step, reps) if device.type == "cuda" else (nan, nan)
         if device.type == "cpu":  # one more step, profiled for its allocations (never a timed one)
-            row["peak_mem_mb"] = cpu_peak_bytes(step) / 2**20
+            try:
+                row["peak_mem_mb"] = cpu_peak_bytes(step) / 2**20
+            except Exception as e:  # (the profiler's event API is torch's own): the timings still stand
+                row.update(peak_mem_mb=float("nan"), peak_mem_error=f"{type(e).__name__}: {_first_line(e)}")
     except torch.OutOfMemoryError as e:
         return dict(row, status="oom", error=_first_line(e))
     except Exception as e:  # an unsupported shape inside a library: record it and go on

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from transfusion.config import get_preset
+from transfusion.devices import check_device
 from transfusion.generation import text_to_image
 from transfusion.packing import SpecialTokens
 from transfusion.provenance import atomic_write_json, atomic_write_text, provenance
@@ -80,25 +81,6 @@ def _csv(rows: list[dict]) -> str:
     for r in rows:
         w.writerow(r)
     return buf.getvalue()
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device that this machine has; a one-line ValueError naming it otherwise."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{str(device)!r} is not a torch device ({str(e).splitlines()[0]})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{str(device)!r}: CUDA is not available on this machine (use cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except Exception as e:  # a device type this build of torch or this machine lacks
-            raise ValueError(f"{str(device)!r} is not usable here ({str(e).splitlines()[0]})") from None
-    return dev
 
 
 def run_generation_bench(
@@ -266,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["FIELDS", "check_device", "main", "run_generation_bench"]
+__all__ = ["FIELDS", "main", "run_generation_bench"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -146,11 +146,6 @@ class QuickConfig:
         weights = self.fid_inception_weights
         if not isinstance(weights, str):
             raise ValueError(f"QuickConfig.fid_inception_weights = {weights!r} must be a path (a string)")
-        if weights and not Path(weights).is_file():
-            raise ValueError(
-                f"QuickConfig.fid_inception_weights = {weights!r}: no such file (Inception weights are never "
-                "downloaded: give torch-fidelity's pt_inception-2015-12-05 state dict)"
-            )
         if not is_int(self.eval_offset) or self.eval_offset < 0:
             raise ValueError(f"QuickConfig.eval_offset = {self.eval_offset!r} must be an integer >= 0")
         if self.eval_seed is not None and not is_int(self.eval_seed):
@@ -458,12 +453,20 @@ def _test_items(cfg: QuickConfig, n: int) -> list[dict[str, Any]]:
 
 def check_eval_items(cfg: QuickConfig) -> None:
     """Refuse, before anything trains, an ``eval_offset`` that would run an evaluation past its split's
-    end (every evaluation reads max(n_t2i, n_caption, n_text) items from the offset)."""
+    end (every evaluation reads max(n_t2i, n_caption, n_text) items from the offset), and Inception
+    weights that are not there."""
     from transfusion.data import get_dataset
 
     n = max(cfg.n_t2i, cfg.n_caption, cfg.n_text)
     size = len(get_dataset("shapes", cfg.eval_split, **cfg.dataset_options))
     _refuse_offset_past_end(cfg, n, size, " (the largest of n_t2i, n_caption, n_text)")
+    # checked here, not when the config is built: a stored config names a file of the machine it ran on
+    weights = cfg.fid_inception_weights
+    if cfg.fid and weights and not Path(weights).is_file():
+        raise ValueError(
+            f"QuickConfig.fid_inception_weights = {weights!r}: no such file (Inception weights are never "
+            "downloaded: give torch-fidelity's pt_inception-2015-12-05 state dict)"
+        )
 
 
 def _generate_images(

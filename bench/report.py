@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.flops_recount import parity_list, recounted_parity
 from bench.plots import plot_attention
 from bench.study_report import study_section
 from bench.summary import summarize
@@ -60,13 +61,6 @@ def _parity_cells(parity: dict) -> str:
     return " | ".join(str((parity.get(m) or {}).get("display", "-")) for m, _ in _PARITY_COLUMNS)
 
 
-def _recount(folder: Path) -> dict:
-    """The folder's parity ratios recounted with attention on allowed pairs (bench flops-recount), per
-    group ("quick" for a quick job's folder); empty without a recount."""
-    path = folder / "flops_recount.json"
-    return (json.loads(path.read_text()).get("parity_allowed_pairs") or {}) if path.exists() else {}
-
-
 def headline_section(results_root: Path) -> list[str]:
     """Every parity FLOP ratio the results hold, one row per comparison (the quick jobs' checkpoint
     curves, the study's family ladders), beside the paper's: the answer to "does Transfusion beat the
@@ -78,7 +72,7 @@ def headline_section(results_root: Path) -> list[str]:
         if (folder / "quick.json").exists():
             info = json.loads((folder / "quick.json").read_text())
             changed = changed_settings(info.get("config"))
-            recounted = _recount(folder).get("quick")
+            recounted = recounted_parity(folder).get("quick")
             what = f"quick job, checkpoint curves ({folder.name}{'; ' + changed if changed else ''})"
             what += ", recounted" if recounted else ""
             rows.append(f"| {what} | {_parity_cells(recounted or info.get('parity') or {})} |")
@@ -86,7 +80,7 @@ def headline_section(results_root: Path) -> list[str]:
             from bench.study_grid import FAMILY_LADDERS, GROUP_TITLES
 
             info = json.loads((folder / "study.json").read_text())
-            recounted = _recount(folder)
+            recounted = recounted_parity(folder)
             parities = {**(info.get("parity") or {}), **recounted}
             # the folder and seed count tell apart two studies that share a group (a rerun with more seeds)
             seeds = len(info.get("config", {}).get("seeds", []))
@@ -153,12 +147,11 @@ def build_report(results_root: Path = Path("results")) -> Path:
                 "run, `<= r`: already at the first checkpoint).",
                 "",
             ]
-            recounted = _recount(folder).get("quick")
+            recounted = recounted_parity(folder).get("quick")
             if recounted:
-                cells = [f"{m}: {p['display']}" for m, p in recounted.items() if p]
                 sections += [
                     "These ratios count attention as training then did (every pair); recounted on the",
-                    "mask's allowed pairs (`flops_recount.md`): " + "; ".join(cells) + ".",
+                    f"mask's allowed pairs (`flops_recount.md`): {parity_list(recounted)}.",
                     "",
                 ]
             pngs = (

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.flops_recount import parity_list, recounted_parity
 from bench.study_grid import GROUP_TITLES, LR_CHOICE, LR_CHOICE_GROUP
 
 _METRICS = (
@@ -147,14 +148,12 @@ def _with_margins(info: dict) -> dict | None:
     return {**choice, "choices": [{**c, **m} for c, m in zip(choice["choices"], margins)]}
 
 
-def _recount_line(recount: dict | None, group: str) -> list[str]:
+def _recount_line(recounted: dict[str, dict], group: str) -> list[str]:
     """The group's parity ratios recounted with attention on allowed pairs (bench flops-recount), if any."""
-    par = ((recount or {}).get("parity_allowed_pairs") or {}).get(group)
-    parts = [f"{m}: {p['display']}" for m, p in (par or {}).items() if p]
-    if not parts:
+    if group not in recounted:
         return []
-    return ["With attention counted on allowed pairs only (`flops_recount.md`): " + "; ".join(parts) + ".",
-            ""]  # fmt: skip
+    listed = parity_list(recounted[group])
+    return [f"With attention counted on allowed pairs only (`flops_recount.md`): {listed}.", ""]
 
 
 def study_section(folder: Path) -> list[str]:
@@ -192,6 +191,7 @@ def study_section(folder: Path) -> list[str]:
         ]
     recount_file = folder / "flops_recount.json"
     recount = json.loads(recount_file.read_text()) if recount_file.exists() else None
+    recounted = recounted_parity(folder)
     if recount:
         lines.append(
             "The train FLOPs columns and the parity ratios count attention as training then did: every"
@@ -228,7 +228,7 @@ def study_section(folder: Path) -> list[str]:
         lines += [f"### {GROUP_TITLES.get(group, group)}", "", *table, ""]
         if group == choice_after:
             lines += _lr_choice_lines(_with_margins(info))
-            lines += _recount_line(recount, LR_CHOICE_GROUP)
+            lines += _recount_line(recounted, LR_CHOICE_GROUP)
         elif group in val_groups:
             pass  # its parity is the choice's, printed with the choice table
         elif (info.get("parity") or {}).get(group):
@@ -240,7 +240,7 @@ def study_section(folder: Path) -> list[str]:
                     "within the ladder, `<=`: already at the smallest size): " + "; ".join(parts) + ".",
                     "",
                 ]
-                lines += _recount_line(recount, group)
+                lines += _recount_line(recounted, group)
         png = folder / "plots" / f"study_{group}.png"
         if png.exists():
             lines += [f"![study_{group}]({folder.name}/plots/{png.name})", ""]

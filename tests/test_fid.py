@@ -138,5 +138,8 @@ def test_inception_runs_from_a_local_file_and_the_quick_job_can_use_it(real_pair
     cfg = QuickConfig(fid_inception_weights=str(weights))
     got = fid_against(cfg, real[:24], _noise(real2[:24], 60.0))
     assert got["extractor"] == "inception-v3-compat" and got["fid"] == pytest.approx(other["fid"], rel=1e-5)
+    from bench.quick import check_eval_items
+
+    missing = QuickConfig(fid_inception_weights=str(tmp_path / "nope.pth"))  # (a stored config loads)
     with pytest.raises(ValueError, match="fid_inception_weights = .*nope.pth.*no such file"):
-        QuickConfig(fid_inception_weights=str(tmp_path / "nope.pth"))
+        check_eval_items(missing)  # what quick and study run before anything trains

@@ -80,8 +80,6 @@ def test_the_count_without_attention_is_the_dense_part_whatever_the_backend(back
     attention = est.attention_dense * (1 if backend == "naive" else 3.5 / 3)  # see the module docstring
     assert counted - rest == pytest.approx(attention, rel=1e-9)
     assert rest <= est.dense and rest == pytest.approx(est.dense, rel=TOL)
-    # the stand-in only applies inside the context
-    assert measure_step_flops(model, batch) == counted
 
 
 def test_the_attention_stand_in_keeps_q_k_v_in_the_graph_and_is_scoped():

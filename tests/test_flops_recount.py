@@ -77,20 +77,38 @@ def test_an_old_study_is_reproduced_rescaled_and_its_parity_redone(tmp_path):
     recounted = "; ".join(f"{m}: {p['display']}" for m, p in got.items() if p)
     assert f"With attention counted on allowed pairs only (`flops_recount.md`): {recounted}." in report
 
-    # a stored count the rebuilt step does not reproduce is flagged, kept, and fails the command
+    # a stored count the rebuilt step does not reproduce is flagged and fails the command, and no ratio is
+    # recounted (it would mix counts); a rerun into the same --runs-dir starts its one-step runs over
     data = json.loads((out / "study.json").read_text())
     data["runs"][0]["train_flops"] *= 1.01
     (out / "study.json").write_text(json.dumps(data))
-    assert flops_recount.main([str(out), "--runs-dir", str(tmp_path / "recount2"), "--no-progress"]) == 1
+    assert flops_recount.main([str(out), "--runs-dir", str(tmp_path / "recount"), "--no-progress"]) == 1
     res = json.loads((out / "flops_recount.json").read_text())
-    assert [c["reproduced"] for c in res["counts"]].count(False) == 1
+    assert [c["state"] for c in res["counts"]].count("mismatch") == 1 and res["parity_allowed_pairs"] == {}
+    assert "Not recounted: 1 stored counts did not reproduce." in (out / "flops_recount.md").read_text()
+    assert flops_recount.recounted_parity(out) == {}
+
+    # a study trained with the new counting is refused: nothing to recount
+    for line in data["runs"]:
+        line["train_flops"] = flops[line["training"]]["measured_step"] * STEPS
+    (out / "study.json").write_text(json.dumps(data))
+    assert flops_recount.main([str(out), "--runs-dir", str(tmp_path / "recount"), "--no-progress"]) == 2
 
 
-def test_a_study_without_a_ladder_is_refused(tmp_path, capsys):
+def test_a_study_without_a_ladder_or_fields_and_a_quick_job_without_curves_are_refused(tmp_path, capsys):
     config = {"groups": ["masking"], "seeds": [0], "quick": {}}
     (tmp_path / "study.json").write_text(json.dumps({"config": config, "runs": [], "parity": {}}))
     assert flops_recount.main([str(tmp_path), "--no-progress"]) == 2
     assert "has a parity ratio" in capsys.readouterr().err
+    (tmp_path / "study.json").write_text(json.dumps({"config": {"groups": ["scaling"]}}))
+    assert flops_recount.main([str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lacks the field 'quick'" in err and "Traceback" not in err
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "quick.json").write_text(json.dumps({"config": QuickConfig().to_dict(), "curves": {}}))
+    assert flops_recount.main([str(quick), "--no-progress"]) == 2
+    assert "no checkpoint curve for ['transfusion', 'discrete']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         flops_recount.main([str(tmp_path / "nowhere")])
     assert "no study.json" in capsys.readouterr().err

@@ -174,6 +174,38 @@ def test_slice_rows_partitions_a_batch():
         assert int(p.lm_mask.sum()) > 0
 
 
+# ---------------------------------------------------------------------- FLOP accounting edge cases
+def test_flops_fall_back_to_the_analytic_count_and_a_family_without_one_keeps_the_counter(
+    tmp_path, monkeypatch
+):
+    import transfusion.train as train_module
+    from transfusion.families import TransfusionFamily
+
+    def broken(fn):
+        raise RuntimeError("this backend cannot be traced")
+
+    model_cfg, train_cfg = small_cfgs(steps=2, log_every=1)
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="FLOP measurement failed"):
+        m.setattr(train_module, "measure_without_attention", broken)
+        train(model_cfg, train_cfg, tmp_path / "fallback")
+    flops = json.loads((tmp_path / "fallback" / "config.json").read_text())["flops"]
+    analytic = flops["analytic_first_step"]
+    assert flops["source"] == "analytic (measurement failed)"
+    assert flops["measured_step"] == pytest.approx(analytic["total"], rel=1e-12)
+    assert flops["counted_step"] == pytest.approx(analytic["total_dense_attention"], rel=1e-12)
+
+    # no analytic count: the counter's raw count, attention as the backend computes it, counted once
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(TransfusionFamily, "analytic_flops", lambda self, cfg, batch: None)
+        m.setattr(train_module, "measure_without_attention", broken)
+        m.setattr(train_module, "measure_flops", lambda fn: calls.append(1) or (123.0, {}))
+        train(model_cfg, train_cfg, tmp_path / "plugin")
+    flops = json.loads((tmp_path / "plugin" / "config.json").read_text())["flops"]
+    assert calls == [1] and flops["measured_step"] == flops["counted_step"] == 123.0
+    assert flops["counted_attention"] == 0 and flops["source"].startswith("FlopCounterMode (attention as")
+
+
 # ---------------------------------------------------------------------- a short run
 def test_short_run_writes_config_metrics_checkpoints_and_losses_fall(tmp_path):
     model_cfg, train_cfg = small_cfgs(steps=60, lr=5e-3, warmup_steps=5, log_every=5, ckpt_every=20)

@@ -11,6 +11,25 @@ from transfusion.config import ModelConfig
 from transfusion.train_config import ConfigError, TrainConfig
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has; a one-line ValueError naming it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{str(device)!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{str(device)!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # a device type this build of torch or this machine lacks
+            raise ValueError(f"{str(device)!r} is not usable here ({str(e).splitlines()[0]})") from None
+    return dev
+
+
 def resolve_device(train_cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     if train_cfg.device == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

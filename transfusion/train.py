@@ -95,7 +95,7 @@ from transfusion.families import (
     get_family,
     register_family,
 )
-from transfusion.flops import measure_without_attention
+from transfusion.flops import measure_flops, measure_without_attention
 from transfusion.metrics_log import METRIC_FIELDS, _truncate_metrics, read_metrics
 from transfusion.optimizer import build_optimizer, build_scheduler, lr_multiplier
 from transfusion.parallel import (
@@ -314,22 +314,23 @@ def _train(model_cfg, train_cfg, out, resume, preset, data, step_hook, dinfo: Di
         # the layout's allowed pairs only (DESIGN section 5); a family without an analytic count keeps the
         # counter's attention.
         analytic = family.analytic_flops(model_cfg, first)
-        try:
-            counted, rest = measure_without_attention(first_step)
-            flops_source = "FlopCounterMode without attention + analytic attention on allowed pairs"
-        except Exception as e:  # a backend the counter cannot trace: fall back to the analytic count
-            if analytic is None:
-                raise
-            warnings.warn(f"FLOP measurement failed ({e!r}); using the analytic count", stacklevel=2)
-            counted, rest = analytic["total_dense_attention"] / world, analytic["dense"] / world
-            flops_source = "analytic (measurement failed)"
-        raw.zero_grad(set_to_none=True)
-        counted, rest = _all_reduce_sum(torch.tensor([counted, rest], dtype=torch.float64), world).tolist()
-        if analytic is None:
-            flops_per_step = counted
+        if analytic is None:  # counted once, attention as the backend computes it
+            counted = rest = float(measure_flops(first_step)[0])
             flops_source = "FlopCounterMode (attention as the backend computes it: no analytic count)"
         else:
-            flops_per_step = rest + analytic["attention_allowed"]
+            try:
+                counted, rest = measure_without_attention(first_step)
+                flops_source = "FlopCounterMode without attention + analytic attention on allowed pairs"
+            except Exception as e:  # a backend the counter cannot trace: fall back to the analytic count
+                warnings.warn(f"FLOP measurement failed ({e!r}); using the analytic count", stacklevel=2)
+                counted, rest = analytic["total_dense_attention"] / world, analytic["dense"] / world
+                flops_source = "analytic (measurement failed)"
+        raw.zero_grad(set_to_none=True)
+        # per-rank counts summed over ranks (on the device: NCCL takes no CPU tensors); the allowed-pair
+        # attention is of the global batch already
+        both = torch.tensor([counted, rest], dtype=torch.float64, device=device)
+        counted, rest = _all_reduce_sum(both, world).tolist()
+        flops_per_step = counted if analytic is None else rest + analytic["attention_allowed"]
         if is_main:
             cfg_json = {
                 "family": train_cfg.family,

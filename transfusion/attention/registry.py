@@ -16,6 +16,8 @@ import torch
 from transfusion.layout import AttentionLayout
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionLayout, float], torch.Tensor]
+# attention_stand_in's switch: process-wide (a FLOP count runs one step at a time), not per thread
+_STAND_IN = False
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,6 @@ def attend(
             f"Backends that can: {others or 'none'}"
         )
     return b.fn(q, k, v, layout, q.shape[-1] ** -0.5 if scale is None else float(scale))
-
-
-_STAND_IN = False
 
 
 def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
