@@ -46,6 +46,8 @@ DELEGATED: dict[str, str] = {
     "kernel-check": "bench.kernel_check",
     "flops-recount": "bench.flops_recount",
 }
+# What `bench attention` writes and `bench plots` / `bench summary` read.
+SWEEP_FILES: tuple[str, ...] = ("attention.csv", "attention_provenance.json")
 # The suites that are a profile themselves: ``--profile <suite>`` is accepted (and dropped) for them.
 OWN_PROFILE: tuple[str, ...] = ("quick", "study")
 
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in plot_study(args.results, info["summary"], info["runs"], info.get("references")):
             print(f"wrote {p}")
     elif args.suite == "plots":
-        needed = ("attention.csv", "attention_provenance.json")
+        needed = SWEEP_FILES
         missing = [n for n in needed if not (args.results / n).is_file()]
         if missing:
             sweeps = sorted(str(f.parent) for f in args.results.parent.glob("*/attention.csv"))
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "summary":
         from bench.summary import summarize
 
-        needed = ("attention.csv", "attention_provenance.json")
+        needed = SWEEP_FILES
         missing = [n for n in needed if not (args.results / n).is_file()]
         if missing:
             parser.error(f"{args.results}: no {' or '.join(missing)} (did `bench attention` run into it?)")
