@@ -15,6 +15,7 @@ Transfusion-vs-discrete scaling comparison (Table 3's parity FLOP ratios, read a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,12 @@ TRAININGS: dict[str, Training] = {
     "discrete-z-loss": Training("discrete", model={"z_loss": 1e-5}),
     "discrete-qk-norm-z-loss": Training("discrete", model={"qk_norm": True, "z_loss": 1e-5}),
     "qk-norm-z-loss": _tf(qk_norm=True, z_loss=1e-5),
+    # the baseline's size ladder with QK-norm (its tiny one is discrete-qk-norm)
+    **{
+        f"discrete-{size}-qk-norm": Training("discrete", preset, {**model, "qk_norm": True})
+        for size, (preset, model) in SIZES.items()
+        if size != "tiny"
+    },
     # the size ladder at the other learning rates of LADDER_LRS (every other training uses the quick
     # recipe's 1e-3)
     **{
@@ -118,6 +125,12 @@ def ladder_training(family: str, size: str, lr_suffix: str = "") -> str:
     """The training of one family at one size of the ladder, at the learning rate of ``lr_suffix`` (see
     LADDER_LRS)."""
     return f"{family}-{size}{lr_suffix}" if lr_suffix else _ladder(family, size)
+
+
+def _qk_norm(training: str) -> str:
+    """The baseline ladder's training with QK-norm in place of ``training`` (discrete-<size>)."""
+    size = training.removeprefix("discrete-")
+    return "discrete-qk-norm" if size == "tiny" else f"discrete-{size}-qk-norm"
 
 
 def _family_ladder(
@@ -206,6 +219,17 @@ ROWS: tuple[Row, ...] = (
         "DDIM 50, x0 clip 3",
         VAL_SAMPLERS["transfusion"],
         discrete_eval=(", guidance 1", VAL_SAMPLERS["discrete"]),
+    ),
+    # the val-sampler ladder with the baseline trained with QK-norm (Chameleon's stabiliser; see the
+    # stabilizers group): does the parity ratio hold against a stabilised baseline?
+    *(
+        dataclasses.replace(r, training=_qk_norm(r.training)) if r.series == "discrete" else r
+        for r in _family_ladder(
+            "scaling_qk_norm",
+            "DDIM 50, x0 clip 3",
+            VAL_SAMPLERS["transfusion"],
+            discrete_eval=(", QK-norm, guidance 1", VAL_SAMPLERS["discrete"]),
+        )
     ),
     # the same ladder trained at learning rate 3e-4 (the paper's rate), 3e-3 and 1e-2: is the parity ratio a
     # property of the families or of the one learning rate they share?
@@ -374,8 +398,9 @@ ROWS += tuple(
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in ROWS))
 # groups outside the default grid, which fits the study's 90 minutes; `--groups all` adds them. The
 # learning rates 3e-3 and 1e-2 bracket the val choice from above: six more trainings each (12 jobs at 2
-# seeds), about 40 minutes of compute each; the stabilisers add four tiny trainings.
-EXTRA_GROUPS: tuple[str, ...] = (*LR_CHOICE["3e-3"], *LR_CHOICE["1e-2"], "stabilizers")
+# seeds), about 40 minutes of compute each; the stabilisers add four tiny trainings, and the ladder with a
+# QK-norm baseline two more sizes.
+EXTRA_GROUPS: tuple[str, ...] = (*LR_CHOICE["3e-3"], *LR_CHOICE["1e-2"], "stabilizers", "scaling_qk_norm")
 DEFAULT_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in EXTRA_GROUPS)
 # groups whose rows are the two families up the size ladder: parity FLOP ratios are read across them
 FAMILY_LADDERS: tuple[str, ...] = (
@@ -386,6 +411,7 @@ FAMILY_LADDERS: tuple[str, ...] = (
     "scaling_lr_3e-4",
     "scaling_lr_3e-3",
     "scaling_lr_1e-2",
+    "scaling_qk_norm",
 )
 
 GROUP_TITLES: dict[str, str] = {
@@ -415,6 +441,7 @@ GROUP_TITLES: dict[str, str] = {
     "loss_weighting": "The image head's target (eps, v) and the diffusion loss's timestep weighting",
     "cfg_scale": "Classifier-free guidance scale",
     "stabilizers": "Chameleon's stabilisers (QK-norm, z-loss 1e-5) on the baseline and on Transfusion",
+    "scaling_qk_norm": "The val-sampler comparison with the baseline trained with QK-norm",
 }
 
 

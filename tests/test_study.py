@@ -367,13 +367,13 @@ def test_lr_choice_runs_when_at_least_two_rates_ran():
 
 
 def test_default_grid_leaves_out_the_extra_groups(capsys):
-    """The extra groups (learning rates 3e-3 and 1e-2, Chameleon's stabilisers) are outside the default
-    grid and the default StudyConfig; `--groups all` adds them, with six trainings at each of those rates
-    and four with stabilisers."""
+    """The extra groups (learning rates 3e-3 and 1e-2, Chameleon's stabilisers, the QK-norm baseline
+    ladder) are outside the default grid and the default StudyConfig; `--groups all` adds them, with six
+    trainings at each of those rates, four tiny ones with stabilisers and two larger QK-norm baselines."""
     from bench.study_grid import DEFAULT_GROUPS, EXTRA_GROUPS
 
     lr_groups = {"scaling_lr_3e-3", "lr_choice_val_3e-3", "scaling_lr_1e-2", "lr_choice_val_1e-2"}
-    assert set(EXTRA_GROUPS) == lr_groups | {"stabilizers"}
+    assert set(EXTRA_GROUPS) == lr_groups | {"stabilizers", "scaling_qk_norm"}
     assert set(DEFAULT_GROUPS) == set(GROUPS) - set(EXTRA_GROUPS)
     assert study.StudyConfig().groups == DEFAULT_GROUPS
     extra_trainings = {r.training for r in rows_for(EXTRA_GROUPS)} - {
@@ -382,7 +382,9 @@ def test_default_grid_leaves_out_the_extra_groups(capsys):
     lr_trainings = {r.training for r in rows_for(tuple(lr_groups))}
     extra_rates = sorted(TRAININGS[t].recipe["lr"] for t in lr_trainings)
     assert extra_rates == [3e-3] * 6 + [1e-2] * 6
-    stabilized = extra_trainings - lr_trainings
+    larger = {"discrete-small-qk-norm", "discrete-S-qk-norm"}  # the QK-norm ladder's (tiny: stabilizers')
+    assert {TRAININGS[t].model.get("qk_norm") for t in larger} == {True} and larger <= extra_trainings
+    stabilized = extra_trainings - lr_trainings - larger
     settings = {(TRAININGS[t].family, TRAININGS[t].model.get("qk_norm"), TRAININGS[t].model.get("z_loss"))
                 for t in stabilized}  # fmt: skip
     want = {
@@ -400,7 +402,7 @@ def test_default_grid_leaves_out_the_extra_groups(capsys):
     assert "lr 1e-2" not in default and "transfusion tiny, lr 1e-2 (val)" in every
     assert study.main(["--list", "--groups", "masking,all"]) == 0  # 'all' anywhere in the list
     assert capsys.readouterr().out == every
-    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 12 + 4)} jobs")
+    assert every.startswith(f"{2 * (int(default.split()[2].strip('(')) + 12 + 4 + 2)} jobs")
 
 
 def test_study_end_to_end_then_reused(tmp_path):
