@@ -465,7 +465,9 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transfusion",
-        description="Transfusion bench: train and evaluate Transfusion models (text NTP + image diffusion).",
+        description="Transfusion bench: train Transfusion models (text NTP + image diffusion) and the "
+        "discrete baseline, and sample from them; scoring is `python -m bench quick` and "
+        "`python -m bench study`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS.values():
