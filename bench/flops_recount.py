@@ -8,7 +8,9 @@ step's FLOPs do not depend on the weights: this command rebuilds the first train
 counts it both ways. It then
 
 * checks the reproduction: the old-style count times the run's steps must equal the study's stored
-  ``train_flops`` (to 1e-9); a run that does not reproduce keeps its stored FLOPs and is flagged;
+  ``train_flops`` (to 1e-9). A folder whose counts match the new style instead is refused (nothing to
+  recount); if any run matches neither, no ratio is recounted (it would mix counts) and the exit status
+  is 1; a run with no stored count (a failed one) is left out;
 * rescales each run's ``train_flops`` by new / old, and recomputes the summary means and every parity FLOP
   ratio with the study's own functions (``bench.study``).
 
